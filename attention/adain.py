@@ -1,0 +1,43 @@
+"""AdaIN (MagicStyle Eq. 4) and AdaIN-mean (Infinite-ID Eq. 8)."""
+
+from __future__ import annotations
+
+import torch
+
+EPS = 1e-5
+
+
+def adain(content: torch.Tensor, style: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """Give ``content`` the mean and std of ``style`` over ``dims``.
+
+    Statistics are taken in float32 (fp16/bf16 variances over thousands of
+    tokens lose most of their digits) and the result is cast back.
+    """
+    content32, style32 = content.float(), style.float()
+    c_mean, c_std = content32.mean(dims, keepdim=True), content32.std(dims, keepdim=True)
+    s_mean, s_std = style32.mean(dims, keepdim=True), style32.std(dims, keepdim=True)
+    return ((content32 - c_mean) / (c_std + EPS) * s_std + s_mean).to(content.dtype)
+
+
+def adain_latent(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """Per image and channel over H×W, for (B, C, H, W) latents.
+
+    A single style image is applied to every content image.
+    """
+    if style.shape[0] not in (1, content.shape[0]):
+        raise ValueError(f"style batch {style.shape[0]} must be 1 or match the content batch {content.shape[0]}")
+    if style.shape[1] != content.shape[1]:
+        raise ValueError(f"style has {style.shape[1]} latent channels, content {content.shape[1]}: "
+                         "both must come from the same VAE")
+    return adain(content, style.expand(content.shape[0], *style.shape[1:]), dims=(-2, -1))
+
+
+def adain_tokens(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+    """Per channel over tokens, for (B, N, C) features (MagicStyle's V)."""
+    return adain(content, style, dims=(-2,))
+
+
+def adain_mean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x − μ(x) + μ(y), μ over tokens per channel (Infinite-ID Eq. 8)."""
+    x32 = x.float()
+    return (x32 - x32.mean(-2, keepdim=True) + y.float().mean(-2, keepdim=True)).to(x.dtype)

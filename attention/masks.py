@@ -1,0 +1,39 @@
+"""Masks resized to the token grid of an attention layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_grid(original_shape: list[int] | tuple[int, ...], tokens: int) -> tuple[int, int]:
+    """(height, width) of the layer whose sequence has ``tokens`` tokens.
+
+    The UNet halves the latent with stride-2 convolutions (odd sizes round
+    up), so the grid is found by halving the latent size until it matches
+    rather than by a square root, which fails for odd aspect ratios.
+    """
+    height, width = int(original_shape[-2]), int(original_shape[-1])
+    grid_h, grid_w = height, width
+    while grid_h * grid_w > tokens and grid_h > 1 and grid_w > 1:
+        grid_h, grid_w = (grid_h + 1) // 2, (grid_w + 1) // 2
+    if grid_h * grid_w != tokens:
+        raise ValueError(f"{tokens} tokens do not match any downsampling of a {height}x{width} latent")
+    return grid_h, grid_w
+
+
+def mask_to_tokens(mask: torch.Tensor, original_shape, tokens: int, *, device=None, dtype=None) -> torch.Tensor:
+    """Resize a ComfyUI MASK ((H, W) or (B, H, W), any size) to (B, tokens).
+
+    The mask is stretched onto the latent's aspect first (as the image it was
+    drawn on was), then area-averaged down to the layer's grid.
+    """
+    if mask.dim() == 2:
+        mask = mask.unsqueeze(0)
+    if mask.dim() != 3:
+        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected (H, W) or (B, H, W)")
+    grid_h, grid_w = token_grid(original_shape, tokens)
+    resized = F.interpolate(mask.unsqueeze(1).float(), size=(grid_h, grid_w), mode="bilinear",
+                            align_corners=False, antialias=True)
+    resized = resized.reshape(mask.shape[0], grid_h * grid_w)
+    return resized.to(device=device or mask.device, dtype=dtype or torch.float32)

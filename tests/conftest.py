@@ -1,0 +1,122 @@
+"""Fixtures: the host, tiny models, ComfyUI in-process, its server, its editor.
+
+Everything is built from nothing the first time and cached outside the
+repository ($LIKENESS_HOST_CACHE, default ~/.cache/likeness), keyed by the
+recipe that made it, so a changed recipe rebuilds and an unchanged one is
+reused. Run through ``python3 tests/run.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny_models  # noqa: E402
+from harness.paths import PACK_NAME, REPO, TESTS, cache_root, host_root, load_installer  # noqa: E402
+
+ARTIFACTS = Path(os.environ.get("LIKENESS_ARTIFACTS", REPO / ".test-artifacts"))
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+TINY_MODELS_NODE = f'''\
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("likeness_tiny_models", {str(TESTS / "tiny_models.py")!r})
+module = importlib.util.module_from_spec(spec)
+sys.modules["likeness_tiny_models"] = module
+spec.loader.exec_module(module)
+module.register()
+NODE_CLASS_MAPPINGS = {{}}
+'''
+
+
+
+@pytest.fixture(scope="session")
+def host():
+    """The ComfyUI host: the interpreter running pytest plus a ComfyUI tree,
+    which is unpacked here the first time."""
+    installer = load_installer()
+    built = installer.Host(host_root())
+    if not (built.comfyui / "main.py").exists():
+        installer.extract_comfyui(built.comfyui, Path(sys.executable))
+    return built
+
+
+@pytest.fixture(scope="session")
+def base_directory(tmp_path_factory, host) -> Path:
+    """A ComfyUI base directory with the pack and the test-only model
+    registration in custom_nodes/, and empty model folders."""
+    base = tmp_path_factory.mktemp("comfy-base")
+    custom_nodes = base / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / PACK_NAME).symlink_to(REPO, target_is_directory=True)
+    (custom_nodes / "likeness_tiny_models").mkdir()
+    (custom_nodes / "likeness_tiny_models" / "__init__.py").write_text(TINY_MODELS_NODE)
+    for folder in ("checkpoints", "clip_vision", "ipadapter", "loras", "likeness", "insightface"):
+        (base / "models" / folder).mkdir(parents=True)
+    for folder in ("input", "output", "temp", "user"):
+        (base / folder).mkdir()
+    return base
+
+
+@pytest.fixture(scope="session")
+def comfy(host, base_directory):
+    """ComfyUI imported into this process with the pack loaded."""
+    from harness.inprocess import ComfyInProcess
+
+    in_process = ComfyInProcess(host.comfyui, base_directory, base_directory / "custom_nodes" / PACK_NAME)
+    tiny_models.register()
+    return in_process
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(comfy, base_directory) -> dict[str, str]:
+    """Tiny SD1.5 and SDXL checkpoints in models/checkpoints: {"sd15": file name, "sdxl": ...}."""
+    cache = cache_root() / f"tiny-{tiny_models.recipe_digest()}"
+    paths = tiny_models.write_checkpoints(cache)
+    names = {}
+    for kind, path in paths.items():
+        link = base_directory / "models" / "checkpoints" / path.name
+        if not link.exists():
+            link.symlink_to(path)
+        names[kind] = path.name
+    return names
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def server(host, base_directory, tiny_checkpoints, artifacts):
+    """ComfyUI's main.py serving the pack and the tiny models; always stopped."""
+    from harness.server import ComfyServer
+
+    running = ComfyServer(Path(sys.executable), host.comfyui, base_directory, artifacts / "server.log")
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def editor(server, artifacts):
+    """The server's real graph editor in headless Chromium."""
+    from harness.editor import CHROMIUM, GraphEditor
+
+    if not Path(CHROMIUM).exists():
+        if IN_CI:
+            pytest.fail(f"{CHROMIUM} is missing; tests/run.py installs Debian's chromium when run as root")
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+    page = GraphEditor(server.url, artifacts)
+    try:
+        yield page
+    finally:
+        page.close()

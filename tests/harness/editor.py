@@ -1,0 +1,106 @@
+"""The real graph editor (comfyui-frontend-package) in headless Chromium.
+
+Chromium is Debian's; the flags keep it off the network this machine does
+not have (without them it keeps retrying Google's hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-quic"]
+
+# Records what the editor reports about every graph it loads.
+RECORDER = """
+() => {
+  window.__likeness = {missing: null};
+  app.registerExtension({
+    name: "likeness.test.recorder",
+    afterConfigureGraph(missing) {
+      window.__likeness.missing = (missing || []).map(m => typeof m === "string" ? m : (m.type || String(m)));
+    },
+  });
+}
+"""
+
+LOAD_AND_REPORT = """
+async (workflow) => {
+  window.__likeness.missing = null;
+  await app.loadGraphData(workflow);
+  const registered = LiteGraph.registered_node_types;
+  const types = workflow.nodes.map(n => n.type);
+  return {
+    missing: window.__likeness.missing,
+    unregistered: [...new Set(types.filter(t => !(t in registered)))],
+    errored: app.graph._nodes.filter(n => n.has_errors).map(n => n.type),
+    node_count: app.graph._nodes.length,
+  };
+}
+"""
+
+
+@dataclass
+class GraphReport:
+    """What the editor said about one workflow."""
+    missing: list[str]  # from afterConfigureGraph
+    unregistered: list[str]  # workflow types LiteGraph does not know
+    errored: list[str]  # loaded nodes with has_errors
+    node_count: int
+    screenshot: Path
+    console_errors: list[str] = field(default_factory=list)
+
+    @property
+    def problems(self) -> list[str]:
+        return sorted(set(self.missing) | set(self.unregistered) | set(self.errored))
+
+
+class GraphEditor:
+    def __init__(self, url: str, artifacts: Path) -> None:
+        from playwright.sync_api import sync_playwright
+
+        self.artifacts = artifacts
+        self.console_errors: list[str] = []
+        self._playwright = sync_playwright().start()
+        self._profile = tempfile.TemporaryDirectory(prefix="likeness-chromium-")
+        self.context = self._playwright.chromium.launch_persistent_context(
+            self._profile.name, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
+            viewport={"width": 1600, "height": 1000})
+        self.page = self.context.new_page()
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+        # The start-up graph must have loaded before ours, or it overwrites ours.
+        self.page.wait_for_function(
+            "() => window.app && app.graph && window.LiteGraph && "
+            "Object.keys(LiteGraph.registered_node_types).length > 100 && app.graph._nodes.length > 0",
+            timeout=120_000)
+        self.page.evaluate(RECORDER)
+
+    def registered_types(self) -> list[str]:
+        return self.page.evaluate("() => Object.keys(LiteGraph.registered_node_types)")
+
+    def load(self, workflow: dict | Path, name: str) -> GraphReport:
+        if isinstance(workflow, Path):
+            workflow = json.loads(workflow.read_text())
+        errors_before = len(self.console_errors)
+        report = self.page.evaluate(LOAD_AND_REPORT, workflow)
+        self.page.wait_for_timeout(300)
+        screenshot = self.artifacts / f"{name}.png"
+        self.page.screenshot(path=str(screenshot))
+        self.page.keyboard.press("Escape")  # the missing-nodes dialog, if any
+        return GraphReport(report["missing"] or [], report["unregistered"], report["errored"],
+                           report["node_count"], screenshot, self.console_errors[errors_before:])
+
+    def to_api_prompt(self) -> dict:
+        """The loaded graph in API format, as the editor would POST it."""
+        return self.page.evaluate("async () => (await app.graphToPrompt()).output")
+
+    def close(self) -> None:
+        self.context.close()
+        self._playwright.stop()
+        self._profile.cleanup()

@@ -1,0 +1,52 @@
+"""The test command: builds (or reuses) a ComfyUI host, then runs pytest in it.
+
+    python3 tests/run.py                 # the whole suite, as CI runs it
+    python3 tests/run.py -m "not slow"   # the fast tests while you work
+
+Extra arguments go to pytest. The host lives outside the repository, in
+$LIKENESS_HOST_CACHE (default ~/.cache/likeness), one folder per recipe, so a
+changed recipe builds a new one and an unchanged one is reused in seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import install  # noqa: E402  (the pack's own installer builds the host)
+
+# Test-only packages: never in the pack's requirements.
+TEST_PACKAGES = ("pytest>=8", "playwright==1.65.2")
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+def host_cache() -> Path:
+    return Path(os.environ.get("LIKENESS_HOST_CACHE", Path.home() / ".cache" / "likeness"))
+
+
+def ensure_chromium() -> None:
+    """Debian's chromium for the graph-editor tests (no browser download)."""
+    if CHROMIUM.exists() or shutil.which("apt-get") is None or os.geteuid() != 0:
+        return
+    subprocess.run(["apt-get", "update", "-qq"], check=False)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False,
+                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def main() -> int:
+    recipe = install.host_recipe(TEST_PACKAGES)
+    host = install.build_host(host_cache() / f"host-{install.recipe_digest(recipe)}", TEST_PACKAGES)
+    ensure_chromium()
+    env = {**os.environ, "LIKENESS_HOST": str(host.root), "PYTHONDONTWRITEBYTECODE": "1"}
+    command = [str(host.python), "-m", "pytest", str(REPO / "tests"), *sys.argv[1:]]
+    return subprocess.call(command, cwd=REPO, env=env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""Tiny SD1.5- and SDXL-shaped checkpoints with the real block layouts.
+
+Test-only: ``register()`` teaches ComfyUI's model detection two extra model
+configs (a 32-channel UNet is never a real checkpoint, so nothing else
+matches them), and ``write_checkpoints()`` saves random, properly
+initialised checkpoints in the LDM key layout that CheckpointLoaderSimple
+loads like any user file. Imported in-process by the tests and, through a
+stub custom node, by the test server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+SD15_FILE = "tiny_sd15.safetensors"
+SDXL_FILE = "tiny_sdxl.safetensors"
+SEED = 20261125
+
+TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+             "num_hidden_layers": 3, "projection_dim": 64}
+SD15_CONTEXT = TINY_CLIP["hidden_size"]
+SDXL_CONTEXT = 2 * TINY_CLIP["hidden_size"]  # clip_l and clip_g side by side
+SDXL_ADM = TINY_CLIP["projection_dim"] + 6 * 256  # pooled clip_g + size/crop embeddings
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": SD15_CONTEXT, "num_heads": 8, "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": SDXL_ADM, "in_channels": 4,
+    "model_channels": 32, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": SDXL_CONTEXT, "num_head_channels": 16, "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+
+
+def _classes():
+    """The tiny model configs (built lazily: comfy must be importable first)."""
+    import comfy.sd1_clip
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.supported_models_base as base
+
+    class TinySD1ClipModel(comfy.sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}, **kwargs):
+            super().__init__(device=device, dtype=dtype,
+                             model_options={**model_options, "clip_l_model_config": TINY_CLIP}, **kwargs)
+
+    class TinySDXLClipModel(comfy.sdxl_clip.SDXLClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, model_options={
+                **model_options, "clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP})
+
+    class TinySD15(comfy.supported_models.SD15):
+        unet_config = {"context_dim": SD15_CONTEXT, "model_channels": 32, "use_linear_in_transformer": False,
+                       "adm_in_channels": None, "use_temporal_attention": False}
+
+        def clip_target(self, state_dict={}):
+            return base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, TinySD1ClipModel)
+
+    class TinySDXL(comfy.supported_models.SDXL):
+        unet_config = {"model_channels": 32, "use_linear_in_transformer": True,
+                       "transformer_depth": [0, 0, 2, 2, 10, 10], "context_dim": SDXL_CONTEXT,
+                       "adm_in_channels": SDXL_ADM, "use_temporal_attention": False}
+        unet_extra_config = {"num_heads": -1, "num_head_channels": 16}
+
+        def clip_target(self, state_dict={}):
+            return base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer, TinySDXLClipModel)
+
+    return TinySD15, TinySDXL
+
+
+_REGISTERED: dict[str, type] = {}
+
+
+def register() -> dict[str, type]:
+    """Put the tiny configs at the front of ComfyUI's detection list (once)."""
+    import comfy.supported_models
+
+    if not _REGISTERED:
+        sd15, sdxl = _classes()
+        _REGISTERED.update(sd15=sd15, sdxl=sdxl)
+    for config in (_REGISTERED["sdxl"], _REGISTERED["sd15"]):
+        if config not in comfy.supported_models.models:
+            comfy.supported_models.models.insert(0, config)
+    return _REGISTERED
+
+
+def initialise(module: torch.nn.Module, generator_seed: int) -> None:
+    """Torch's own initialisation (ComfyUI's layers skip it and leave memory uninitialised)."""
+    torch.manual_seed(generator_seed)
+    for layer in module.modules():
+        for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d,
+                    torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding):
+            if isinstance(layer, cls):
+                cls.reset_parameters(layer)
+                break
+    for name, tensor in module.named_parameters():
+        if not torch.isfinite(tensor).all():
+            raise RuntimeError(f"{name} was left uninitialised")
+
+
+def _checkpoint_state_dict(config_cls, unet_config: dict) -> dict[str, torch.Tensor]:
+    import comfy.sd
+    import comfy.taesd.taesd
+
+    model_config = config_cls(unet_config)
+    model = model_config.get_model({})
+    initialise(model, SEED)
+    clip = comfy.sd.CLIP(target=model_config.clip_target(), embedding_directory=None)
+    initialise(clip.cond_stage_model, SEED + 1)
+    torch.manual_seed(SEED + 2)
+    vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict(), None)
+    return {key: value.detach().to(torch.float16 if value.is_floating_point() else value.dtype).contiguous()
+            for key, value in state.items()}
+
+
+def recipe_digest() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
+def write_checkpoints(folder: Path) -> dict[str, Path]:
+    """Write both tiny checkpoints into ``folder`` (skipped when present)."""
+    import comfy.utils
+
+    classes = register()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"sd15": folder / SD15_FILE, "sdxl": folder / SDXL_FILE}
+    for name, unet_config in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET)):
+        if not paths[name].exists():
+            state = _checkpoint_state_dict(classes[name], unet_config)
+            partial = paths[name].with_suffix(".partial")
+            comfy.utils.save_torch_file(state, str(partial))
+            partial.rename(paths[name])
+    return paths
