@@ -9,7 +9,6 @@ reused. Run through ``python3 tests/run.py``.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,22 +17,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny_models  # noqa: E402
-from harness.paths import PACK_NAME, REPO, TESTS, cache_root, host_root, load_installer  # noqa: E402
+from harness.base import make_base_directory  # noqa: E402
+from harness.paths import PACK_NAME, REPO, cache_root, host_root, load_installer  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LIKENESS_ARTIFACTS", REPO / ".test-artifacts"))
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-TINY_MODELS_NODE = f'''\
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("likeness_tiny_models", {str(TESTS / "tiny_models.py")!r})
-module = importlib.util.module_from_spec(spec)
-sys.modules["likeness_tiny_models"] = module
-spec.loader.exec_module(module)
-module.register()
-NODE_CLASS_MAPPINGS = {{}}
-'''
-
-
 
 @pytest.fixture(scope="session")
 def host():
@@ -48,19 +36,8 @@ def host():
 
 @pytest.fixture(scope="session")
 def base_directory(tmp_path_factory, host) -> Path:
-    """A ComfyUI base directory with the pack and the test-only model
-    registration in custom_nodes/, and empty model folders."""
-    base = tmp_path_factory.mktemp("comfy-base")
-    custom_nodes = base / "custom_nodes"
-    custom_nodes.mkdir()
-    (custom_nodes / PACK_NAME).symlink_to(REPO, target_is_directory=True)
-    (custom_nodes / "likeness_tiny_models").mkdir()
-    (custom_nodes / "likeness_tiny_models" / "__init__.py").write_text(TINY_MODELS_NODE)
-    for folder in ("checkpoints", "clip_vision", "ipadapter", "loras", "likeness", "insightface"):
-        (base / "models" / folder).mkdir(parents=True)
-    for folder in ("input", "output", "temp", "user"):
-        (base / folder).mkdir()
-    return base
+    """A ComfyUI base directory with the pack in custom_nodes/."""
+    return make_base_directory(tmp_path_factory.mktemp("comfy-base"))
 
 
 @pytest.fixture(scope="session")

@@ -51,13 +51,14 @@ class GraphReport:
     missing: list[str]  # from afterConfigureGraph
     unregistered: list[str]  # workflow types LiteGraph does not know
     errored: list[str]  # loaded nodes with has_errors
+    alerts: list[str]  # toasts the editor raised (an invalid workflow schema, say)
     node_count: int
     screenshot: Path
     console_errors: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
-        return sorted(set(self.missing) | set(self.unregistered) | set(self.errored))
+        return sorted(set(self.missing) | set(self.unregistered) | set(self.errored) | set(self.alerts))
 
 
 class GraphEditor:
@@ -88,13 +89,28 @@ class GraphEditor:
         if isinstance(workflow, Path):
             workflow = json.loads(workflow.read_text())
         errors_before = len(self.console_errors)
+        self.page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(t => t.remove())")
         report = self.page.evaluate(LOAD_AND_REPORT, workflow)
         self.page.wait_for_timeout(300)
         screenshot = self.artifacts / f"{name}.png"
         self.page.screenshot(path=str(screenshot))
+        alerts = self.page.evaluate(
+            "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText.trim())")
         self.page.keyboard.press("Escape")  # the missing-nodes dialog, if any
-        return GraphReport(report["missing"] or [], report["unregistered"], report["errored"],
+        return GraphReport(report["missing"] or [], report["unregistered"], report["errored"], alerts,
                            report["node_count"], screenshot, self.console_errors[errors_before:])
+
+    def ui_from_api(self, prompt: dict, name: str) -> dict:
+        """Let the editor lay out an API-format prompt and serialise it as a
+        UI workflow. Seeds are set to "fixed" so the workflow reproduces."""
+        self.page.evaluate("async ([api, name]) => { await app.loadApiJson(api, name); }", [prompt, name])
+        workflow = _without_nulls(self.page.evaluate("() => app.graph.serialize()"))
+        for node in workflow["nodes"]:
+            values = node.get("widgets_values")
+            if isinstance(values, list):
+                node["widgets_values"] = ["fixed" if v == "randomize" else v for v in values]
+        self.page.keyboard.press("Escape")
+        return workflow
 
     def to_api_prompt(self) -> dict:
         """The loaded graph in API format, as the editor would POST it."""
@@ -104,3 +120,13 @@ class GraphEditor:
         self.context.close()
         self._playwright.stop()
         self._profile.cleanup()
+
+
+def _without_nulls(value):
+    """serialize() writes null for unset fields; the editor's own workflow
+    schema rejects them on load, so they are left out as saved files do."""
+    if isinstance(value, dict):
+        return {key: _without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_without_nulls(item) for item in value]
+    return value

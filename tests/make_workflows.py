@@ -1,0 +1,49 @@
+"""Regenerate the UI-format workflows from their API-format twins.
+
+    <host python> tests/make_workflows.py
+
+The API twins (workflows/api/*.json, tests/workflows/api/*.json) are
+written by hand; the real graph editor lays each one out and serialises it
+as the UI workflow beside it. tests/test_workflows.py checks that every
+UI workflow still turns into its API twin.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from harness.base import make_base_directory  # noqa: E402
+from harness.editor import GraphEditor  # noqa: E402
+from harness.paths import REPO, host_root, load_installer  # noqa: E402
+from harness.server import ComfyServer  # noqa: E402
+
+FOLDERS = (REPO / "workflows", REPO / "tests" / "workflows")
+
+
+def main() -> int:
+    host = load_installer().Host(host_root())
+    with tempfile.TemporaryDirectory() as base:
+        base = make_base_directory(Path(base) / "base")
+        server = ComfyServer(Path(sys.executable), host.comfyui, base, base / "server.log")
+        try:
+            server.wait_ready()
+            editor = GraphEditor(server.url, base)
+            for folder in FOLDERS:
+                for api_file in sorted((folder / "api").glob("*.json")):
+                    workflow = editor.ui_from_api(json.loads(api_file.read_text()), api_file.stem)
+                    target = folder / api_file.name
+                    target.write_text(json.dumps(workflow, indent=1) + "\n")
+                    print(f"wrote {target.relative_to(REPO)}")
+            editor.close()
+        finally:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

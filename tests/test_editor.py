@@ -1,0 +1,57 @@
+"""Workflows in the real graph editor (headless Chromium)."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from harness.paths import TESTS
+
+pytestmark = pytest.mark.slow
+
+CORE_WORKFLOW = TESTS / "workflows" / "core_txt2img.json"
+
+
+def api_inputs(prompt: dict) -> dict:
+    """class_type and inputs of each node, as the server compares them."""
+    return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
+
+
+def test_the_editor_knows_every_likeness_node(editor, comfy):
+    registered = set(editor.registered_types())
+    assert set(comfy.pack_node_ids) <= registered
+
+
+def test_core_workflow_loads_without_problems(editor):
+    report = editor.load(CORE_WORKFLOW, "core_txt2img")
+    assert report.problems == []
+    assert report.node_count == 7
+    assert report.screenshot.stat().st_size > 10_000
+
+
+def test_core_workflow_turns_into_its_api_twin(editor):
+    editor.load(CORE_WORKFLOW, "core_txt2img_roundtrip")
+    twin = json.loads((TESTS / "workflows" / "api" / "core_txt2img.json").read_text())
+    assert api_inputs(editor.to_api_prompt()) == api_inputs(twin)
+
+
+def test_an_unknown_node_type_is_reported_missing(editor):
+    workflow = json.loads(CORE_WORKFLOW.read_text())
+    broken = copy.deepcopy(workflow)
+    sampler = next(node for node in broken["nodes"] if node["type"] == "KSampler")
+    sampler["type"] = "LikenessNoSuchNode"
+    report = editor.load(broken, "unknown_node")
+    assert "LikenessNoSuchNode" in report.missing
+    assert report.unregistered == ["LikenessNoSuchNode"]
+    assert report.problems == ["LikenessNoSuchNode"]
+    # and the editor recovers: the good workflow loads cleanly afterwards
+    assert editor.load(workflow, "after_unknown").problems == []
+
+
+def test_a_workflow_the_editor_rejects_is_reported(editor):
+    workflow = json.loads(CORE_WORKFLOW.read_text())
+    workflow["nodes"][0]["outputs"][0]["slot_index"] = None  # not allowed by the editor's schema
+    report = editor.load(workflow, "invalid_schema")
+    assert any("schema" in alert for alert in report.alerts), report
