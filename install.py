@@ -48,6 +48,9 @@ HOST_PACKAGES = (
     "sentencepiece", "safetensors>=0.4.2", "aiohttp>=3.11.8", "yarl>=1.18.0",
     "pyyaml", "Pillow", "scipy", "tqdm", "psutil", "alembic", "SQLAlchemy",
     "pydantic~=2.0", "pydantic-settings~=2.0", "av>=14.2.0", "requests",
+    # ComfyUI's optional ones: without them core nodes (Canny, upscale
+    # models...) fail to import and show as missing in the graph editor.
+    "kornia>=0.7.1", "spandrel",
 )
 
 ONNXRUNTIME_CPU = "onnxruntime"
@@ -263,13 +266,19 @@ def link_pack(comfyui: Path) -> Path:
     return target
 
 
-def build_host(root: Path, extra_packages: tuple[str, ...] = (), force: bool = False) -> Host:
-    """Build (or reuse) a complete ComfyUI host under ``root``."""
+def build_host(root: Path, extra_packages: tuple[str, ...] = (), *, install_pack: bool = True,
+               force: bool = False) -> Host:
+    """Build (or reuse) a complete ComfyUI host under ``root``.
+
+    ``install_pack=False`` leaves custom_nodes/ empty: the test host is shared
+    by every checkout, and each test run brings its own checkout.
+    """
     host = Host(root)
     recipe = host_recipe(extra_packages)
     if host.is_built(recipe) and not force:
         log(f"host at {host.root} is up to date")
-        link_pack(host.comfyui)
+        if install_pack:
+            link_pack(host.comfyui)
         return host
     log(f"building a ComfyUI {COMFYUI_VERSION} host in {host.root} (several minutes)")
     host.stamp.unlink(missing_ok=True)
@@ -283,7 +292,8 @@ def build_host(root: Path, extra_packages: tuple[str, ...] = (), force: bool = F
     extract_comfyui(host.comfyui, host.python)
     for folder in MODEL_FOLDERS:
         (host.comfyui / "models" / folder).mkdir(parents=True, exist_ok=True)
-    link_pack(host.comfyui)
+    if install_pack:
+        link_pack(host.comfyui)
     host.stamp.write_text(json.dumps(recipe, indent=1, sort_keys=True))
     return host
 

@@ -33,7 +33,11 @@ def mask_to_tokens(mask: torch.Tensor, original_shape, tokens: int, *, device=No
     if mask.dim() != 3:
         raise ValueError(f"mask of shape {tuple(mask.shape)}: expected (H, W) or (B, H, W)")
     grid_h, grid_w = token_grid(original_shape, tokens)
-    resized = F.interpolate(mask.unsqueeze(1).float(), size=(grid_h, grid_w), mode="bilinear",
-                            align_corners=False, antialias=True)
+    shrinking = mask.shape[-2] >= grid_h and mask.shape[-1] >= grid_w
+    # Area averaging keeps a hard edge hard where the grid divides the mask;
+    # bilinear only when a small mask is stretched up.
+    resized = F.interpolate(mask.unsqueeze(1).float(), size=(grid_h, grid_w),
+                            mode="area" if shrinking else "bilinear",
+                            **({} if shrinking else {"align_corners": False}))
     resized = resized.reshape(mask.shape[0], grid_h * grid_w)
     return resized.to(device=device or mask.device, dtype=dtype or torch.float32)

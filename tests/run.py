@@ -39,9 +39,18 @@ def ensure_chromium() -> None:
                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
+def prune_old_hosts(keep: Path) -> None:
+    """A host is several GB; hosts of older recipes are not used again."""
+    for old in keep.parent.glob("host-*"):
+        if old != keep and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
 def main() -> int:
     recipe = install.host_recipe(TEST_PACKAGES)
-    host = install.build_host(host_cache() / f"host-{install.recipe_digest(recipe)}", TEST_PACKAGES)
+    root = host_cache() / f"host-{install.recipe_digest(recipe)}"
+    host = install.build_host(root, TEST_PACKAGES, install_pack=False)
+    prune_old_hosts(root)
     ensure_chromium()
     env = {**os.environ, "LIKENESS_HOST": str(host.root), "PYTHONDONTWRITEBYTECODE": "1"}
     command = [str(host.python), "-m", "pytest", str(REPO / "tests"), *sys.argv[1:]]

@@ -1,0 +1,97 @@
+"""install.py: ComfyUI-Manager's job (one onnxruntime flavour, torch untouched)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from harness.paths import REPO, load_installer
+
+
+@pytest.fixture(scope="module")
+def installer():
+    return load_installer()
+
+
+@pytest.mark.parametrize("installed,cuda,remove,reinstall", [
+    ({}, False, [], True),
+    ({"onnxruntime": "1"}, False, [], False),
+    ({"onnxruntime": "1"}, True, ["onnxruntime"], True),
+    ({"onnxruntime-gpu": "1"}, True, [], False),
+    ({"onnxruntime-gpu": "1"}, False, ["onnxruntime-gpu"], True),
+    ({"onnxruntime": "1", "onnxruntime-gpu": "1"}, True, ["onnxruntime"], True),
+    ({"onnxruntime": "1", "onnxruntime-gpu": "1"}, False, ["onnxruntime-gpu"], True),
+])
+def test_onnxruntime_plan_ends_with_one_flavour(installer, installed, cuda, remove, reinstall):
+    assert installer.onnxruntime_plan(installed, cuda) == (remove, reinstall)
+
+
+def test_requirement_names(installer):
+    assert installer.requirement_name("open_clip_torch>=2.24") == "open-clip-torch"
+    assert installer.requirement_name("onnx>=1.13; python_version>'3'") == "onnx"
+    assert installer.requirement_name("Pillow") == "pillow"
+
+
+def test_the_host_venv_has_what_install_py_promises(installer):
+    installed = installer.installed_distributions(sys.executable)
+    flavours = [name for name in installer.ONNXRUNTIME_FLAVOURS if name in installed]
+    assert flavours == [installer.wanted_onnxruntime(installer.torch_sees_cuda(sys.executable))]
+    assert "insightface" in installed and "open-clip-torch" in installed
+    assert installed["torch"].startswith("2.14.1")
+
+
+def _fake_wheel(folder: Path, name: str, version: str) -> Path:
+    """A wheel that claims to be ``name``: stands in for the flavour a user's
+    other pack installed (the real onnxruntime-gpu is a large download)."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    files = {f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: likeness-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+             "likeness_fake_flavour_marker.py": "# installed by the test\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text)}")
+    record.append(f"{dist}.dist-info/RECORD,,")
+    wheel = folder / f"{dist}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+        archive.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+@pytest.mark.slow
+def test_manager_install_repairs_a_second_onnxruntime_flavour(installer, tmp_path):
+    """A user whose other pack put the wrong flavour beside the right one:
+    install.py removes it, reinstalls the right one and leaves torch alone."""
+    env_dir = tmp_path / "user-comfyui-python"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    python = str(env_dir / "bin" / "python")
+    # The user's packages (torch, onnxruntime...) come from the host's environment.
+    site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    host_site = next(p for p in sys.path if p.endswith("site-packages"))
+    (Path(site) / "host-packages.pth").write_text(host_site + "\n")
+    cuda = installer.torch_sees_cuda(python)
+    wrong = installer.ONNXRUNTIME_CPU if cuda else installer.ONNXRUNTIME_GPU
+    subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                    str(_fake_wheel(tmp_path, wrong, "1.0.0"))], check=True)
+    before = installer.installed_distributions(python)
+    assert wrong in before
+
+    run = subprocess.run([python, str(REPO / "install.py")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    after = installer.installed_distributions(python)
+    assert [n for n in installer.ONNXRUNTIME_FLAVOURS if n in after] == [installer.wanted_onnxruntime(cuda)]
+    for name in installer.TORCH_FAMILY:
+        assert after.get(name) == before.get(name)
+    check = subprocess.run([python, "-c", "import onnxruntime, insightface; print(onnxruntime.get_device())"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr

@@ -1,0 +1,60 @@
+"""The pack as ComfyUI and ComfyUI-Manager see it: layout, metadata, import cost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+from harness.paths import PACK_NAME, REPO, TESTS
+
+HEAVY = ("insightface", "open_clip", "onnxruntime", "onnx", "cv2", "timm", "transformers")
+
+
+def test_top_level_layout_is_the_designed_one():
+    for path in ("__init__.py", "nodes", "attention", "install.py", "workflows", "workflows/api", "tests",
+                 "pyproject.toml", "README.md", "requirements.txt", "LICENSE", ".ci/run"):
+        assert (REPO / path).exists(), path
+    assert "GNU GENERAL PUBLIC LICENSE" in (REPO / "LICENSE").read_text()[:200]
+
+
+def test_attention_holds_no_nodes_and_nodes_hold_no_math():
+    for module in (REPO / "attention").glob("*.py"):
+        assert "io.ComfyNode" not in module.read_text(), module.name
+    for module in (REPO / "nodes").glob("*.py"):
+        text = module.read_text()
+        assert "torch.nn.functional" not in text and "einsum" not in text, module.name
+
+
+def test_pyproject_carries_project_and_registry_metadata():
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())
+    project, comfy_meta = meta["project"], meta["tool"]["comfy"]
+    assert project["name"] == "likeness" and project["version"]
+    assert "GPL-3.0" in project["license"]["text"]
+    assert project["urls"]
+    assert not any(dep.split(">")[0].split("=")[0].strip().lower() in ("torch", "onnxruntime", "onnxruntime-gpu")
+                   for dep in project["dependencies"])
+    assert comfy_meta["DisplayName"] == "Likeness"
+    assert comfy_meta["PublisherId"] and comfy_meta["Icon"]
+    assert comfy_meta["requires-comfyui"] == ">=0.3.75"
+
+
+def test_requirements_leave_torch_and_onnxruntime_alone(host):
+    installer = __import__("harness.paths", fromlist=["load_installer"]).load_installer()
+    names = {installer.requirement_name(r) for r in installer.pack_requirements()}
+    assert names.isdisjoint({"torch", "torchvision", "torchaudio", "onnxruntime", "onnxruntime-gpu", "insightface"})
+    assert all("==" not in r for r in installer.pack_requirements()), "keep requirements loose"
+
+
+def test_loading_the_pack_imports_nothing_heavy(host, base_directory):
+    probe = subprocess.run(
+        [sys.executable, str(TESTS / "harness" / "import_probe.py"), str(host.comfyui),
+         str(base_directory / "custom_nodes" / PACK_NAME)],
+        capture_output=True, text=True, check=True)
+    report = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert report["loaded"]
+    heavy = [m for m in report["foreign_modules"] if m.split(".")[0] in HEAVY]
+    assert heavy == []
+    # Only what ComfyUI itself needs to read the pack's pyproject.toml.
+    assert {m.split(".")[0] for m in report["foreign_modules"]} <= {"tomllib"}
