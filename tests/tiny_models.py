@@ -17,6 +17,7 @@ import torch
 
 SD15_FILE = "tiny_sd15.safetensors"
 SDXL_FILE = "tiny_sdxl.safetensors"
+OTHER_SD15_FILE = "tiny_sd15_other.safetensors"  # same layout, other weights: "another model"
 SEED = 20261125
 
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
@@ -109,16 +110,16 @@ def initialise(module: torch.nn.Module, generator_seed: int) -> None:
             raise RuntimeError(f"{name} was left uninitialised")
 
 
-def _checkpoint_state_dict(config_cls, unet_config: dict) -> dict[str, torch.Tensor]:
+def _checkpoint_state_dict(config_cls, unet_config: dict, seed: int = SEED) -> dict[str, torch.Tensor]:
     import comfy.sd
     import comfy.taesd.taesd
 
     model_config = config_cls(unet_config)
     model = model_config.get_model({})
-    initialise(model, SEED)
+    initialise(model, seed)
     clip = comfy.sd.CLIP(target=model_config.clip_target(), embedding_directory=None)
-    initialise(clip.cond_stage_model, SEED + 1)
-    torch.manual_seed(SEED + 2)
+    initialise(clip.cond_stage_model, seed + 1)
+    torch.manual_seed(seed + 2)
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
     state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict(), None)
     return {key: value.detach().to(torch.float16 if value.is_floating_point() else value.dtype).contiguous()
@@ -135,10 +136,11 @@ def write_checkpoints(folder: Path) -> dict[str, Path]:
 
     classes = register()
     folder.mkdir(parents=True, exist_ok=True)
-    paths = {"sd15": folder / SD15_FILE, "sdxl": folder / SDXL_FILE}
-    for name, unet_config in (("sd15", SD15_UNET), ("sdxl", SDXL_UNET)):
+    paths = {"sd15": folder / SD15_FILE, "sdxl": folder / SDXL_FILE, "sd15_other": folder / OTHER_SD15_FILE}
+    for name, config, unet_config, seed in (("sd15", "sd15", SD15_UNET, SEED), ("sdxl", "sdxl", SDXL_UNET, SEED),
+                                            ("sd15_other", "sd15", SD15_UNET, SEED + 100)):
         if not paths[name].exists():
-            state = _checkpoint_state_dict(classes[name], unet_config)
+            state = _checkpoint_state_dict(classes[config], unet_config, seed)
             partial = paths[name].with_suffix(".partial")
             comfy.utils.save_torch_file(state, str(partial))
             partial.rename(paths[name])

@@ -1,0 +1,170 @@
+"""The MagicStyle feature cache: self-attention inputs kept during inversion.
+
+MagicStyle needs Q_c, K_c, V_c of the content image and K_s, V_s of the
+style image at every step and self-attention layer. All five are linear
+projections of the layer's normed hidden states, so the bank keeps only
+those (one fp16 tensor per image, layer and step: 40% of the five
+projections) and lets the layer's own projections recompute Q/K/V when they
+are used, with whatever weight patches (LoRA) the model carries then.
+
+Entries are keyed by timestep, not by call order: a sampler that calls the
+model several times per step, or cond and uncond in separate calls, still
+finds the right features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+import torch
+
+from .rows import COND, rows_of
+from .schedule import current_sigma
+from .unet_layers import BlockKey
+
+FORMAT_VERSION = 1
+
+
+def timestep_key(timestep: float | torch.Tensor) -> float:
+    """Timesteps of discrete models are whole numbers; others are rounded so
+    that the same sigma always gives the same key."""
+    return round(float(timestep), 3)
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of a ModelPatcher's UNet: its layout and a sample of its
+    checkpoint weights. Weight patches (LoRA) are left out on purpose, and
+    weights a loaded patch changed in place are read from ComfyUI's backup,
+    so the answer does not depend on which clone happens to be loaded."""
+    unet = model.get_model_object("diffusion_model")
+    backup = getattr(model, "backup", {})
+    params = list(unet.state_dict().items())
+    digest = hashlib.sha256()
+    digest.update(json.dumps([(name, list(t.shape)) for name, t in params]).encode())
+    for name, tensor in params[:4] + params[-4:]:
+        saved = backup.get(f"diffusion_model.{name}")
+        weight = saved.weight if saved is not None else tensor
+        sample = weight.detach().flatten()[:256].float().cpu().contiguous()
+        digest.update(name.encode() + sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class FeatureBank:
+    """Normed self-attention inputs per (timestep, layer), shape (images, tokens, channels)."""
+
+    layers: list[BlockKey]
+    timesteps: list[float]  # in the order the forward pass visits them (noisiest first)
+    sigmas: list[float]  # the forward schedule the bank was made for, ending in 0
+    latent_shape: list[int]  # (images, channels, height, width)
+    model_fingerprint: str
+    steps: int
+    capture: str  # "qkv" (content) or "kv" (style): what the features will be used for
+    dtype: str = "float16"
+    features: dict[tuple[float, BlockKey], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def images(self) -> int:
+        return self.latent_shape[0]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.features.values())
+
+    def get(self, timestep: float, layer: BlockKey) -> torch.Tensor | None:
+        return self.features.get((timestep_key(timestep), tuple(layer)))
+
+    def select(self, start: int, length: int) -> "FeatureBank":
+        """The features of images start … start+length-1 (a content/style batch split)."""
+        if start < 0 or length < 1 or start + length > self.images:
+            raise ValueError(f"batch_index={start}, length={length}: the features hold {self.images} image(s)")
+        part = FeatureBank(self.layers, self.timesteps, self.sigmas, [length, *self.latent_shape[1:]],
+                           self.model_fingerprint, self.steps, self.capture, self.dtype)
+        part.features = {key: value[start:start + length] for key, value in self.features.items()}
+        return part
+
+    def metadata(self) -> dict:
+        return {"format": FORMAT_VERSION, "layers": [list(k) for k in self.layers], "timesteps": self.timesteps,
+                "sigmas": self.sigmas, "latent_shape": self.latent_shape, "model_fingerprint": self.model_fingerprint,
+                "steps": self.steps, "capture": self.capture, "dtype": self.dtype}
+
+    def check_compatible(self, *, fingerprint: str | None = None, latent_hw: tuple[int, int] | None = None,
+                         sigmas: list[float] | None = None, what: str = "features") -> None:
+        """Raise a ValueError that names every difference."""
+        problems = []
+        if fingerprint is not None and fingerprint != self.model_fingerprint:
+            problems.append(f"model: made with a model whose fingerprint is {self.model_fingerprint}, "
+                            f"this model's is {fingerprint} (invert with the same checkpoint)")
+        if latent_hw is not None and tuple(latent_hw) != tuple(self.latent_shape[-2:]):
+            problems.append(f"size: made for a {self.latent_shape[-1] * 8}x{self.latent_shape[-2] * 8} image, "
+                            f"this latent is {latent_hw[1] * 8}x{latent_hw[0] * 8}")
+        if sigmas is not None:
+            missing = [s for s in sigmas if s > 0 and not self.has_sigma(s)]
+            if missing:
+                problems.append(f"steps: made for {self.steps} ddim_uniform steps; this sampler visits "
+                                f"{len([s for s in sigmas if s > 0])} sigmas, {len(missing)} of them not in the "
+                                f"cache (first {missing[0]:.4f}); use the same steps and the ddim_uniform scheduler")
+        if problems:
+            raise ValueError(f"these {what} do not fit: " + "; ".join(problems))
+
+    def has_sigma(self, sigma: float) -> bool:
+        return any(abs(sigma - s) <= 1e-4 * max(1.0, abs(s)) for s in self.sigmas if s > 0)
+
+
+def merge_banks(banks: list[FeatureBank]) -> FeatureBank:
+    """One bank over the images of several (same model, size, schedule)."""
+    first = banks[0]
+    for other in banks[1:]:
+        other.check_compatible(fingerprint=first.model_fingerprint, latent_hw=tuple(first.latent_shape[-2:]),
+                               sigmas=first.sigmas)
+    merged = FeatureBank(first.layers, first.timesteps, first.sigmas,
+                         [sum(b.images for b in banks), *first.latent_shape[1:]],
+                         first.model_fingerprint, first.steps, first.capture, first.dtype)
+    merged.features = {key: torch.cat([b.features[key] for b in banks]) for key in first.features}
+    return merged
+
+
+class FeatureCapture:
+    """An attn1_patch that records the normed input of chosen self-attention
+    layers during an inversion run (cond rows only: inversion runs at cfg 1).
+
+    It never changes what the layer computes. ``finish()`` hands the entries
+    over; until then nothing is visible, so an interrupted inversion leaves
+    no partial cache.
+    """
+
+    def __init__(self, layers: list[BlockKey], model_sampling, storage_device, *, wanted: list,
+                 dtype=torch.float16) -> None:
+        self.layers = {tuple(k) for k in layers}
+        # Only the timesteps a forward pass will look up (not σ_0 of the inversion).
+        self.wanted = {timestep_key(t) for t in wanted}
+        self.model_sampling = model_sampling
+        self.storage_device = storage_device
+        self.dtype = dtype
+        self._entries: dict[tuple[float, BlockKey], torch.Tensor] = {}
+
+    def __call__(self, n, context, value, extra_options):
+        block = extra_options.get("block")
+        if block is None:
+            return n, context, value
+        key = (block[0], block[1], extra_options.get("block_index", 0))
+        sigma = current_sigma(extra_options)
+        if key in self.layers and sigma is not None:
+            timestep = timestep_key(self.model_sampling.timestep(torch.tensor(sigma)))
+            if timestep not in self.wanted:
+                return n, context, value
+            cond = rows_of(COND, extra_options["cond_or_uncond"], n.shape[0])
+            self._entries[(timestep, key)] = n[cond].detach().to(self.storage_device, self.dtype, copy=True)
+        return n, context, value
+
+    def __deepcopy__(self, memo):
+        # Lives in a clone's model_options for one run; never copy its tensors.
+        return self
+
+    def finish(self) -> dict[tuple[float, BlockKey], torch.Tensor]:
+        entries, self._entries = self._entries, {}
+        return entries
+
+    def discard(self) -> None:
+        self._entries = {}

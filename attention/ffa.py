@@ -1,0 +1,177 @@
+"""Feature Fusion Attention (MagicStyle, Algorithm 1 and Eq. 5).
+
+    Q = α·Q_c + β·Q_cur,   K = [K_c; K_s],   V = [AdaIN(V_c, V_s); V_s]
+
+Q_c, K_c, V_c, K_s, V_s are the layer's own projections of the hidden
+states cached during inversion. Because to_q/to_k/to_v are linear and
+bias-free, the patch hands the layer mixed *hidden states* instead:
+
+    input   α·h_c + β·h_cur        → to_q gives α·Q_c + β·Q_cur
+    context [h_c; h_s]             → to_k, to_v give [K_c; K_s], [V_c; V_s]
+
+so ComfyUI projects with the weights it would use anyway (LoRA patches,
+low-VRAM casting included), and the dispatcher processor only applies AdaIN
+to the content half of V and attends through ComfyUI's fused attention:
+no N×2N logits tensor is ever built.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adain import adain_tokens
+from .feature_bank import FeatureBank, timestep_key
+from .rows import sample_index
+from .schedule import SigmaRange, current_sigma
+from .unet_layers import BlockKey
+
+# extra_options key through which the input patch tells the processor how
+# many of the context tokens are the content's.
+CONTENT_TOKENS = "likeness_ffa_content_tokens"
+ORDER = 50  # runs outside (before) identity patches that add keys
+
+
+def fuse_values(v: torch.Tensor, content_tokens: int) -> torch.Tensor:
+    """[AdaIN(V_c, V_s); V_s] from [V_c; V_s], AdaIN over tokens per channel."""
+    content, style = v[:, :content_tokens], v[:, content_tokens:]
+    return torch.cat([adain_tokens(content, style), style], dim=1)
+
+
+def ffa_reference(q_c, q_cur, k_c, k_s, v_c, v_s, alpha: float, beta: float, heads: int,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """The formula with plain softmax, for tests: tensors (batch, tokens, heads·dim)."""
+    q = alpha * q_c + beta * q_cur
+    k = torch.cat([k_c, k_s], dim=1)
+    v = torch.cat([adain_tokens(v_c, v_s), v_s], dim=1)
+    b, n, inner = q.shape
+    d = inner // heads
+    split = lambda t: t.reshape(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+    logits = split(q) @ split(k).transpose(-1, -2) * (temperature / d ** 0.5)
+    out = logits.softmax(-1) @ split(v)
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+class FeatureFusion:
+    """The run-independent settings of one FFA patch and the feature lookup."""
+
+    def __init__(self, content: FeatureBank, style: FeatureBank, *, style_index: int, alpha: float, beta: float,
+                 temperature: float, layers: list[BlockKey], sigma_range: SigmaRange, model_sampling) -> None:
+        if style_index >= style.images:
+            raise ValueError(f"style_index={style_index}: the style features hold {style.images} image(s)")
+        self.content = content
+        self.style = style
+        self.style_index = style_index
+        self.alpha = alpha
+        self.beta = beta
+        self.temperature = temperature
+        self.layers = {tuple(k) for k in layers}
+        self.sigma_range = sigma_range
+        self.model_sampling = model_sampling
+
+    def __deepcopy__(self, memo):
+        # Held by patches inside model_options, which clone() deep-copies:
+        # the banks are shared, never duplicated.
+        return self
+
+    def features_for(self, extra_options: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h_c, h_s) for every row of this call, or None where FFA is off."""
+        block = extra_options.get("block")
+        if block is None:
+            return None
+        key = (block[0], block[1], extra_options.get("block_index", 0))
+        sigma = current_sigma(extra_options)
+        if key not in self.layers or sigma is None or not self.sigma_range.contains(sigma):
+            return None
+        timestep = timestep_key(self.model_sampling.timestep(torch.tensor(sigma)))
+        h_c, h_s = self.content.get(timestep, key), self.style.get(timestep, key)
+        if h_c is None or h_s is None:
+            which = "content" if h_c is None else "style"
+            raise KeyError(f"no {which} features for timestep {timestep} at layer {key}: sample with the "
+                           f"{self.content.steps} ddim_uniform steps the features were inverted with")
+        images = sample_index(extra_options["cond_or_uncond"], rows)
+        if h_c.shape[0] == 1:
+            content_rows = h_c.expand(rows, -1, -1)
+        elif max(images) < h_c.shape[0]:
+            content_rows = h_c[images]
+        else:
+            raise ValueError(f"the content features hold {h_c.shape[0]} images, the latent batch "
+                             f"{max(images) + 1}: invert every content image that is sampled")
+        style_rows = h_s[self.style_index:self.style_index + 1].expand(rows, -1, -1)
+        return content_rows, style_rows
+
+
+class FFAInputs:
+    """attn1_patch: mixes the cached hidden states into what the layer projects."""
+
+    def __init__(self, fusion: FeatureFusion) -> None:
+        self.fusion = fusion
+
+    def __call__(self, n, context, value, extra_options):
+        found = self.fusion.features_for(extra_options, n.shape[0])
+        if found is None:
+            return n, context, value
+        h_c, h_s = (t.to(device=n.device, dtype=n.dtype) for t in found)
+        if h_c.shape[1] != n.shape[1]:
+            raise ValueError(f"the cached features have {h_c.shape[1]} tokens at this layer, the image "
+                             f"{n.shape[1]}: sample at the size the features were inverted at")
+        mixed = self.fusion.alpha * h_c + self.fusion.beta * n
+        kv = torch.cat([h_c, h_s], dim=1)
+        extra_options[CONTENT_TOKENS] = h_c.shape[1]
+        return mixed, kv, kv
+
+
+class FFAProcessor:
+    """Dispatcher processor: AdaIN on the content values, temperature, fused attention."""
+
+    order = ORDER
+
+    def __init__(self, fusion: FeatureFusion) -> None:
+        self.fusion = fusion
+
+    def __call__(self, q, k, v, extra_options, attend):
+        content_tokens = extra_options.get(CONTENT_TOKENS)
+        if content_tokens is None:
+            return attend(q, k, v, extra_options)
+        if self.fusion.temperature != 1.0:
+            # StyleID's attention temperature: sharper (>1) or softer (<1) logits.
+            q = q * self.fusion.temperature
+        return attend(q, k, fuse_values(v, content_tokens), extra_options)
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def naive_qkv_bytes(content: FeatureBank, style: FeatureBank) -> int:
+    """Bytes of fp16 Q_c, K_c, V_c, K_s, V_s for the same layers and steps
+    (SD attn1's projections have as many channels as its input)."""
+    per_image = {key: value[0].numel() * 2 for key, value in content.features.items()}
+    return sum(3 * size * content.images + 2 * size * style.images for size in per_image.values())
+
+
+def _check_schedule(fusion: FeatureFusion):
+    def outer_sample(executor, *args, **kwargs):
+        latent_image = kwargs.get("latent_image", args[1] if len(args) > 1 else None)
+        sigmas = kwargs.get("sigmas", args[3] if len(args) > 3 else None)
+        if sigmas is not None:
+            used = [float(s) for s in sigmas[:-1] if fusion.sigma_range.contains(float(s))]
+            fusion.content.check_compatible(sigmas=used, what="content features")
+            fusion.style.check_compatible(sigmas=used, what="style features")
+        if latent_image is not None and latent_image.dim() == 4:
+            fusion.content.check_compatible(latent_hw=tuple(latent_image.shape[-2:]), what="content features")
+        return executor(*args, **kwargs)
+    return outer_sample
+
+
+def apply_ffa(model, fusion: FeatureFusion):
+    """A clone of ``model`` with Feature Fusion Attention on ``fusion.layers``."""
+    import comfy.patcher_extension
+
+    from .dispatch import patched_clone
+
+    processor = FFAProcessor(fusion)
+    patched = patched_clone(model, [("attn1", key, processor) for key in sorted(fusion.layers)])
+    patched.set_model_attn1_patch(FFAInputs(fusion))
+    # Fail before the first step, naming what differs, rather than mid-run.
+    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "likeness_ffa_schedule",
+                                 _check_schedule(fusion))
+    return patched

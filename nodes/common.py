@@ -1,0 +1,56 @@
+"""What the node families share: custom types, model folders, input checks."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from comfy_api.latest import io
+
+# Cached MagicStyle features (LikenessSaveFeatures / LikenessLoadFeatures).
+Features = io.Custom("LIKENESS_FEATURES")
+
+FEATURES_FOLDER = "likeness_features"
+LIKENESS_FOLDER = "likeness"
+
+
+def register_model_folders() -> None:
+    """Tell ComfyUI about Likeness' model folders (also honoured by extra_model_paths.yaml)."""
+    import folder_paths
+
+    for name, extensions in ((FEATURES_FOLDER, {".safetensors"}),
+                             (LIKENESS_FOLDER, {".safetensors", ".pth", ".bin"})):
+        if name not in folder_paths.folder_names_and_paths:
+            folder_paths.folder_names_and_paths[name] = (
+                [os.path.join(folder_paths.models_dir, name)], extensions)
+
+
+def require(condition, name: str, value, accepted: str) -> None:
+    """A ValueError that names the input, its value and what would be accepted."""
+    if not condition:
+        raise ValueError(f"{name}={value!r} cannot be used: expected {accepted}")
+
+
+def features_files() -> list[str]:
+    import folder_paths
+
+    return sorted(folder_paths.get_filename_list(FEATURES_FOLDER))
+
+
+def features_path(name: str, existing: bool = False) -> Path:
+    """The file to load (``existing``) or a new numbered file for a prefix."""
+    import folder_paths
+
+    if existing:
+        path = folder_paths.get_full_path(FEATURES_FOLDER, name)
+        require(path is not None, "file", name, f"a .safetensors file in models/{FEATURES_FOLDER}/ "
+                f"(found: {', '.join(features_files()) or 'none'})")
+        return Path(path)
+    require(re.fullmatch(r"[\w\- .]+", name or "") and ".." not in name, "filename_prefix", name,
+            "letters, digits, spaces, '-', '_' or '.' (no folders)")
+    folder = Path(folder_paths.get_folder_paths(FEATURES_FOLDER)[0])
+    counter = 1
+    while (folder / f"{name}_{counter:05d}.safetensors").exists():
+        counter += 1
+    return folder / f"{name}_{counter:05d}.safetensors"

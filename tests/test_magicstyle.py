@@ -1,0 +1,290 @@
+"""MagicStyle on the real host: inversion, feature cache, FFA, save/load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.calm import calm
+from harness.sampling import encode
+
+STEPS = 10
+CALM = 1e-3  # output scale of the well-behaved UNet (harness/calm.py)
+
+
+def ksampler_advanced(comfy, model, latent, cond, steps=STEPS, cfg=1.0, sampler="euler", negative=None):
+    """The forward pass MagicStyle uses: core KSamplerAdvanced, no added noise."""
+    (out,) = comfy.run_node("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps,
+                            cfg=cfg, sampler_name=sampler, scheduler="ddim_uniform", positive=cond,
+                            negative=negative or cond, latent_image=latent, start_at_step=0, end_at_step=steps,
+                            return_with_leftover_noise="disable")
+    return out["samples"]
+
+
+def invert(comfy, model, cond, samples, capture="qkv", layers="all", steps=STEPS, cache_on="device"):
+    return comfy.run_node("LikenessInvert", model=model, conditioning=cond, latent={"samples": samples},
+                          steps=steps, capture=capture, layers=layers, cache_on=cache_on)
+
+
+def ffa(comfy, model, content, style, alpha=0.8, beta=0.2, **overrides):
+    settings = dict(temperature=1.0, layers="all", style_index=0, start_percent=0.0, end_percent=1.0)
+    settings.update(overrides)
+    return comfy.run_node("LikenessFeatureFusionAttention", model=model, content=content, style=style,
+                          alpha=alpha, beta=beta, **settings)[0]
+
+
+def random_latents(count, seed=0, size=8):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, 4, size, size, generator=generator)
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def family(request, comfy, tiny_checkpoints):
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints[request.param])
+    return request.param, model, encode(comfy, clip, ""), clip
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy, tiny_checkpoints):
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    return model, encode(comfy, clip, ""), clip
+
+
+@pytest.fixture(scope="module")
+def inverted(comfy, family):
+    """Content (image 0) and style (image 1) inverted together on the calm model."""
+    name, model, empty, _ = family
+    calm_model = calm(model, CALM)
+    latents = random_latents(2)
+    z_t, features = invert(comfy, calm_model, empty, latents)
+    return name, calm_model, empty, latents, z_t["samples"], features
+
+
+def test_inversion_plumbing_round_trips_with_a_known_smooth_eps(comfy, family):
+    """A constant ε isolates the schedule: flipped sigmas, the extra σ_N step,
+    noise scaling. Any off-by-one there is an error of order ε·σ."""
+    _, model, empty, _ = family
+    known = model.clone()
+
+    def constant_eps(apply_model, args):  # returns the denoised x0 for ε = 0.3
+        sigma = args["timestep"].view(-1, 1, 1, 1)
+        return args["input"] - sigma * 0.3
+
+    known.set_model_unet_function_wrapper(constant_eps)
+    latents = random_latents(2, seed=3)
+    z_t, _ = invert(comfy, known, empty, latents, capture="none")
+    assert (z_t["samples"] - latents).abs().max() > 1.0, "inversion must move the latent"
+    # What remains is FlipSigmas' floor: inversion starts at σ=1e-4, not 0,
+    # so ε·1e-4 in model space (/ the latent scale factor, ~0.13-0.18, here).
+    assert torch.allclose(ksampler_advanced(comfy, known, z_t, empty), latents, atol=3e-4)
+
+
+def test_invert_then_regenerate_returns_the_latent(comfy, inverted):
+    name, model, empty, latents, z_t, _ = inverted
+    reconstructed = ksampler_advanced(comfy, model, {"samples": z_t}, empty)
+    error = (reconstructed - latents).abs().max().item()
+    # The real UNet (every attention layer live, only its output scaled down)
+    # adds DDIM inversion's own error: ε at σ_{i-1} stands in for ε at σ_i.
+    assert error < 0.01, f"{name}: round trip off by {error}"
+
+
+def test_cache_has_steps_times_layers_entries_by_timestep(comfy, inverted):
+    name, model, _, _, _, features = inverted
+    layers = {"sd15": 16, "sdxl": 70}[name]
+    assert len(features.layers) == layers
+    assert len(features.features) == STEPS * layers
+    assert len(set(features.timesteps)) == STEPS
+    assert features.timesteps == sorted(features.timesteps, reverse=True)
+    # the forward pass's first step (σ_N) is there, the inversion's σ_0 is not
+    sampling = model.get_model_object("model_sampling")
+    assert features.timesteps[0] == round(float(sampling.timestep(torch.tensor(features.sigmas[0]))), 3)
+    assert 0.0 not in features.timesteps
+    for value in features.features.values():
+        assert value.dtype == torch.float16 and value.shape[0] == 2
+
+
+def test_ffa_with_alpha_1_beta_0_and_style_equal_content_is_the_plain_reconstruction(comfy, inverted):
+    name, model, empty, _, z_t, features = inverted
+    content, style = features.select(0, 1), features.select(1, 1)
+    start = {"samples": z_t[:1]}
+    plain = ksampler_advanced(comfy, model, start, empty)
+    same = ksampler_advanced(comfy, ffa(comfy, model, content, content, alpha=1.0, beta=0.0), start, empty)
+    styled = ksampler_advanced(comfy, ffa(comfy, model, content, style), start, empty)
+    identity_gap = (same - plain).abs().max().item()
+    style_gap = (styled - plain).abs().max().item()
+    assert identity_gap < 1e-4, f"{name}: {identity_gap}"
+    assert style_gap > 50 * identity_gap, f"{name}: FFA with a real style changed only {style_gap}"
+
+
+def test_ffa_formula_matches_a_plain_softmax_reference(comfy):
+    ffa_module = comfy.pack("attention.ffa")
+    dispatch = comfy.pack("attention.dispatch")
+    torch.manual_seed(0)
+    b, n, heads, dim = 2, 24, 4, 8
+    q_c, q_cur, k_c, k_s, v_c, v_s = (torch.randn(b, n, heads * dim) for _ in range(6))
+    alpha, beta, temperature = 0.8, 0.2, 1.3
+    expected = ffa_module.ffa_reference(q_c, q_cur, k_c, k_s, v_c, v_s, alpha, beta, heads, temperature)
+    # What the patch does: the layer projects mixed inputs, the processor fuses V.
+    q = alpha * q_c + beta * q_cur
+    k = torch.cat([k_c, k_s], 1)
+    v = torch.cat([v_c, v_s], 1)
+    fusion = type("Fusion", (), {"temperature": temperature})()
+    processor = ffa_module.FFAProcessor(fusion)
+    options = {"n_heads": heads, ffa_module.CONTENT_TOKENS: n}
+    got = processor(q, k, v, options, lambda q, k, v, o: dispatch.default_attention(q, k, v, o))
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_adain_latent_has_the_style_statistics(comfy):
+    content, style = random_latents(2, seed=1) * 3 + 1, random_latents(1, seed=2) * 0.5 - 2
+    (out,) = comfy.run_node("LikenessAdaINLatent", content={"samples": content}, style={"samples": style})
+    std, mean = torch.std_mean(out["samples"], dim=(-2, -1), correction=0)
+    s_std, s_mean = torch.std_mean(style, dim=(-2, -1), correction=0)
+    assert torch.allclose(mean, s_mean.expand_as(mean), atol=1e-4)
+    assert torch.allclose(std, s_std.expand_as(std), atol=1e-3)
+
+
+def test_features_are_found_by_timestep_not_call_count(comfy, inverted, monkeypatch):
+    """Heun calls the model twice per step, and cond/uncond in separate calls
+    double it again: every call must still find its own timestep's features."""
+    name, model, empty, _, z_t, features = inverted
+    ffa_module = comfy.pack("attention.ffa")
+    looked_up = []
+    original = ffa_module.FeatureFusion.features_for
+
+    def recording(self, extra_options, rows):
+        found = original(self, extra_options, rows)
+        if found is not None:
+            looked_up.append(float(extra_options["sigmas"][0]))
+        return found
+
+    monkeypatch.setattr(ffa_module.FeatureFusion, "features_for", recording)
+    monkeypatch.setattr(model.model, "memory_required", lambda *a, **k: float("inf"))
+    patched = ffa(comfy, model, features.select(0, 1), features.select(1, 1))
+    out = ksampler_advanced(comfy, patched, {"samples": z_t[:1]}, empty, sampler="heun", cfg=3.0)
+    assert torch.isfinite(out).all()
+    visited = {round(s, 4) for s in looked_up}
+    assert visited == {round(s, 4) for s in features.sigmas[:-1]}
+
+
+def test_unpatched_model_is_bit_identical_after_ffa_runs(comfy, inverted):
+    _, model, empty, _, z_t, features = inverted
+    start = {"samples": z_t[:1]}
+    before = ksampler_advanced(comfy, model, start, empty, cfg=4.0)
+    for cfg in (1.0, 4.0):
+        styled = ksampler_advanced(comfy, ffa(comfy, model, features.select(0, 1), features.select(1, 1)),
+                                   start, empty, cfg=cfg)
+        assert torch.isfinite(styled).all()
+    after = ksampler_advanced(comfy, model, start, empty, cfg=4.0)
+    assert torch.equal(before, after)
+
+
+def test_two_content_images_with_one_style(comfy, sd15):
+    model, empty, clip = sd15
+    model = calm(model, CALM)
+    contents = random_latents(2, seed=5)
+    z_c, content = invert(comfy, model, empty, contents)
+    z_s, style = invert(comfy, model, empty, random_latents(1, seed=6), capture="kv")
+    (start,) = comfy.run_node("LikenessAdaINLatent", content=z_c, style=z_s)
+    negative = encode(comfy, clip, "blurry")
+    patched = ffa(comfy, model, content, style)
+    together = ksampler_advanced(comfy, patched, start, empty, cfg=5.0, negative=negative)
+    assert together.shape == (2, 4, 8, 8)
+    # each image used its own content features: same as sampling it alone
+    alone = ksampler_advanced(comfy, ffa(comfy, model, content.select(1, 1), style),
+                              {"samples": start["samples"][1:]}, empty, cfg=5.0, negative=negative)
+    assert torch.allclose(together[1:], alone, atol=1e-5)
+
+
+def test_cache_memory_is_at_most_40_percent_of_naive_qkv(comfy, sd15):
+    model, empty, _ = sd15
+    ffa_module = comfy.pack("attention.ffa")
+    _, content = invert(comfy, model, empty, random_latents(1, seed=7))
+    _, style = invert(comfy, model, empty, random_latents(1, seed=8), capture="kv")
+    ratio = (content.nbytes() + style.nbytes()) / ffa_module.naive_qkv_bytes(content, style)
+    assert ratio <= 0.40
+
+
+def test_features_can_stay_in_system_memory(comfy, sd15):
+    model, empty, _ = sd15
+    _, features = invert(comfy, model, empty, random_latents(1), cache_on="cpu")
+    assert all(t.device.type == "cpu" for t in features.features.values())
+    out = ksampler_advanced(comfy, ffa(comfy, model, features, features), {"samples": random_latents(1)}, empty)
+    assert torch.isfinite(out).all()
+
+
+def test_bf16_model_runs_inversion_and_ffa(comfy, tiny_checkpoints, base_directory):
+    import comfy.sd as comfy_sd
+
+    path = base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"]
+    model, clip, _, _ = comfy_sd.load_checkpoint_guess_config(str(path), model_options={"dtype": torch.bfloat16})
+    assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    empty = encode(comfy, clip, "")
+    z_t, features = invert(comfy, model, empty, random_latents(1))
+    out = ksampler_advanced(comfy, ffa(comfy, model, features, features), z_t, empty, cfg=3.0)
+    assert torch.isfinite(out).all()
+
+
+def test_interrupted_inversion_leaves_no_cache(comfy, sd15, monkeypatch):
+    import comfy.model_management as model_management
+
+    model, empty, _ = sd15
+    bank_module = comfy.pack("attention.feature_bank")
+    captures = []
+    original_init = bank_module.FeatureCapture.__init__
+
+    def tracking_init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        captures.append(self)
+
+    monkeypatch.setattr(bank_module.FeatureCapture, "__init__", tracking_init)
+    calls = []
+
+    def interrupt_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt_at_step_3)
+    with pytest.raises(model_management.InterruptProcessingException):
+        invert(comfy, model, empty, random_latents(1))
+    assert captures and all(not c._entries for c in captures)
+
+
+class TestSaveLoad:
+    def test_round_trip_is_identical(self, comfy, sd15, base_directory):
+        model, empty, _ = sd15
+        _, features = invert(comfy, model, empty, random_latents(1), capture="kv", layers="decoder")
+        (name,) = comfy.run_node("LikenessSaveFeatures", features=features, filename_prefix="style_test")
+        assert (base_directory / "models" / "likeness_features" / name).exists()
+        (loaded,) = comfy.run_node("LikenessLoadFeatures", file=name)
+        assert loaded.metadata() == features.metadata()
+        assert loaded.features.keys() == features.features.keys()
+        for key, value in features.features.items():
+            assert torch.equal(loaded.features[key].cpu(), value.cpu())
+        assert len(loaded.layers) == 9  # the decoder's self-attention layers
+
+    def test_features_from_another_model_size_or_steps_are_refused(self, comfy, sd15, tiny_checkpoints):
+        model, empty, _ = sd15
+        other_model, other_clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15_other"])
+        _, features = invert(comfy, model, empty, random_latents(1))
+        with pytest.raises(ValueError, match="fingerprint"):
+            ffa(comfy, other_model, features, features)
+        _, big = invert(comfy, model, empty, random_latents(1, size=16))
+        with pytest.raises(ValueError, match="size"):
+            ffa(comfy, model, features, big)
+        with pytest.raises(ValueError, match="size"):
+            ksampler_advanced(comfy, ffa(comfy, model, features, features), {"samples": random_latents(1, size=16)},
+                              empty)
+        with pytest.raises(ValueError, match="steps"):
+            ksampler_advanced(comfy, ffa(comfy, model, features, features), {"samples": random_latents(1)},
+                              empty, steps=STEPS + 2)
+
+    def test_a_file_that_is_not_features_is_refused(self, comfy, base_directory):
+        from safetensors.torch import save_file
+
+        path = base_directory / "models" / "likeness_features" / "not_features.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"x": torch.zeros(1)}, str(path))
+        with pytest.raises(ValueError, match="not a Likeness features file"):
+            comfy.run_node("LikenessLoadFeatures", file=path.name)
