@@ -64,6 +64,8 @@ class FeatureBank:
     capture: str  # "qkv" (content) or "kv" (style): what the features will be used for
     dtype: str = "float16"
     features: dict[tuple[float, BlockKey], torch.Tensor] = field(default_factory=dict, repr=False)
+    # z_T of the same images: a saved style needs it for AdaIN(z_T^C, z_T^S).
+    latent: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def images(self) -> int:
@@ -82,6 +84,7 @@ class FeatureBank:
         part = FeatureBank(self.layers, self.timesteps, self.sigmas, [length, *self.latent_shape[1:]],
                            self.model_fingerprint, self.steps, self.capture, self.dtype)
         part.features = {key: value[start:start + length] for key, value in self.features.items()}
+        part.latent = None if self.latent is None else self.latent[start:start + length]
         return part
 
     def metadata(self) -> dict:
@@ -122,6 +125,8 @@ def merge_banks(banks: list[FeatureBank]) -> FeatureBank:
                          [sum(b.images for b in banks), *first.latent_shape[1:]],
                          first.model_fingerprint, first.steps, first.capture, first.dtype)
     merged.features = {key: torch.cat([b.features[key] for b in banks]) for key in first.features}
+    if all(b.latent is not None for b in banks):
+        merged.latent = torch.cat([b.latent for b in banks])
     return merged
 
 

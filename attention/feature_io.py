@@ -10,6 +10,7 @@ import torch
 from .feature_bank import FORMAT_VERSION, FeatureBank
 
 METADATA_KEY = "likeness_features"
+LATENT_TENSOR = "z_T"
 
 
 def _tensor_name(timestep: float, layer) -> str:
@@ -20,6 +21,8 @@ def save_bank(bank: FeatureBank, path: Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {_tensor_name(t, layer): value.contiguous().cpu() for (t, layer), value in bank.features.items()}
+    if bank.latent is not None:
+        tensors[LATENT_TENSOR] = bank.latent.contiguous().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(bank.metadata())})
@@ -42,6 +45,9 @@ def load_bank(path: Path, device: torch.device | str = "cpu") -> FeatureBank:
                            model_fingerprint=meta["model_fingerprint"], steps=meta["steps"],
                            capture=meta["capture"], dtype=meta["dtype"])
         for name in handle.keys():
+            if name == LATENT_TENSOR:
+                bank.latent = handle.get_tensor(name).cpu()
+                continue
             timestep, block, number, index = name.split("|")
             bank.features[(float(timestep), (block, int(number), int(index)))] = handle.get_tensor(name)
     expected = len(bank.timesteps) * len(bank.layers)

@@ -71,6 +71,7 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         model_fingerprint=model_fingerprint(model),
         steps=steps, capture=capture)
     bank.features = recorder.finish()
+    bank.latent = samples.detach().cpu()
     expected = len(bank.timesteps) * len(bank.layers)
     if len(bank.features) != expected:
         raise RuntimeError(f"inversion captured {len(bank.features)} of {expected} features: another patch "

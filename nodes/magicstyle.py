@@ -234,7 +234,9 @@ class LoadFeatures(io.ComfyNode):
                         "Feature Fusion Attention refuses them if they do not fit the model, size or steps.",
             inputs=[io.Combo.Input("file", options=features_files(),
                                    tooltip=f"A .safetensors file in models/{FEATURES_FOLDER}/.")],
-            outputs=[Features.Output(display_name="features")],
+            outputs=[Features.Output(display_name="features"),
+                     io.Latent.Output(display_name="latent", tooltip="The inverted latent z_T saved with them "
+                                      "(the style side of Likeness AdaIN Latent).")],
         )
 
     @classmethod
@@ -243,8 +245,9 @@ class LoadFeatures(io.ComfyNode):
 
         from ..attention.feature_io import load_bank
 
-        return io.NodeOutput(load_bank(features_path(file, existing=True),
-                                       device=comfy.model_management.get_torch_device()))
+        bank = load_bank(features_path(file, existing=True), device=comfy.model_management.get_torch_device())
+        require(bank.latent is not None, "file", file, "features saved with their latent (save them again)")
+        return io.NodeOutput(bank, {"samples": bank.latent})
 
 
 NODES = [Invert, AdaINLatent, FeatureFusionAttention, FeaturesFromBatch, MergeFeatures, SaveFeatures, LoadFeatures]

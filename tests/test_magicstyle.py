@@ -257,7 +257,8 @@ class TestSaveLoad:
         _, features = invert(comfy, model, empty, random_latents(1), capture="kv", layers="decoder")
         (name,) = comfy.run_node("LikenessSaveFeatures", features=features, filename_prefix="style_test")
         assert (base_directory / "models" / "likeness_features" / name).exists()
-        (loaded,) = comfy.run_node("LikenessLoadFeatures", file=name)
+        loaded, latent = comfy.run_node("LikenessLoadFeatures", file=name)
+        assert torch.equal(latent["samples"], features.latent)
         assert loaded.metadata() == features.metadata()
         assert loaded.features.keys() == features.features.keys()
         for key, value in features.features.items():

@@ -83,9 +83,15 @@ class ComfyServer:
                 raise PromptRejected(json.loads(error.read() or b"{}")) from None
             raise
 
-    def run_prompt(self, prompt: dict, timeout: float = 300.0) -> PromptResult:
-        """POST an API-format prompt, wait for it in /history, collect its files."""
-        queued = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
+    def run_prompt(self, prompt: dict, timeout: float = 300.0, targets: list[str] | None = None) -> PromptResult:
+        """POST an API-format prompt, wait for it in /history, collect its files.
+
+        ``targets``: run only these output nodes (the editor's "queue selected
+        output nodes"); the rest of the prompt is not even validated."""
+        body = {"prompt": prompt, "client_id": uuid.uuid4().hex}
+        if targets:
+            body["partial_execution_targets"] = targets
+        queued = self.post("/prompt", body)
         prompt_id = queued["prompt_id"]
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -2,6 +2,45 @@
 
 from __future__ import annotations
 
+import copy
+import json
+from pathlib import Path
+
+from .paths import REPO
+
+WORKFLOWS = REPO / "workflows"
+
+
+def shipped_workflows() -> list[str]:
+    """Names of the pack's workflows (each has a UI file and an API twin)."""
+    return sorted(path.stem for path in (WORKFLOWS / "api").glob("*.json"))
+
+
+def load_api(name: str) -> dict:
+    return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
+
+
+def for_tiny_models(prompt: dict, checkpoint: str, size: int = 64) -> dict:
+    """A shipped prompt made runnable here: the tiny checkpoint, small images."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = checkpoint
+        if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
+            inputs["width"] = inputs["height"] = size
+    return prompt
+
+
+def write_test_images(folder: Path, names: list[str]) -> None:
+    """Real photos that scikit-image ships, under the names workflows use."""
+    import skimage.data
+    from PIL import Image
+
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    for index, name in enumerate(names):
+        Image.fromarray(photos[index % len(photos)]).save(folder / name)
+
 
 def txt2img_prompt(ckpt_name: str, width: int, height: int, seed: int = 1, steps: int = 2,
                    prefix: str = "likeness_test") -> dict:

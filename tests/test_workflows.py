@@ -1,0 +1,50 @@
+"""Every shipped workflow: runs through the server's API, loads in the editor."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from harness.workflows import WORKFLOWS, for_tiny_models, load_api, shipped_workflows, write_test_images
+
+pytestmark = pytest.mark.slow
+
+IMAGES = ["content.png", "style.png", "content_2.png"]
+# Output nodes to queue on their own first (the editor's "queue selected
+# output nodes"), e.g. saving a style that the rest of the graph loads.
+FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
+EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2}
+
+
+def api_inputs(prompt: dict) -> dict:
+    return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
+
+
+def test_every_workflow_has_a_ui_file_and_an_api_twin():
+    names = shipped_workflows()
+    assert set(EXPECTED_IMAGES) <= set(names)
+    for name in names:
+        ui = json.loads((WORKFLOWS / f"{name}.json").read_text())
+        assert ui["nodes"] and ui["links"], name
+
+
+@pytest.mark.parametrize("name", shipped_workflows())
+def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory, name):
+    write_test_images(base_directory / "input", IMAGES)
+    prompt = for_tiny_models(load_api(name), tiny_checkpoints["sd15"])
+    if name in FIRST_TARGETS:
+        first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])
+        assert first.ok, first.error
+    result = server.run_prompt(prompt)
+    assert result.ok, result.error
+    images = [path for path in result.files if "temp" not in path.parts]
+    assert sum(Image.open(path).size == (64, 64) for path in images) == EXPECTED_IMAGES.get(name, len(images))
+
+
+@pytest.mark.parametrize("name", shipped_workflows())
+def test_workflow_loads_in_the_editor_and_matches_its_twin(editor, name):
+    report = editor.load(WORKFLOWS / f"{name}.json", name)
+    assert report.problems == [], report
+    assert api_inputs(editor.to_api_prompt()) == api_inputs(load_api(name))
