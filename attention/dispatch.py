@@ -176,6 +176,8 @@ def patched_clone(model, placements: Iterable[tuple[str, BlockKey, AttentionProc
             dispatcher = AttentionDispatcher(kind, tuple(key), previous=existing)
             clone.set_model_patch_replace(dispatcher, kind, key[0], key[1], key[2])
         dispatcher.add(processor)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE,
-                               CLEANUP_WRAPPER_KEY, _cleanup_after_sampling)
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    # One cleanup per model however many Likeness nodes are chained.
+    if not clone.get_wrappers(outer, CLEANUP_WRAPPER_KEY):
+        clone.add_wrapper_with_key(outer, CLEANUP_WRAPPER_KEY, _cleanup_after_sampling)
     return clone

@@ -27,6 +27,12 @@ def forward_sigmas(model, steps: int) -> torch.Tensor:
     return comfy.samplers.calculate_sigmas(model_sampling_of(model), "ddim_uniform", steps).cpu().float()
 
 
+def inversion_steps(model, steps: int) -> int:
+    """Sampler steps an inversion takes (for its progress bar). ComfyUI's
+    ddim_uniform may give one sigma more than asked (31 for 30 steps)."""
+    return len(forward_sigmas(model, steps))
+
+
 def inversion_sigmas(forward: torch.Tensor) -> torch.Tensor:
     flipped = forward.flip(0).clone()
     if flipped[0] == 0:

@@ -13,7 +13,7 @@ from comfy_api.latest import io
 from ..attention.adain import adain_latent
 from ..attention.feature_bank import FeatureBank, merge_banks, model_fingerprint
 from ..attention.ffa import FeatureFusion, apply_ffa
-from ..attention.inversion import CAPTURES, invert
+from ..attention.inversion import CAPTURES, invert, inversion_steps
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
 from .common import FEATURES_FOLDER, Features, features_files, features_path, require
@@ -67,8 +67,9 @@ class Invert(io.ComfyNode):
         keys = select_keys(attention_keys(diffusion_model_of(model)), layers)
         storage = (comfy.model_management.get_torch_device() if cache_on == "device"
                    else comfy.model_management.unet_offload_device())
+        progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
-                               storage_device=storage, callback=latent_preview.prepare_callback(model, steps + 1),
+                               storage_device=storage, callback=progress,
                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
         out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
         out["samples"] = samples

@@ -181,3 +181,44 @@ def test_row_helpers_pick_cond_and_uncond_rows(comfy, sd15, monkeypatch, mode):
         for row in uncond_rows:
             assert torch.equal(context[row], uncond_context.to(context))
         assert rows.sample_index(cond_or_uncond, batch) == [r % 2 for r in range(batch)]
+
+
+class WithRunState(Recorder):
+    """A processor with per-run state that must be freed when sampling ends."""
+
+    def __init__(self):
+        super().__init__([])
+        self.cleanups = 0
+
+    def cleanup(self):
+        self.cleanups += 1
+
+
+def test_per_run_state_is_freed_once_when_sampling_ends(comfy, sd15):
+    model, clip, _ = sd15
+    dispatch = comfy.pack("attention.dispatch")
+    first, second = WithRunState(), WithRunState()
+    patched = dispatch.patched_clone(model, [("attn1", ("middle", 0, 0), first)])
+    patched = dispatch.patched_clone(patched, [("attn2", ("middle", 0, 0), second)])
+    txt2img_latent(comfy, patched, clip, steps=2)
+    assert (first.cleanups, second.cleanups) == (1, 1)
+    assert first.log and second.log
+
+
+def test_per_run_state_is_freed_when_sampling_is_interrupted(comfy, sd15, monkeypatch):
+    import comfy.model_management as model_management
+
+    model, clip, _ = sd15
+    dispatch = comfy.pack("attention.dispatch")
+    processor = WithRunState()
+    patched = dispatch.patched_clone(model, [("attn1", ("middle", 0, 0), processor)])
+
+    def interrupt(*args, **kwargs):  # ComfyUI checks this in every op: stop once the patch has run
+        if processor.log:
+            raise model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt)
+    with pytest.raises(model_management.InterruptProcessingException):
+        txt2img_latent(comfy, patched, clip, steps=3)
+    assert processor.log, "the interrupt must come after the patch ran"
+    assert processor.cleanups == 1

@@ -16,7 +16,7 @@ def ksampler_advanced(comfy, model, latent, cond, steps=STEPS, cfg=1.0, sampler=
     """The forward pass MagicStyle uses: core KSamplerAdvanced, no added noise."""
     (out,) = comfy.run_node("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=steps,
                             cfg=cfg, sampler_name=sampler, scheduler="ddim_uniform", positive=cond,
-                            negative=negative or cond, latent_image=latent, start_at_step=0, end_at_step=steps,
+                            negative=negative or cond, latent_image=latent, start_at_step=0, end_at_step=10000,
                             return_with_leftover_noise="disable")
     return out["samples"]
 
@@ -60,7 +60,8 @@ def inverted(comfy, family):
     return name, calm_model, empty, latents, z_t["samples"], features
 
 
-def test_inversion_plumbing_round_trips_with_a_known_smooth_eps(comfy, family):
+@pytest.mark.parametrize("steps", [STEPS, 30])  # 30: ddim_uniform gives 31 sigmas
+def test_inversion_plumbing_round_trips_with_a_known_smooth_eps(comfy, family, steps):
     """A constant ε isolates the schedule: flipped sigmas, the extra σ_N step,
     noise scaling. Any off-by-one there is an error of order ε·σ."""
     _, model, empty, _ = family
@@ -72,11 +73,11 @@ def test_inversion_plumbing_round_trips_with_a_known_smooth_eps(comfy, family):
 
     known.set_model_unet_function_wrapper(constant_eps)
     latents = random_latents(2, seed=3)
-    z_t, _ = invert(comfy, known, empty, latents, capture="none")
+    z_t, _ = invert(comfy, known, empty, latents, capture="none", steps=steps)
     assert (z_t["samples"] - latents).abs().max() > 1.0, "inversion must move the latent"
     # What remains is FlipSigmas' floor: inversion starts at σ=1e-4, not 0,
     # so ε·1e-4 in model space (/ the latent scale factor, ~0.13-0.18, here).
-    assert torch.allclose(ksampler_advanced(comfy, known, z_t, empty), latents, atol=3e-4)
+    assert torch.allclose(ksampler_advanced(comfy, known, z_t, empty, steps=steps), latents, atol=3e-4)
 
 
 def test_invert_then_regenerate_returns_the_latent(comfy, inverted):
@@ -238,16 +239,18 @@ def test_interrupted_inversion_leaves_no_cache(comfy, sd15, monkeypatch):
         captures.append(self)
 
     monkeypatch.setattr(bank_module.FeatureCapture, "__init__", tracking_init)
-    calls = []
+    seen_entries = []
 
-    def interrupt_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
+    def interrupt_mid_inversion(*args, **kwargs):  # ComfyUI checks this in every op
+        captured = sum(len(c._entries) for c in captures)
+        seen_entries.append(captured)
+        if captured >= 3 * 16:  # three steps' worth of features are held
             raise model_management.InterruptProcessingException()
 
-    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt_at_step_3)
+    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt_mid_inversion)
     with pytest.raises(model_management.InterruptProcessingException):
         invert(comfy, model, empty, random_latents(1))
+    assert max(seen_entries) >= 3 * 16
     assert captures and all(not c._entries for c in captures)
 
 
