@@ -54,25 +54,14 @@ def conditioning(kind: str):
              {"pooled_output": torch.zeros(1, 64)}]]
 
 
-def calm(model, scale):
-    patched = model.clone()
-    state = patched.model_state_dict()
-    keys = ("diffusion_model.out.2.weight", "diffusion_model.out.2.bias")
-    patched.add_patches({k: (torch.zeros_like(state[k]),) for k in keys}, 1.0, scale)
-    return patched
-
-
-def forward(attention, model, latent, cond, steps, cfg=1.0):
-    import comfy.sample
-    import comfy.samplers
-
-    sigmas = attention["inversion"].forward_sigmas(model, steps)
-    return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, comfy.samplers.sampler_object("euler"),
-                                      sigmas, cond, cond, latent, disable_pbar=True, seed=0)
-
-
 def invariants(attention, kind: str) -> dict:
     import comfy.model_management
+
+    from harness.calm import calm
+    from harness.magicstyle_bench import forward as bench_forward
+
+    def forward(attention, model, latent, cond, steps, cfg=1.0):
+        return bench_forward(model, latent, cond, steps, cfg, attention)
 
     inversion, ffa, schedule, layers = (attention[n] for n in ("inversion", "ffa", "schedule", "unet_layers"))
     model = tiny_unet(kind)

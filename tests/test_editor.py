@@ -8,15 +8,11 @@ import json
 import pytest
 
 from harness.paths import TESTS
+from harness.workflows import api_inputs
 
 pytestmark = pytest.mark.slow
 
 CORE_WORKFLOW = TESTS / "workflows" / "core_txt2img.json"
-
-
-def api_inputs(prompt: dict) -> dict:
-    """class_type and inputs of each node, as the server compares them."""
-    return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
 
 
 def test_the_editor_knows_every_likeness_node(editor, comfy):

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from harness.workflows import WORKFLOWS, for_tiny_models, load_api, shipped_workflows, write_test_images
+from harness.workflows import WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows, write_test_images
 
 pytestmark = pytest.mark.slow
 
@@ -16,10 +16,6 @@ IMAGES = ["content.png", "style.png", "content_2.png"]
 # output nodes"), e.g. saving a style that the rest of the graph loads.
 FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
 EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2}
-
-
-def api_inputs(prompt: dict) -> dict:
-    return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
 
 
 def test_every_workflow_has_a_ui_file_and_an_api_twin():

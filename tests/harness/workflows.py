@@ -16,6 +16,11 @@ def shipped_workflows() -> list[str]:
     return sorted(path.stem for path in (WORKFLOWS / "api").glob("*.json"))
 
 
+def api_inputs(prompt: dict) -> dict:
+    """class_type and inputs of each node: what the server compares."""
+    return {node_id: (node["class_type"], node["inputs"]) for node_id, node in prompt.items()}
+
+
 def load_api(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
 
