@@ -33,6 +33,20 @@ def timestep_key(timestep: float | torch.Tensor) -> float:
     return round(float(timestep), 3)
 
 
+class TimestepOf:
+    """sigma → timestep key through the model's model_sampling, remembered:
+    every patched layer asks for the same few sigmas many times a run."""
+
+    def __init__(self, model_sampling) -> None:
+        self.model_sampling = model_sampling
+        self._known: dict[float, float] = {}
+
+    def __call__(self, sigma: float) -> float:
+        if sigma not in self._known:
+            self._known[sigma] = timestep_key(self.model_sampling.timestep(torch.tensor(sigma)))
+        return self._known[sigma]
+
+
 def model_fingerprint(model) -> str:
     """A short hash of a ModelPatcher's UNet: its layout and a sample of its
     checkpoint weights. Weight patches (LoRA) are left out on purpose, and
@@ -144,7 +158,7 @@ class FeatureCapture:
         self.layers = {tuple(k) for k in layers}
         # Only the timesteps a forward pass will look up (not σ_0 of the inversion).
         self.wanted = {timestep_key(t) for t in wanted}
-        self.model_sampling = model_sampling
+        self.timestep_of = TimestepOf(model_sampling)
         self.storage_device = storage_device
         self.dtype = dtype
         self._entries: dict[tuple[float, BlockKey], torch.Tensor] = {}
@@ -156,7 +170,7 @@ class FeatureCapture:
         key = (block[0], block[1], extra_options.get("block_index", 0))
         sigma = current_sigma(extra_options)
         if key in self.layers and sigma is not None:
-            timestep = timestep_key(self.model_sampling.timestep(torch.tensor(sigma)))
+            timestep = self.timestep_of(sigma)
             if timestep not in self.wanted:
                 return n, context, value
             cond = rows_of(COND, extra_options["cond_or_uncond"], n.shape[0])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .adain import adain_tokens
-from .feature_bank import FeatureBank, timestep_key
+from .feature_bank import FeatureBank, TimestepOf
 from .rows import sample_index
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
@@ -66,7 +66,7 @@ class FeatureFusion:
         self.temperature = temperature
         self.layers = {tuple(k) for k in layers}
         self.sigma_range = sigma_range
-        self.model_sampling = model_sampling
+        self.timestep_of = TimestepOf(model_sampling)
 
     def __deepcopy__(self, memo):
         # Held by patches inside model_options, which clone() deep-copies:
@@ -82,7 +82,7 @@ class FeatureFusion:
         sigma = current_sigma(extra_options)
         if key not in self.layers or sigma is None or not self.sigma_range.contains(sigma):
             return None
-        timestep = timestep_key(self.model_sampling.timestep(torch.tensor(sigma)))
+        timestep = self.timestep_of(sigma)
         h_c, h_s = self.content.get(timestep, key), self.style.get(timestep, key)
         if h_c is None or h_s is None:
             which = "content" if h_c is None else "style"
