@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import magicstyle
+from . import face_fusion, magicstyle
 from .common import register_model_folders
 
-FAMILIES = (magicstyle,)
+FAMILIES = (magicstyle, face_fusion)
 register_model_folders()
 
 

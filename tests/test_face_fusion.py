@@ -1,0 +1,144 @@
+"""Face Fusion on the real host: exactness at weight 0, masks (Eq. 7), chaining."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.sampling import encode, txt2img_latent
+
+SEED_LATENT = 11
+
+
+def face_latent(count=1, seed=SEED_LATENT, size=8):
+    return {"samples": torch.randn(count, 4, size, size, generator=torch.Generator().manual_seed(seed))}
+
+
+def fuse(comfy, model, face, **overrides):
+    settings = dict(weight=1.0, kv="self-attention to_k/to_v (training-free)", start_percent=0.0,
+                    end_percent=1.0, face_noise="noised", noise_seed=0, uncond=True)
+    settings.update(overrides)
+    return comfy.run_node("LikenessFaceFusion", model=model, face=face, **settings)[0]
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def family(request, comfy, tiny_checkpoints):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[request.param])
+    return request.param, model, clip
+
+
+def test_weight_zero_is_the_unpatched_model(comfy, family):
+    _, model, clip = family
+    plain = txt2img_latent(comfy, model, clip)
+    assert torch.equal(txt2img_latent(comfy, fuse(comfy, model, face_latent(), weight=0.0), clip), plain)
+
+
+def test_a_face_changes_the_output_and_leaves_the_model_alone(comfy, family):
+    _, model, clip = family
+    before = txt2img_latent(comfy, model, clip)
+    fused = txt2img_latent(comfy, fuse(comfy, model, face_latent()), clip)
+    assert torch.isfinite(fused).all()
+    assert (fused - before).abs().max() > 1e-4
+    assert torch.equal(txt2img_latent(comfy, model, clip), before)
+    other = txt2img_latent(comfy, fuse(comfy, model, face_latent(seed=99)), clip)
+    assert not torch.equal(other, fused), "a different face must give a different image"
+
+
+class AttentionRecorder:
+    """Wraps the dispatcher's default attention to see keys and masks."""
+
+    def __init__(self):
+        self.calls = []
+
+    def install(self, monkeypatch, dispatch):
+        original = dispatch.default_attention
+
+        def recording(q, k, v, extra_options, mask=None):
+            key = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+            self.calls.append({"key": key, "q": q, "k": k, "mask": mask, "heads": extra_options["n_heads"],
+                               "shape": extra_options["original_shape"],
+                               "cond_or_uncond": list(extra_options["cond_or_uncond"])})
+            return original(q, k, v, extra_options, mask)
+
+        monkeypatch.setattr(dispatch, "default_attention", recording)
+
+
+def attention_probabilities(call):
+    q, k, mask, heads = call["q"].float(), call["k"].float(), call["mask"], call["heads"]
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2)
+    kh = k.reshape(b, -1, heads, d).transpose(1, 2)
+    logits = qh @ kh.transpose(-1, -2) / d ** 0.5 + mask.float().unsqueeze(1)
+    return logits.softmax(-1)
+
+
+def test_every_cross_attention_layer_gets_the_face_keys(comfy, family, monkeypatch):
+    name, model, clip = family
+    dispatch, layers = comfy.pack("attention.dispatch"), comfy.pack("attention.unet_layers")
+    recorder = AttentionRecorder()
+    recorder.install(monkeypatch, dispatch)
+    fused = fuse(comfy, model, face_latent(count=2))  # two references of one person
+    txt2img_latent(comfy, fused, clip, steps=1)
+    with_faces = [c for c in recorder.calls if c["mask"] is not None]
+    keys = layers.attention_keys(layers.diffusion_model_of(model))
+    assert {c["key"] for c in with_faces} == set(keys)
+    for call in with_faces:
+        image_tokens = call["q"].shape[1]
+        face_tokens = call["k"].shape[1] - 77
+        # same size face latent: each reference brings as many tokens as the image has queries
+        assert face_tokens == 2 * image_tokens
+
+
+def test_two_people_with_masks_never_see_each_other(comfy, tiny_checkpoints, monkeypatch):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    dispatch = comfy.pack("attention.dispatch")
+    left, right = torch.zeros(64, 64), torch.zeros(64, 64)
+    left[:, :24] = 1.0
+    right[:, 40:] = 1.0  # the middle columns belong to nobody
+    fused = fuse(comfy, model, face_latent(seed=1), mask=left)
+    fused = fuse(comfy, fused, face_latent(seed=2), mask=right)
+    recorder = AttentionRecorder()
+    recorder.install(monkeypatch, dispatch)
+    txt2img_latent(comfy, fused, clip, steps=1, size=64)
+    call = next(c for c in recorder.calls if c["mask"] is not None and c["q"].shape[1] == 64)  # the 8×8 layers
+    probs = attention_probabilities(call)
+    text, face = 77, 64
+    person = {0: slice(text, text + face), 1: slice(text + face, text + 2 * face)}
+    grid = torch.arange(64).reshape(8, 8) % 8  # column of each query token
+    in_left, in_right = (grid < 3).flatten(), (grid >= 5).flatten()
+    nobody = ~(in_left | in_right)
+    assert probs[:, :, in_left][..., person[1]].max() == 0
+    assert probs[:, :, in_right][..., person[0]].max() == 0
+    assert probs[:, :, in_left][..., person[0]].sum(-1).min() > 0
+    assert probs[:, :, in_right][..., person[1]].sum(-1).min() > 0
+    assert probs[:, :, nobody][..., person[0]].sum(-1).min() > 0
+    assert probs[:, :, nobody][..., person[1]].sum(-1).min() > 0
+
+
+def test_chaining_adds_people_to_one_patch(comfy, tiny_checkpoints):
+    import comfy.patcher_extension as extension
+
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    face_fusion = comfy.pack("attention.face_fusion")
+    one = fuse(comfy, model, face_latent(seed=1))
+    two = fuse(comfy, one, face_latent(seed=2))
+    wrappers = two.get_wrappers(extension.WrappersMP.DIFFUSION_MODEL, face_fusion.WRAPPER_KEY)
+    assert len(wrappers) == 1 and len(wrappers[0].fusion.identities) == 2
+    (first,) = one.get_wrappers(extension.WrappersMP.DIFFUSION_MODEL, face_fusion.WRAPPER_KEY)
+    assert len(first.fusion.identities) == 1, "chaining must not change the first patched model"
+    assert not torch.equal(txt2img_latent(comfy, two, clip), txt2img_latent(comfy, one, clip))
+
+
+def test_uncond_rows_can_be_kept_off_the_face(comfy, tiny_checkpoints, monkeypatch):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    dispatch = comfy.pack("attention.dispatch")
+    recorder = AttentionRecorder()
+    recorder.install(monkeypatch, dispatch)
+    txt2img_latent(comfy, fuse(comfy, model, face_latent(), uncond=False), clip, steps=1)
+    call = next(c for c in recorder.calls if c["mask"] is not None)
+    probs = attention_probabilities(call)
+    kinds = comfy.pack("attention.rows").row_kinds(call["cond_or_uncond"], probs.shape[0])
+    for row, kind in enumerate(kinds):
+        face_share = probs[row][..., 77:].sum(-1)
+        assert (face_share.max() == 0) if kind == 1 else (face_share.min() > 0)
