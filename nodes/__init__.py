@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import face_fusion, magicstyle
+from . import face_fusion, face_training, magicstyle
 from .common import register_model_folders
 
-FAMILIES = (magicstyle, face_fusion)
+FAMILIES = (magicstyle, face_fusion, face_training)
 register_model_folders()
 
 

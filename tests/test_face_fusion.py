@@ -142,3 +142,45 @@ def test_uncond_rows_can_be_kept_off_the_face(comfy, tiny_checkpoints, monkeypat
     for row, kind in enumerate(kinds):
         face_share = probs[row][..., 77:].sum(-1)
         assert (face_share.max() == 0) if kind == 1 else (face_share.min() > 0)
+
+
+def write_dataset(folder, count=2):
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(skimage.data.astronaut())
+    for index in range(count):
+        box = (60 + 20 * index, 0, 380 + 20 * index, 320)
+        photo.crop(box).resize((64, 64)).save(folder / f"shot{index}.png")
+        photo.crop((150, 40, 270, 160)).resize((64, 64)).save(folder / f"shot{index}.face.png")
+        (folder / f"shot{index}.txt").write_text("a photo of an astronaut")
+
+
+def test_trainer_lowers_the_loss_and_its_weights_load(comfy, tiny_checkpoints, base_directory):
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    write_dataset(base_directory / "input" / "face_kv_test")
+    name, before, after = comfy.run_node("LikenessTrainFaceKV", model=model, clip=clip, vae=vae,
+                                         folder="face_kv_test", steps=8, learning_rate=1e-3, seed=0,
+                                         filename_prefix="face_kv_test")
+    assert after < before, (before, after)
+    path = base_directory / "models" / "likeness" / name
+    assert path.exists()
+    free = txt2img_latent(comfy, fuse(comfy, model, face_latent()), clip)
+    trained = txt2img_latent(comfy, fuse(comfy, model, face_latent(), kv=name), clip)
+    assert not torch.equal(free, trained)
+    # the base model was frozen: unpatched output unchanged by training
+    plain_again = txt2img_latent(comfy, model, clip)
+    assert torch.equal(plain_again, txt2img_latent(comfy, fuse(comfy, model, face_latent(), weight=0.0, kv=name), clip))
+
+
+def test_trainer_names_what_a_bad_folder_lacks(comfy, tiny_checkpoints, base_directory):
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    folder = base_directory / "input" / "face_kv_bad"
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(folder / "lonely.png")
+    with pytest.raises(ValueError, match="lonely.face.png"):
+        comfy.run_node("LikenessTrainFaceKV", model=model, clip=clip, vae=vae, folder="face_kv_bad", steps=1,
+                       learning_rate=1e-3, seed=0, filename_prefix="x")

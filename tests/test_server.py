@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -31,6 +32,8 @@ def test_txt2img_writes_a_png_of_the_requested_size(server, tiny_checkpoints, ki
     with Image.open(result.files[0]) as image:
         assert image.format == "PNG"
         assert image.size == (width, height)
+        # a NaN anywhere in model, VAE or sampler decodes to a flat black image
+        assert np.asarray(image).std() > 1.0
 
 
 def test_a_node_error_comes_back_with_its_message(server):

@@ -119,8 +119,8 @@ def _checkpoint_state_dict(config_cls, unet_config: dict, seed: int = SEED) -> d
     initialise(model, seed)
     clip = comfy.sd.CLIP(target=model_config.clip_target(), embedding_directory=None)
     initialise(clip.cond_stage_model, seed + 1)
-    torch.manual_seed(seed + 2)
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
+    initialise(vae, seed + 2)
     state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict(), None)
     return {key: value.detach().to(torch.float16 if value.is_floating_point() else value.dtype).contiguous()
             for key, value in state.items()}

@@ -1,0 +1,161 @@
+"""Training Linear_kf / Linear_vf (Face Fusion's only trainable layers).
+
+The objective is the diffusion model's own: predict the noise added to a
+target image while its face crop goes through the fused cross-attention.
+The UNet stays frozen; gradients reach only the per-layer projections,
+which start from the layers' self-attention to_k / to_v (the training-free
+default), so step 0 is exactly the untrained behaviour.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .face_fusion import Identity, apply_face_fusion
+from .schedule import SigmaRange, model_sampling_of
+from .unet_layers import BlockKey, attention_keys, diffusion_model_of, transformer_block
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+FACE_SUFFIX = ".face"  # <stem>.face.png beside <stem>.png
+
+
+@dataclass
+class Example:
+    image: Path
+    face: Path
+    caption: str
+
+
+def find_examples(folder: Path) -> list[Example]:
+    """<stem>.png (target), <stem>.face.png (its face crop), <stem>.txt (caption)."""
+    if not folder.is_dir():
+        raise ValueError(f"folder={str(folder)!r} is not a folder; expected a folder of <name>.png, "
+                         f"<name>.face.png and <name>.txt files")
+    examples = []
+    for image in sorted(folder.iterdir()):
+        if image.suffix.lower() not in IMAGE_SUFFIXES or image.stem.endswith(FACE_SUFFIX):
+            continue
+        faces = [image.with_name(image.stem + FACE_SUFFIX + s) for s in IMAGE_SUFFIXES]
+        face = next((f for f in faces if f.exists()), None)
+        caption = image.with_suffix(".txt")
+        if face is None:
+            raise ValueError(f"{image.name} has no face crop: expected {faces[0].name} beside it")
+        examples.append(Example(image, face, caption.read_text().strip() if caption.exists() else ""))
+    if not examples:
+        raise ValueError(f"folder={str(folder)!r} holds no <name>.png + <name>.face.png pairs")
+    return examples
+
+
+def initial_projections(model, layers: list[BlockKey]) -> dict[BlockKey, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
+    unet = diffusion_model_of(model)
+    weights = {}
+    for key in layers:
+        attn1 = transformer_block(unet, key).attn1
+        weights[key] = (torch.nn.Parameter(attn1.to_k.weight.detach().float().clone()),
+                        torch.nn.Parameter(attn1.to_v.weight.detach().float().clone()))
+    return weights
+
+
+@dataclass
+class Batch:
+    target: torch.Tensor  # model-space latent of the target image
+    face: torch.Tensor  # model-space latent of its face crop
+    cond: list  # ComfyUI CONDITIONING of the caption
+
+
+def _detached(batch: Batch) -> Batch:
+    """Copies made outside inference mode: tensors the server made under
+    torch.inference_mode() cannot take part in a backward pass."""
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(copy(v) for v in value)
+        return value
+    return Batch(copy(batch.target), copy(batch.face), copy(batch.cond))
+
+
+def _noise_prediction_loss(model, weights, batch: Batch, sigma: torch.Tensor, noise: torch.Tensor,
+                           layers, device) -> torch.Tensor:
+    import comfy.patcher_extension
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    identity = Identity(latent=batch.face.to(device), noise=torch.zeros_like(batch.face, device=device), weight=1.0,
+                        sigma_range=SigmaRange.always(), kv=weights, clean=False)
+    patched = apply_face_fusion(model, identity, layers)
+    options = comfy.patcher_extension.copy_nested_dicts(patched.model_options)
+    options["transformer_options"]["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
+    noisy = batch.target.to(device) + noise * sigma.view(-1, 1, 1, 1)
+    # Encode the caption the way samplers do (cross-attention context, SDXL's pooled/size vector).
+    conds = comfy.samplers.process_conds(model.model, noisy, {"positive": comfy.sampler_helpers.convert_cond(batch.cond)},
+                                         device, latent_image=noisy)
+    patched.pre_run()  # what a sampler does before calling the model: makes it the current patcher
+    try:
+        (denoised,) = comfy.samplers.calc_cond_batch(model.model, [conds["positive"]], noisy, sigma, options)
+    finally:
+        patched.cleanup()
+    predicted_noise = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
+    return torch.nn.functional.mse_loss(predicted_noise.float(), noise.float())
+
+
+def _leave_inference_mode(module: torch.nn.Module) -> None:
+    """Weights loaded while the server ran under torch.inference_mode() are
+    inference tensors, which autograd refuses to save for a backward pass.
+    They are swapped for normal tensors of the same values, as ComfyUI's own
+    weight patching swaps parameters; the model computes exactly as before."""
+    for layer in module.modules():
+        for name, param in list(layer._parameters.items()):
+            if param is not None and param.is_inference():
+                layer._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+        for name, buffer in list(layer._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                layer._buffers[name] = buffer.clone()
+
+
+def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: float, seed: int,
+                  on_step: Callable[[int, float], None] | None = None) -> tuple[dict, float, float]:
+    """(weights, validation loss before, after). ``on_step`` may raise to interrupt."""
+    import comfy.model_management
+
+    comfy.model_management.load_model_gpu(model)
+    device = model.load_device
+    layers = attention_keys(diffusion_model_of(model))
+    sampling = model_sampling_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    # A fixed validation set: the same sigmas and noise before and after.
+    validation = [(batch, sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
+                   torch.randn(batch.target.shape, generator=generator)) for batch in batches]
+    with torch.inference_mode(False), torch.enable_grad():
+        _leave_inference_mode(diffusion_model_of(model))
+        weights = {k: (torch.nn.Parameter(w_k.to(device)), torch.nn.Parameter(w_v.to(device)))
+                   for k, (w_k, w_v) in initial_projections(model, layers).items()}
+        parameters = [p for pair in weights.values() for p in pair]
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+
+        def validation_loss() -> float:
+            with torch.no_grad():
+                losses = [_noise_prediction_loss(model, weights, _detached(b), s.to(device), n.to(device), layers,
+                                                 device) for b, s, n in validation]
+            return float(torch.stack(losses).mean())
+
+        before = validation_loss()
+        for step in range(steps):
+            batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
+            timestep = torch.randint(0, 1000, (1,), generator=generator).float()
+            sigma = sampling.sigma(timestep).to(device)
+            noise = torch.randn(batch.target.shape, generator=generator).to(device)
+            loss = _noise_prediction_loss(model, weights, _detached(batch), sigma, noise, layers, device)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step, float(loss))
+        after = validation_loss()
+    return {k: (w_k.detach().cpu(), w_v.detach().cpu()) for k, (w_k, w_v) in weights.items()}, before, after

@@ -1,0 +1,108 @@
+"""LikenessTrainFaceKV: trains Face Fusion's Linear_kf / Linear_vf, UNet frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comfy_api.latest import io
+
+from .common import LIKENESS_FOLDER, require
+
+CATEGORY = "likeness/face"
+
+
+def _image_tensor(path: Path):
+    """A ComfyUI IMAGE (1, H, W, 3) in 0..1, cropped to multiples of 8 for the VAE."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        width, height = image.size
+        image = image.crop((0, 0, width - width % 8, height - height % 8))
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def _resolve_folder(folder: str) -> Path:
+    import folder_paths
+
+    path = Path(folder).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+def _output_path(prefix: str) -> Path:
+    import folder_paths
+
+    require(prefix and all(c.isalnum() or c in "-_ ." for c in prefix) and ".." not in prefix,
+            "filename_prefix", prefix, "letters, digits, spaces, '-', '_' or '.' (no folders)")
+    folder = Path(folder_paths.get_folder_paths(LIKENESS_FOLDER)[0])
+    counter = 1
+    while (folder / f"{prefix}_{counter:05d}.safetensors").exists():
+        counter += 1
+    return folder / f"{prefix}_{counter:05d}.safetensors"
+
+
+class TrainFaceKV(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessTrainFaceKV",
+            display_name="Likeness Train Face KV",
+            category=CATEGORY,
+            description="Trains only Face Fusion's Linear_kf/Linear_vf (the UNet stays frozen) with the diffusion "
+                        "loss on a folder of <name>.png targets, <name>.face.png face crops and <name>.txt "
+                        "captions, and saves them to models/likeness/ for Likeness Face Fusion.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (frozen)."),
+                io.Clip.Input("clip", tooltip="Encodes the captions."),
+                io.Vae.Input("vae", tooltip="Encodes the images and face crops."),
+                io.String.Input("folder", default="face_kv_dataset",
+                                tooltip="Training folder, absolute or inside ComfyUI's input folder."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimiser steps (one image each)."),
+                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6,
+                               tooltip="AdamW learning rate."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
+                             tooltip="Seeds the order, timesteps and noise."),
+                io.String.Input("filename_prefix", default="face_kv",
+                                tooltip="File name in models/likeness/; a counter is added."),
+            ],
+            outputs=[io.String.Output(display_name="file", tooltip="The weights file written."),
+                     io.Float.Output(display_name="loss_before", tooltip="Validation loss before training."),
+                     io.Float.Output(display_name="loss_after", tooltip="Validation loss after training.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
+                filename_prefix: str) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        from ..attention.face_kv import save_face_kv
+        from ..attention.face_kv_training import Batch, find_examples, train_face_kv
+        from ..attention.feature_bank import model_fingerprint
+
+        examples = find_examples(_resolve_folder(folder))
+        batches = []
+        for example in examples:
+            target = model.model.process_latent_in(vae.encode(_image_tensor(example.image)))
+            face = model.model.process_latent_in(vae.encode(_image_tensor(example.face)))
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(example.caption))
+            batches.append(Batch(target, face, cond))
+        progress = comfy.utils.ProgressBar(steps)
+
+        def on_step(step: int, loss: float) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(step + 1, steps)
+
+        weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,
+                                               seed=seed, on_step=on_step)
+        path = _output_path(filename_prefix)
+        save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "examples": len(examples),
+                                     "loss_before": before, "loss_after": after,
+                                     "model_fingerprint": model_fingerprint(model)})
+        return io.NodeOutput(path.name, before, after, ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+
+
+NODES = [TrainFaceKV]
