@@ -13,6 +13,7 @@ Features = io.Custom("LIKENESS_FEATURES")
 
 FEATURES_FOLDER = "likeness_features"
 LIKENESS_FOLDER = "likeness"
+OPEN_CLIP_FOLDER = "open_clip"
 
 
 def register_model_folders() -> None:
@@ -20,7 +21,8 @@ def register_model_folders() -> None:
     import folder_paths
 
     for name, extensions in ((FEATURES_FOLDER, {".safetensors"}),
-                             (LIKENESS_FOLDER, {".safetensors", ".pth", ".bin"})):
+                             (LIKENESS_FOLDER, {".safetensors", ".pth", ".bin"}),
+                             (OPEN_CLIP_FOLDER, {".safetensors", ".bin", ".pt", ".pth", ".json"})):
         if name not in folder_paths.folder_names_and_paths:
             folder_paths.folder_names_and_paths[name] = (
                 [os.path.join(folder_paths.models_dir, name)], extensions)
