@@ -195,6 +195,7 @@ class FaceFusionProcessor:
         if key not in captured:
             return attend(q, k, v, extra_options)
         h_all = captured[key]
+        text_tokens = k.shape[1]
         keys, values, face_tokens, start = [k], [v], [], 0
         for identity in active:
             count = identity.latent.shape[0]
@@ -203,12 +204,17 @@ class FaceFusionProcessor:
             keys.append(k_f.expand(q.shape[0], -1, -1).to(k.dtype))
             values.append(v_f.expand(q.shape[0], -1, -1).to(v.dtype))
             face_tokens.append(k_f.shape[1])
+        k, v = torch.cat(keys, 1), torch.cat(values, 1)
+        if all(i.weight == 1.0 and i.uncond for i in active) and (len(active) == 1 or
+                                                               all(i.mask is None for i in active)):
+            # Nothing to mask: keep ComfyUI's unmasked (flash/memory-efficient) attention.
+            return attend(q, k, v, extra_options)
         query_masks = [None if i.mask is None else
                        mask_to_tokens(i.mask, extra_options["original_shape"], q.shape[1], device=q.device)[0] > 0.5
                        for i in active]
         uncond = row_mask(UNCOND, extra_options["cond_or_uncond"], q.shape[0], device=q.device)
-        bias = fusion_bias(active, face_tokens, k.shape[1], q.shape[1], query_masks, uncond).to(q.dtype)
-        return attend(q, torch.cat(keys, 1), torch.cat(values, 1), extra_options, mask=bias)
+        bias = fusion_bias(active, face_tokens, text_tokens, q.shape[1], query_masks, uncond).to(q.dtype)
+        return attend(q, k, v, extra_options, mask=bias)
 
 
 def apply_face_fusion(model, identity: Identity, layers: list[BlockKey]):

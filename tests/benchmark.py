@@ -40,6 +40,15 @@ def magicstyle(size: int = 256, steps: int = 10, bytes_size: int | None = 512, b
     Cache bytes come from a real 512×512 inversion of ``bytes_steps`` steps,
     scaled to 30 (a 30-step one takes ~20 minutes here); step times are
     per step, so 10 steps at 256×256 measure them."""
+    attention = _attention_modules(("inversion", "ffa", "schedule", "unet_layers", "feature_bank"))
+    import tiny_models
+    from harness.magicstyle_bench import full_sd15, measure
+
+    return measure(full_sd15(tiny_models.initialise), attention, size=size, steps=steps, bytes_size=bytes_size,
+                   bytes_steps=bytes_steps)
+
+
+def _attention_modules(names):
     import importlib
 
     sys.path.insert(0, str(host_root_comfyui()))
@@ -47,13 +56,46 @@ def magicstyle(size: int = 256, steps: int = 10, bytes_size: int | None = 512, b
 
     comfy.cli_args.args.cpu = True
     sys.path.insert(0, str(REPO))  # nodes.py is never imported here, so attention/ cannot shadow it
-    import tiny_models
-    from harness.magicstyle_bench import full_sd15, measure
+    return {name: importlib.import_module(f"attention.{name}") for name in names}
 
-    attention = {name: importlib.import_module(f"attention.{name}")
-                 for name in ("inversion", "ffa", "schedule", "unet_layers", "feature_bank")}
-    return measure(full_sd15(tiny_models.initialise), attention, size=size, steps=steps, bytes_size=bytes_size,
-                   bytes_steps=bytes_steps)
+
+def face_fusion_worker(kind: str, size: int, steps: int) -> None:
+    """One sampling run in this process; prints seconds per step and peak RSS.
+    Each kind runs in its own process so that peak memory is its own."""
+    import resource
+
+    attention = _attention_modules(("face_fusion", "schedule", "unet_layers"))
+    import tiny_models
+    from harness.face_bench import sample_steps, with_face
+    from harness.magicstyle_bench import full_sd15
+
+    model = full_sd15(tiny_models.initialise)
+    latent = torch_zeros(size)
+    sample_steps(model, latent, 1)  # loads the model
+    candidate = with_face(model, attention, size) if kind == "face" else model
+    seconds = min(sample_steps(candidate, latent, steps) for _ in range(2))
+    print(json.dumps({"step_s": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def torch_zeros(size: int):
+    import torch
+
+    return torch.zeros(1, 4, size // 8, size // 8)
+
+
+def face_fusion(size: int = 256, steps: int = 5) -> dict:
+    """Issue 4's figures: one face reference vs vanilla, full-size random SD1.5 on this CPU."""
+    runs = {}
+    for kind in ("vanilla", "face"):
+        out = subprocess.run([sys.executable, __file__, "--face-worker", kind, str(size), str(steps)],
+                             capture_output=True, text=True, check=True)
+        runs[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"size": size, "steps": steps, "vanilla_step_s": round(runs["vanilla"]["step_s"], 3),
+            "face_step_s": round(runs["face"]["step_s"], 3),
+            "face_over_vanilla_step": round(runs["face"]["step_s"] / runs["vanilla"]["step_s"], 3),
+            "vanilla_peak_rss_bytes": runs["vanilla"]["peak_rss_bytes"],
+            "face_peak_rss_bytes": runs["face"]["peak_rss_bytes"],
+            "face_over_vanilla_peak_rss": round(runs["face"]["peak_rss_bytes"] / runs["vanilla"]["peak_rss_bytes"], 3)}
 
 
 def host_root_comfyui() -> Path:
@@ -61,9 +103,15 @@ def host_root_comfyui() -> Path:
 
 
 def main() -> int:
+    if "--face-worker" in sys.argv:
+        at = sys.argv.index("--face-worker")
+        face_fusion_worker(sys.argv[at + 1], int(sys.argv[at + 2]), int(sys.argv[at + 3]))
+        return 0
     results = {"pack_import": pack_import_cost()}
     if "--skip-magicstyle" not in sys.argv:
         results["magicstyle_cpu"] = magicstyle()
+    if "--skip-face-fusion" not in sys.argv:
+        results["face_fusion_cpu"] = face_fusion()
     print(json.dumps(results, indent=1))
     return 0
 

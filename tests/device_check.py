@@ -10,6 +10,7 @@ only comfy/ and the pack's attention/ are imported. Prints JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -31,7 +32,7 @@ def load(comfyui: str) -> dict:
     comfy.cli_args.args.cpu = not torch.cuda.is_available()  # lets the script be tried on a CPU too
 
     return {name: importlib.import_module(f"attention.{name}")
-            for name in ("inversion", "ffa", "schedule", "unet_layers", "feature_bank", "dispatch")}
+            for name in ("inversion", "ffa", "schedule", "unet_layers", "feature_bank", "dispatch", "face_fusion")}
 
 
 def tiny_unet(kind: str):
@@ -88,6 +89,12 @@ def invariants(attention, kind: str) -> dict:
     before = forward(attention, model, start, cond, steps, cfg=5.0)
     forward(attention, fused(content, style, 0.8, 0.2), start, cond, steps, cfg=5.0)
     after = forward(attention, model, start, cond, steps, cfg=5.0)
+    face_fusion = attention["face_fusion"]
+    face = face_fusion.Identity(latent=torch.randn(1, 4, 8, 8), noise=torch.randn(1, 4, 8, 8), weight=1.0,
+                                sigma_range=schedule.SigmaRange.always())
+    with_face = forward(attention, face_fusion.apply_face_fusion(model, face, keys), start, cond, steps, cfg=5.0)
+    no_face = forward(attention, face_fusion.apply_face_fusion(model, dataclasses.replace(face, weight=0.0), keys),
+                      start, cond, steps, cfg=5.0)
     unet = layers.diffusion_model_of(model)
     return {
         "device": str(device), "unet_dtype": str(next(unet.parameters()).dtype),
@@ -97,6 +104,9 @@ def invariants(attention, kind: str) -> dict:
         "ffa_style_gap": (styled - plain).abs().max().item(),
         "styled_finite": bool(torch.isfinite(styled).all()),
         "unpatched_bit_identical": bool(torch.equal(before, after)),
+        "face_fusion_finite": bool(torch.isfinite(with_face).all()),
+        "face_fusion_changes_output": bool(not torch.equal(with_face, before)),
+        "face_weight_0_bit_identical": bool(torch.equal(no_face, before)),
     }
 
 
@@ -104,6 +114,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("comfyui")
     parser.add_argument("--bench", action="store_true")
+    parser.add_argument("--skip-magicstyle", action="store_true")
     args = parser.parse_args()
     attention = load(args.comfyui)
     report = {"torch": torch.__version__, "cuda": torch.cuda.is_available()}
@@ -116,9 +127,14 @@ def main() -> int:
         import tiny_models
         from harness.magicstyle_bench import full_sd15, measure
 
+        from harness.face_bench import measure_gpu
+
         model = full_sd15(tiny_models.initialise)
-        report["magicstyle_bench_gpu"] = measure(model, attention, size=512, steps=30, bytes_size=512)
-        print(json.dumps(report["magicstyle_bench_gpu"], indent=1), flush=True)
+        report["face_fusion_bench_gpu"] = measure_gpu(model, attention, size=512, steps=20)
+        print(json.dumps(report["face_fusion_bench_gpu"], indent=1), flush=True)
+        if "--skip-magicstyle" not in sys.argv:
+            report["magicstyle_bench_gpu"] = measure(model, attention, size=512, steps=30, bytes_size=512)
+            print(json.dumps(report["magicstyle_bench_gpu"], indent=1), flush=True)
     return 0
 
 

@@ -22,7 +22,9 @@ sys.path.insert(0, str(REPO))
 import install  # noqa: E402  (the pack's own installer builds the host)
 
 # Test-only packages: never in the pack's requirements.
-TEST_PACKAGES = ("pytest>=8", "playwright==1.65.2")
+TEST_PACKAGES = ("pytest>=8", "playwright==1.65.2",
+                 # an independent face detector/embedder whose weights ship in its wheels
+                 "dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0")
 CHROMIUM = Path("/usr/bin/chromium")
 
 

@@ -8,15 +8,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from harness.workflows import WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows, write_test_images
+import tiny_insightface
+from harness.workflows import (TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows,
+                               write_test_images)
 
 pytestmark = pytest.mark.slow
 
-IMAGES = ["content.png", "style.png", "content_2.png"]
+IMAGES = ["content.png", "style.png", "content_2.png", "face_2.png"]
+FACE_IMAGES = {"face.png": 0, "person_a.png": 0, "person_b.png": 3}
 # Output nodes to queue on their own first (the editor's "queue selected
 # output nodes"), e.g. saving a style that the rest of the graph loads.
 FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
-EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2}
+EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2, "face_fusion": 1,
+                   "face_fusion_multi_reference": 1, "face_fusion_two_people": 1}
 
 
 def test_every_workflow_has_a_ui_file_and_an_api_twin():
@@ -30,6 +34,8 @@ def test_every_workflow_has_a_ui_file_and_an_api_twin():
 @pytest.mark.parametrize("name", shipped_workflows())
 def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory, name):
     write_test_images(base_directory / "input", IMAGES)
+    write_test_images(base_directory / "input", FACE_IMAGES)
+    tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
     prompt = for_tiny_models(load_api(name), tiny_checkpoints["sd15"])
     if name in FIRST_TARGETS:
         first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])

@@ -9,6 +9,7 @@ from pathlib import Path
 from .paths import REPO
 
 WORKFLOWS = REPO / "workflows"
+TINY_FACE_PACK = "buffalo_l"  # written by tests/tiny_insightface.py
 
 
 def shipped_workflows() -> list[str]:
@@ -34,16 +35,24 @@ def for_tiny_models(prompt: dict, checkpoint: str, size: int = 64) -> dict:
             inputs["ckpt_name"] = checkpoint
         if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
             inputs["width"] = inputs["height"] = size
+        if node["class_type"] == "LikenessFaceCrop":
+            inputs["crop_size"] = size
+        if node["class_type"] == "LikenessFaceAnalysis":
+            inputs["model_name"] = TINY_FACE_PACK
     return prompt
 
 
-def write_test_images(folder: Path, names: list[str]) -> None:
-    """Real photos that scikit-image ships, under the names workflows use."""
+def write_test_images(folder: Path, names: list[str] | dict[str, int]) -> None:
+    """Real photos that scikit-image ships, under the names workflows use
+    (a list takes the photos in order; a dict names the photo for each file)."""
     import skimage.data
     from PIL import Image
 
     photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
-    for index, name in enumerate(names):
+    # faces for the face workflows: the astronaut, mirrored for a second person
+    photos += [skimage.data.astronaut()[:, ::-1].copy()]
+    chosen = names.items() if isinstance(names, dict) else ((name, i) for i, name in enumerate(names))
+    for name, index in chosen:
         Image.fromarray(photos[index % len(photos)]).save(folder / name)
 
 

@@ -1,0 +1,184 @@
+"""Face analysis nodes: load an insightface pack, crop and embed faces, score likeness (FaceSim).
+
+The pack's ``*.onnx`` files live in ``models/insightface/models/<name>/``;
+nothing is downloaded. insightface loads only when a node runs.
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .face_backend import DETECTION_THRESHOLD, PACKS, PROVIDERS, FaceAnalyzer, load_analysis
+
+CATEGORY = "likeness/face"
+
+FaceAnalysisType = io.Custom("LIKENESS_FACE_ANALYSIS")
+# (N, 512) float32, each row L2-normed: one ArcFace embedding per image.
+FaceEmbedding = io.Custom("LIKENESS_FACE_EMBEDDING")
+
+
+def _largest_faces(analysis: FaceAnalyzer, images, input_name: str, on_missing: str = "error") -> list:
+    """Per image of the batch: (uint8 BGR pixels, faces largest first); no face raises unless ``on_missing`` allows."""
+    from .face_backend import to_bgr_uint8
+
+    found = []
+    for i, image in enumerate(images):
+        pixels = to_bgr_uint8(image)
+        faces, tried = analysis.detect(pixels)
+        if not faces and on_missing == "error":
+            sizes = ", ".join(str(w) for w, _ in tried)
+            raise ValueError(
+                f"{input_name}: no face found in image {i} of the batch of {len(images)} "
+                f"({pixels.shape[1]}×{pixels.shape[0]} px; {analysis.name} detector at threshold "
+                f"{DETECTION_THRESHOLD}, detection sizes tried: {sizes}). Expected an image showing a face "
+                "(frontal or three-quarter view, not covered); crop closer if the face is very small.")
+        found.append((pixels, faces))
+    return found
+
+
+class FaceAnalysis(io.ComfyNode):
+    """Loads an insightface pack (detector + ArcFace recogniser) for the face nodes."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessFaceAnalysis",
+            display_name="Likeness Face Analysis (insightface)",
+            category=CATEGORY,
+            description="Loads an insightface model pack from models/insightface/models/<name>/ (the .onnx files "
+                        "directly in that folder): its face detector and its ArcFace recognition model.",
+            inputs=[
+                io.Combo.Input("model_name", options=list(PACKS), default="antelopev2",
+                               tooltip="antelopev2 (glintr100 ArcFace, used by IP-Adapter FaceID and InstantID) "
+                                       "or buffalo_l (w600k_r50 ArcFace). Unzip the pack into "
+                                       "models/insightface/models/<name>/."),
+                io.Combo.Input("provider", options=list(PROVIDERS), default="CPU",
+                               tooltip="Where onnxruntime runs the models. CUDA needs onnxruntime-gpu (install.py "
+                                       "installs it where torch sees CUDA); CPU works everywhere."),
+            ],
+            outputs=[FaceAnalysisType.Output(display_name="analysis")],
+        )
+
+    @classmethod
+    def execute(cls, model_name: str, provider: str) -> io.NodeOutput:
+        return io.NodeOutput(load_analysis(model_name, provider))
+
+
+class FaceCrop(io.ComfyNode):
+    """One face per image: aligned crops, its box as a mask, and its ArcFace embedding."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessFaceCrop",
+            display_name="Likeness Face Crop",
+            category=CATEGORY,
+            description="Finds the faces in each image (retrying smaller detection sizes when none is found), "
+                        "picks one, and aligns it on its 5 landmarks with ArcFace's similarity transform.",
+            inputs=[
+                FaceAnalysisType.Input("analysis", tooltip="From Likeness Face Analysis."),
+                io.Image.Input("image", tooltip="Photo(s) of the person; each image of a batch gives one face."),
+                io.Int.Input("index", default=0, min=0, max=63,
+                             tooltip="Which face when there are several: 0 is the largest, 1 the next, ..."),
+                io.Int.Input("crop_size", default=512, min=64, max=2048, step=8,
+                             tooltip="Side of the aligned face image, e.g. 512 for an SD1.5 UNet, 1024 for SDXL."),
+                io.Float.Input("padding", default=0.0, min=0.0, max=2.0, step=0.05,
+                               tooltip="Zooms out around the face: 0 is ArcFace's tight framing (as norm_crop and "
+                                       "IP-Adapter FaceID-PlusV2), 0.5 shows 1.5× as much around it (hair, chin)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="face", tooltip="The aligned face, crop_size × crop_size."),
+                io.Image.Output(display_name="arcface_crop", tooltip="The 112×112 crop the embedding was "
+                                "computed from (insightface's norm_crop alignment)."),
+                io.Mask.Output(display_name="mask", tooltip="The face's detection box in the input image: "
+                               "1 inside, 0 outside."),
+                FaceEmbedding.Output(display_name="embedding", tooltip="ArcFace embedding, one L2-normed "
+                                     "512-vector per image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, analysis: FaceAnalyzer, image, index: int, crop_size: int, padding: float) -> io.NodeOutput:
+        import numpy as np
+        import torch
+
+        from .face_backend import align, box_mask
+
+        faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, "image"), [], [], [], []
+        rec_size = analysis.recognition_size()
+        for i, (pixels, found) in enumerate(faces):
+            if index >= len(found):
+                raise ValueError(f"index={index} cannot be used: image {i} has {len(found)} face(s); expected "
+                                 f"0..{len(found) - 1} (0 = the largest face)")
+            face = found[index]
+            rgb = image[i].detach().float().cpu().numpy()
+            crops.append(align(np.ascontiguousarray(rgb), face.kps, crop_size, padding))
+            rec_crop = align(pixels, face.kps, rec_size)
+            embeddings.append(analysis.embed(rec_crop))
+            arcface.append(rec_crop[..., ::-1].astype(np.float32) / 255.0)
+            masks.append(box_mask(pixels.shape[0], pixels.shape[1], face.bbox))
+
+        def batch(arrays) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).float()
+
+        return io.NodeOutput(batch(crops).clamp(0, 1), batch(arcface), batch(masks), batch(embeddings))
+
+
+class FaceSimilarity(io.ComfyNode):
+    """FaceSim of the papers: cosine similarity of ArcFace embeddings, reference vs generated."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessFaceSimilarity",
+            display_name="Likeness Face Similarity (FaceSim)",
+            category=CATEGORY,
+            description="Mean cosine similarity between the ArcFace embedding of the largest face in each "
+                        "generated image and the reference face(s): the FaceSim metric of the papers.",
+            inputs=[
+                FaceAnalysisType.Input("analysis", tooltip="From Likeness Face Analysis."),
+                io.Image.Input("reference", tooltip="Photo(s) of the person; several references are averaged "
+                               "(each generated face is compared with every reference)."),
+                io.Image.Input("images", tooltip="Generated image(s) to score; the largest face of each counts."),
+                io.Combo.Input("no_face", options=["zero", "skip", "error"], default="zero",
+                               tooltip="A generated image without a face: scores 0 (the likeness is lost), is "
+                                       "left out of the mean, or stops the run with an error."),
+            ],
+            outputs=[
+                io.Float.Output(display_name="face_sim", tooltip="Mean cosine similarity, -1..1 (1 = same face)."),
+                io.String.Output(display_name="report", tooltip="One line per generated image."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, analysis: FaceAnalyzer, reference, images, no_face: str) -> io.NodeOutput:
+        import numpy as np
+
+        from .face_backend import align
+
+        rec_size = analysis.recognition_size()
+
+        def embedding(pixels, face):
+            return analysis.embed(align(pixels, face.kps, rec_size)).astype(np.float64)
+
+        references = np.stack([embedding(p, faces[0]) for p, faces in _largest_faces(analysis, reference,
+                                                                                        "reference")])
+        scores, lines = [], []
+        for i, (pixels, faces) in enumerate(_largest_faces(analysis, images, "images", on_missing=no_face)):
+            if not faces:
+                lines.append(f"image {i}: no face" + (", counted as 0" if no_face == "zero" else ", left out"))
+                if no_face == "zero":
+                    scores.append(0.0)
+                continue
+            score = float((references @ embedding(pixels, faces[0])).mean())
+            scores.append(score)
+            x1, y1, x2, y2 = (int(round(v)) for v in faces[0].bbox)
+            lines.append(f"image {i}: {score:.4f} (face {x2 - x1}×{y2 - y1} px at {x1},{y1}; "
+                         f"{len(faces)} face(s) found)")
+        mean = float(np.mean(scores)) if scores else 0.0
+        lines.append(f"FaceSim ({analysis.name}, {len(references)} reference(s)): {mean:.4f} over "
+                     f"{len(scores)} of {len(images)} image(s)")
+        return io.NodeOutput(mean, "\n".join(lines))
+
+
+NODES = [FaceAnalysis, FaceCrop, FaceSimilarity]

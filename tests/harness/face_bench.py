@@ -1,0 +1,49 @@
+"""Face Fusion cost on a full-size random SD1.5: step time and peak memory,
+one face reference against vanilla sampling (tests/benchmark.py, device_check)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .magicstyle_bench import empty_conditioning
+
+
+def sample_steps(model, latent, steps: int, cfg: float = 5.0) -> float:
+    """Seconds per step of a plain euler run (normal schedule, cfg 5)."""
+    import comfy.sample
+    import comfy.samplers
+
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+    cond = empty_conditioning()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    comfy.sample.sample_custom(model, torch.randn_like(latent), cfg, comfy.samplers.sampler_object("euler"), sigmas,
+                               cond, cond, latent, disable_pbar=True, seed=0)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def with_face(model, attention: dict, size: int):
+    face_fusion, schedule, layers = attention["face_fusion"], attention["schedule"], attention["unet_layers"]
+    latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(5))
+    identity = face_fusion.Identity(latent=latent, noise=torch.randn_like(latent), weight=1.0,
+                                    sigma_range=schedule.SigmaRange.always())
+    return face_fusion.apply_face_fusion(model, identity, layers.attention_keys(layers.diffusion_model_of(model)))
+
+
+def measure_gpu(model, attention: dict, *, size: int, steps: int) -> dict:
+    """Both runs in one process: CUDA's peak counter resets between them."""
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    sample_steps(model, latent, 2)  # warm-up, loads the model
+    results = {}
+    for name, candidate in (("vanilla", model), ("face", with_face(model, attention, size))):
+        torch.cuda.reset_peak_memory_stats()
+        results[f"{name}_step_s"] = round(min(sample_steps(candidate, latent, steps) for _ in range(2)), 4)
+        results[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated()
+    results["face_over_vanilla_step"] = round(results["face_step_s"] / results["vanilla_step_s"], 3)
+    results["face_over_vanilla_peak"] = round(results["face_peak_bytes"] / results["vanilla_peak_bytes"], 3)
+    return results
