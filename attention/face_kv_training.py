@@ -156,6 +156,6 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
             loss.backward()
             optimizer.step()
             if on_step is not None:
-                on_step(step, float(loss))
+                on_step(step, loss.item())
         after = validation_loss()
     return {k: (w_k.detach().cpu(), w_v.detach().cpu()) for k, (w_k, w_v) in weights.items()}, before, after

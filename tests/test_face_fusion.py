@@ -185,3 +185,35 @@ def test_trainer_names_what_a_bad_folder_lacks(comfy, tiny_checkpoints, base_dir
     with pytest.raises(ValueError, match="lonely.face.png"):
         comfy.run_node("LikenessTrainFaceKV", model=model, clip=clip, vae=vae, folder="face_kv_bad", steps=1,
                        learning_rate=1e-3, seed=0, filename_prefix="x")
+
+
+def test_trainer_can_be_interrupted_and_writes_nothing(comfy, tiny_checkpoints, base_directory, monkeypatch):
+    import comfy.model_management as model_management
+
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    write_dataset(base_directory / "input" / "face_kv_interrupt")
+    steps_seen = []
+    original = model_management.throw_exception_if_processing_interrupted
+
+    def interrupt_after_two_steps(*args, **kwargs):
+        if len(steps_seen) >= 2:
+            raise model_management.InterruptProcessingException()
+        return original(*args, **kwargs)
+
+    training = comfy.pack("attention.face_kv_training")
+    real_train = training.train_face_kv
+
+    def counting_train(*args, on_step=None, **kwargs):
+        def step(index, loss):
+            steps_seen.append(index)
+            on_step(index, loss)
+        return real_train(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(model_management, "throw_exception_if_processing_interrupted", interrupt_after_two_steps)
+    monkeypatch.setattr(training, "train_face_kv", counting_train)
+    before = set((base_directory / "models" / "likeness").glob("interrupted*"))
+    with pytest.raises(model_management.InterruptProcessingException):
+        comfy.run_node("LikenessTrainFaceKV", model=model, clip=clip, vae=vae, folder="face_kv_interrupt",
+                       steps=50, learning_rate=1e-3, seed=0, filename_prefix="interrupted")
+    assert len(steps_seen) == 2
+    assert set((base_directory / "models" / "likeness").glob("interrupted*")) == before
