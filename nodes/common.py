@@ -49,10 +49,17 @@ def features_path(name: str, existing: bool = False) -> Path:
         require(path is not None, "file", name, f"a .safetensors file in models/{FEATURES_FOLDER}/ "
                 f"(found: {', '.join(features_files()) or 'none'})")
         return Path(path)
-    require(re.fullmatch(r"[\w\- .]+", name or "") and ".." not in name, "filename_prefix", name,
+    return numbered_path(FEATURES_FOLDER, name)
+
+
+def numbered_path(folder_name: str, prefix: str) -> Path:
+    """``<prefix>_00001.safetensors`` (the next free number) in a models folder."""
+    import folder_paths
+
+    require(re.fullmatch(r"[\w\- .]+", prefix or "") and ".." not in prefix, "filename_prefix", prefix,
             "letters, digits, spaces, '-', '_' or '.' (no folders)")
-    folder = Path(folder_paths.get_folder_paths(FEATURES_FOLDER)[0])
+    folder = Path(folder_paths.get_folder_paths(folder_name)[0])
     counter = 1
-    while (folder / f"{name}_{counter:05d}.safetensors").exists():
+    while (folder / f"{prefix}_{counter:05d}.safetensors").exists():
         counter += 1
-    return folder / f"{name}_{counter:05d}.safetensors"
+    return folder / f"{prefix}_{counter:05d}.safetensors"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from .common import LIKENESS_FOLDER, require
+from .common import LIKENESS_FOLDER, numbered_path
 
 CATEGORY = "likeness/face"
 
@@ -29,18 +29,6 @@ def _resolve_folder(folder: str) -> Path:
 
     path = Path(folder).expanduser()
     return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
-
-
-def _output_path(prefix: str) -> Path:
-    import folder_paths
-
-    require(prefix and all(c.isalnum() or c in "-_ ." for c in prefix) and ".." not in prefix,
-            "filename_prefix", prefix, "letters, digits, spaces, '-', '_' or '.' (no folders)")
-    folder = Path(folder_paths.get_folder_paths(LIKENESS_FOLDER)[0])
-    counter = 1
-    while (folder / f"{prefix}_{counter:05d}.safetensors").exists():
-        counter += 1
-    return folder / f"{prefix}_{counter:05d}.safetensors"
 
 
 class TrainFaceKV(io.ComfyNode):
@@ -98,7 +86,7 @@ class TrainFaceKV(io.ComfyNode):
 
         weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,
                                                seed=seed, on_step=on_step)
-        path = _output_path(filename_prefix)
+        path = numbered_path(LIKENESS_FOLDER, filename_prefix)
         save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "examples": len(examples),
                                      "loss_before": before, "loss_after": after,
                                      "model_fingerprint": model_fingerprint(model)})
