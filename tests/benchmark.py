@@ -59,20 +59,21 @@ def _attention_modules(names):
     return {name: importlib.import_module(f"attention.{name}") for name in names}
 
 
-def face_fusion_worker(kind: str, size: int, steps: int) -> None:
+def patch_worker(kind: str, size: int, steps: int) -> None:
     """One sampling run in this process; prints seconds per step and peak RSS.
     Each kind runs in its own process so that peak memory is its own."""
     import resource
 
-    attention = _attention_modules(("face_fusion", "schedule", "unet_layers"))
+    attention = _attention_modules(("face_fusion", "infinite_id", "schedule", "unet_layers"))
     import tiny_models
-    from harness.face_bench import sample_steps, with_face
+    from harness.face_bench import sample_steps, with_face, with_infinite_id
     from harness.magicstyle_bench import full_sd15
 
     model = full_sd15(tiny_models.initialise)
     latent = torch_zeros(size)
     sample_steps(model, latent, 1)  # loads the model
-    candidate = with_face(model, attention, size) if kind == "face" else model
+    candidate = {"vanilla": lambda: model, "face": lambda: with_face(model, attention, size),
+                 "infinite_id": lambda: with_infinite_id(model, attention)}[kind]()
     seconds = min(sample_steps(candidate, latent, steps) for _ in range(2))
     print(json.dumps({"step_s": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
@@ -83,19 +84,23 @@ def torch_zeros(size: int):
     return torch.zeros(1, 4, size // 8, size // 8)
 
 
-def face_fusion(size: int = 256, steps: int = 5) -> dict:
-    """Issue 4's figures: one face reference vs vanilla, full-size random SD1.5 on this CPU."""
+def patches_vs_vanilla(kinds=("face", "infinite_id"), size: int = 256, steps: int = 5) -> dict:
+    """Issues 4 and 5: one face reference (Face Fusion) and both Infinite-ID
+    streams vs vanilla, full-size random SD1.5 on this CPU."""
     runs = {}
-    for kind in ("vanilla", "face"):
-        out = subprocess.run([sys.executable, __file__, "--face-worker", kind, str(size), str(steps)],
+    for kind in ("vanilla", *kinds):
+        out = subprocess.run([sys.executable, __file__, "--worker", kind, str(size), str(steps)],
                              capture_output=True, text=True, check=True)
         runs[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"size": size, "steps": steps, "vanilla_step_s": round(runs["vanilla"]["step_s"], 3),
-            "face_step_s": round(runs["face"]["step_s"], 3),
-            "face_over_vanilla_step": round(runs["face"]["step_s"] / runs["vanilla"]["step_s"], 3),
-            "vanilla_peak_rss_bytes": runs["vanilla"]["peak_rss_bytes"],
-            "face_peak_rss_bytes": runs["face"]["peak_rss_bytes"],
-            "face_over_vanilla_peak_rss": round(runs["face"]["peak_rss_bytes"] / runs["vanilla"]["peak_rss_bytes"], 3)}
+    vanilla = runs["vanilla"]
+    results = {"size": size, "steps": steps, "vanilla_step_s": round(vanilla["step_s"], 3),
+               "vanilla_peak_rss_bytes": vanilla["peak_rss_bytes"]}
+    for kind in kinds:
+        results[f"{kind}_step_s"] = round(runs[kind]["step_s"], 3)
+        results[f"{kind}_over_vanilla_step"] = round(runs[kind]["step_s"] / vanilla["step_s"], 3)
+        results[f"{kind}_peak_rss_bytes"] = runs[kind]["peak_rss_bytes"]
+        results[f"{kind}_over_vanilla_peak_rss"] = round(runs[kind]["peak_rss_bytes"] / vanilla["peak_rss_bytes"], 3)
+    return results
 
 
 def host_root_comfyui() -> Path:
@@ -103,15 +108,15 @@ def host_root_comfyui() -> Path:
 
 
 def main() -> int:
-    if "--face-worker" in sys.argv:
-        at = sys.argv.index("--face-worker")
-        face_fusion_worker(sys.argv[at + 1], int(sys.argv[at + 2]), int(sys.argv[at + 3]))
+    if "--worker" in sys.argv:
+        at = sys.argv.index("--worker")
+        patch_worker(sys.argv[at + 1], int(sys.argv[at + 2]), int(sys.argv[at + 3]))
         return 0
     results = {"pack_import": pack_import_cost()}
     if "--skip-magicstyle" not in sys.argv:
         results["magicstyle_cpu"] = magicstyle()
-    if "--skip-face-fusion" not in sys.argv:
-        results["face_fusion_cpu"] = face_fusion()
+    if "--skip-patches" not in sys.argv:
+        results["patches_cpu"] = patches_vs_vanilla()
     print(json.dumps(results, indent=1))
     return 0
 

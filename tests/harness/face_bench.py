@@ -1,5 +1,5 @@
-"""Face Fusion cost on a full-size random SD1.5: step time and peak memory,
-one face reference against vanilla sampling (tests/benchmark.py, device_check)."""
+"""Face Fusion and Infinite-ID cost on a full-size random SD1.5: step time and
+peak memory against vanilla sampling (tests/benchmark.py, device_check)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def with_face(model, attention: dict, size: int):
     identity = face_fusion.Identity(latent=latent, noise=torch.randn_like(latent), weight=1.0,
                                     sigma_range=schedule.SigmaRange.always())
     return face_fusion.apply_face_fusion(model, identity, layers.attention_keys(layers.diffusion_model_of(model)))
+
+
+def with_infinite_id(model, attention: dict):
+    """Both streams with stand-in adapter weights of the real shapes (the layers'
+    own text projections): the cost does not depend on the weights' values."""
+    infinite_id, layers = attention["infinite_id"], attention["unet_layers"]
+    unet = layers.diffusion_model_of(model)
+    keys = layers.attention_keys(unet)
+    kv = {k: (layers.transformer_block(unet, k).attn2.to_k.weight.detach(),
+              layers.transformer_block(unet, k).attn2.to_v.weight.detach()) for k in keys}
+    tokens = torch.randn(1, 4, kv[keys[0]][0].shape[1], generator=torch.Generator().manual_seed(6))
+    settings = infinite_id.InfiniteID(tokens=tokens, uncond_tokens=torch.zeros_like(tokens), kv=kv)
+    return infinite_id.apply_infinite_id(model, settings, keys)
 
 
 def measure_gpu(model, attention: dict, *, size: int, steps: int) -> dict:
