@@ -71,9 +71,21 @@ class InfiniteID:
     cross_attention_merge: bool = True
     adain_mean: bool = False
     sigma_range: SigmaRange = field(default_factory=SigmaRange.always)
+    _kv_on_device: dict = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo):
         return self
+
+    def kv_for(self, like: torch.Tensor, key: BlockKey) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's image K/V weights on the sampling device and dtype, moved
+        once per run (freed by ``release`` when sampling ends)."""
+        place = (like.device, like.dtype)
+        if place not in self._kv_on_device:
+            self._kv_on_device[place] = {k: (w_k.to(like), w_v.to(like)) for k, (w_k, w_v) in self.kv.items()}
+        return self._kv_on_device[place][key]
+
+    def release(self) -> None:
+        self._kv_on_device.clear()
 
     def active(self, extra_options: dict) -> bool:
         return self.weight > 0 and self.sigma_range.active(extra_options)
@@ -148,6 +160,9 @@ class CrossAttentionMergeProcessor:
     def __deepcopy__(self, memo):
         return self
 
+    def cleanup(self) -> None:
+        self.settings.release()
+
     def __call__(self, q, k, v, extra_options, attend):
         rows = extra_options.get(STREAM_ROWS)
         key = _key(extra_options)
@@ -157,8 +172,8 @@ class CrossAttentionMergeProcessor:
         uncond = row_mask(UNCOND, extra_options["cond_or_uncond"][:len(extra_options["cond_or_uncond"]) // 2],
                           rows, device=q.device)
         tokens = torch.where(uncond.view(-1, 1, 1), s.uncond_tokens.to(q), s.tokens.to(q))
-        w_k, w_v = s.kv[key]
-        k_img, v_img = F.linear(tokens, w_k.to(q)), F.linear(tokens, w_v.to(q))
+        w_k, w_v = s.kv_for(q, key)
+        k_img, v_img = F.linear(tokens, w_k), F.linear(tokens, w_v)
         identity = merged_cross_attention(q[:rows], k_img, v_img, k[:rows], v[:rows], extra_options, attend,
                                           merge=s.cross_attention_merge, align=s.adain_mean)
         return torch.cat([identity, attend(q[rows:], k[rows:], v[rows:], extra_options)])
@@ -176,3 +191,27 @@ def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                  InfiniteIDWrapper(settings))
     return patched
+
+
+def identity_tokens(adapter, face_embeds: torch.Tensor, clip_hidden: torch.Tensor, empty_clip_hidden: torch.Tensor,
+                    mix_weights: list[float], scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_id for the cond rows (several references mixed, A.7) and for the uncond
+    rows (the adapter's projection of no face: zero ArcFace, CLIP of a blank image)."""
+    with torch.no_grad():
+        each = adapter.image_tokens(face_embeds.float(), clip_hidden.float(), scale)
+        empty = adapter.image_tokens(torch.zeros_like(face_embeds[:1]).float(), empty_clip_hidden.float(), scale)
+    return mix_identities(list(each.split(1)), mix_weights), empty
+
+
+def parse_mix_weights(text: str, references: int) -> list[float]:
+    """"0.7, 0.3" → [0.7, 0.3]; empty → equal weights."""
+    if not text.strip():
+        return [1.0] * references
+    try:
+        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"mix_weights={text!r}: expected numbers separated by commas, one per reference image") from None
+    if len(weights) != references:
+        raise ValueError(f"mix_weights={text!r} gives {len(weights)} weights for {references} reference image(s): "
+                         "give one per image, or leave it empty for equal weights")
+    return weights

@@ -99,29 +99,35 @@ class FaceCrop(io.ComfyNode):
 
     @classmethod
     def execute(cls, analysis: FaceAnalyzer, image, index: int, crop_size: int, padding: float) -> io.NodeOutput:
-        import numpy as np
-        import torch
+        return io.NodeOutput(*crop_faces(analysis, image, index, crop_size, padding))
 
-        from .face_backend import align, box_mask
 
-        faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, "image"), [], [], [], []
-        rec_size = analysis.recognition_size()
-        for i, (pixels, found) in enumerate(faces):
-            if index >= len(found):
-                raise ValueError(f"index={index} cannot be used: image {i} has {len(found)} face(s); expected "
-                                 f"0..{len(found) - 1} (0 = the largest face)")
-            face = found[index]
-            rgb = image[i].detach().float().cpu().numpy()
-            crops.append(align(np.ascontiguousarray(rgb), face.kps, crop_size, padding))
-            rec_crop = align(pixels, face.kps, rec_size)
-            embeddings.append(analysis.embed(rec_crop))
-            arcface.append(rec_crop[..., ::-1].astype(np.float32) / 255.0)
-            masks.append(box_mask(pixels.shape[0], pixels.shape[1], face.bbox))
+def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 512, padding: float = 0.0):
+    """Per image: the aligned face (B, S, S, 3), the ArcFace crop, the face box MASK and the
+    L2-normed embedding (B, 512). Shared by Face Crop and the Infinite-ID node."""
+    import numpy as np
+    import torch
 
-        def batch(arrays) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).float()
+    from .face_backend import align, box_mask
 
-        return io.NodeOutput(batch(crops).clamp(0, 1), batch(arcface), batch(masks), batch(embeddings))
+    faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, "image"), [], [], [], []
+    rec_size = analysis.recognition_size()
+    for i, (pixels, found) in enumerate(faces):
+        if index >= len(found):
+            raise ValueError(f"index={index} cannot be used: image {i} has {len(found)} face(s); expected "
+                             f"0..{len(found) - 1} (0 = the largest face)")
+        face = found[index]
+        rgb = image[i].detach().float().cpu().numpy()
+        crops.append(align(np.ascontiguousarray(rgb), face.kps, crop_size, padding))
+        rec_crop = align(pixels, face.kps, rec_size)
+        embeddings.append(analysis.embed(rec_crop))
+        arcface.append(rec_crop[..., ::-1].astype(np.float32) / 255.0)
+        masks.append(box_mask(pixels.shape[0], pixels.shape[1], face.bbox))
+
+    def batch(arrays) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).float()
+
+    return batch(crops).clamp(0, 1), batch(arcface), batch(masks), batch(embeddings)
 
 
 class FaceSimilarity(io.ComfyNode):

@@ -96,15 +96,23 @@ def register() -> dict[str, type]:
     return _REGISTERED
 
 
+RESETTABLE = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d, torch.nn.GroupNorm,
+              torch.nn.LayerNorm, torch.nn.Embedding)
+
+
 def initialise(module: torch.nn.Module, generator_seed: int) -> None:
-    """Torch's own initialisation (ComfyUI's layers skip it and leave memory uninitialised)."""
+    """Torch's own initialisation (ComfyUI's layers skip it and leave memory
+    uninitialised); bare parameters (class embeddings, scales) get N(0, 0.02)."""
     torch.manual_seed(generator_seed)
     for layer in module.modules():
-        for cls in (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv1d, torch.nn.Conv3d,
-                    torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding):
-            if isinstance(layer, cls):
-                cls.reset_parameters(layer)
-                break
+        kind = next((cls for cls in RESETTABLE if isinstance(layer, cls)), None)
+        if kind is not None:
+            kind.reset_parameters(layer)
+            continue
+        for param in layer._parameters.values():
+            if param is not None:
+                with torch.no_grad():
+                    torch.nn.init.normal_(param, std=0.02)
     for name, tensor in module.named_parameters():
         if not torch.isfinite(tensor).all():
             raise RuntimeError(f"{name} was left uninitialised")
@@ -121,6 +129,9 @@ def _checkpoint_state_dict(config_cls, unet_config: dict, seed: int = SEED) -> d
     initialise(clip.cond_stage_model, seed + 1)
     vae = comfy.taesd.taesd.TAESD(latent_channels=4)
     initialise(vae, seed + 2)
+    with torch.no_grad():  # TAESD's own constructor sets these: identity scaling
+        vae.vae_scale.fill_(1.0)
+        vae.vae_shift.fill_(0.0)
     state = model.state_dict_for_saving(clip.get_sd(), vae.state_dict(), None)
     return {key: value.detach().to(torch.float16 if value.is_floating_point() else value.dtype).contiguous()
             for key, value in state.items()}

@@ -1,0 +1,83 @@
+"""The LikenessInfiniteID node end to end in-process: loader, face analysis,
+CLIP vision (a tiny one built from a ComfyUI CLIP-vision config), patch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tiny_faceid
+import tiny_insightface
+import tiny_models
+from harness.sampling import txt2img_latent
+from harness.workflows import TINY_FACE_PACK
+
+TINY_CLIP_VISION = {"hidden_size": tiny_faceid.CLIP_DIM, "image_size": 28, "intermediate_size": 64,
+                    "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2,
+                    "num_channels": 3, "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16,
+                    "hidden_act": "gelu"}
+
+
+@pytest.fixture(scope="module")
+def clip_vision(tmp_path_factory):
+    import comfy.clip_vision
+
+    config = tmp_path_factory.mktemp("clip_vision") / "tiny_clip_vision.json"
+    config.write_text(json.dumps(TINY_CLIP_VISION))
+    model = comfy.clip_vision.ClipVisionModel(str(config))
+    tiny_models.initialise(model.model, 4)
+    return model
+
+
+@pytest.fixture(scope="module")
+def parts(comfy, base_directory, clip_vision):
+    tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
+    (analysis,) = comfy.run_node("LikenessFaceAnalysis", model_name=TINY_FACE_PACK, provider="CPU")
+    import skimage.data
+
+    photo = torch.from_numpy(skimage.data.astronaut()).float()[None] / 255
+    return analysis, clip_vision, torch.cat([photo, photo.flip(2)])
+
+
+def run_node(comfy, model, adapter, parts, **overrides):
+    analysis, clip_vision, images = parts
+    settings = dict(weight=1.0, mixed_attention=True, cross_attention_merge=True, adain_mean=False, mix_weights="",
+                    shortcut_scale=1.0, start_percent=0.0, end_percent=1.0, image=images[:1])
+    settings.update(overrides)
+    return comfy.run_node("LikenessInfiniteID", model=model, id_adapter=adapter, analysis=analysis,
+                          clip_vision=clip_vision, **settings)[0]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_infinite_id_node_runs_and_weight_zero_is_text_only(comfy, tiny_checkpoints, base_directory, parts, kind):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / f"tiny_faceid_{kind}.safetensors", kind)
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    plain = txt2img_latent(comfy, model, clip)
+    identity = txt2img_latent(comfy, run_node(comfy, model, adapter, parts), clip)
+    assert torch.isfinite(identity).all() and not torch.equal(identity, plain)
+    assert torch.equal(txt2img_latent(comfy, run_node(comfy, model, adapter, parts, weight=0.0), clip), plain)
+    styled = txt2img_latent(comfy, run_node(comfy, model, adapter, parts, adain_mean=True), clip)
+    assert not torch.equal(styled, identity)
+
+
+def test_mix_weights_one_zero_is_the_first_person(comfy, tiny_checkpoints, base_directory, parts):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15")
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    images = parts[2]
+    single = txt2img_latent(comfy, run_node(comfy, model, adapter, parts, image=images[:1]), clip)
+    mixed = txt2img_latent(comfy, run_node(comfy, model, adapter, parts, image=images, mix_weights="1, 0"), clip)
+    assert torch.equal(mixed, single)
+    with pytest.raises(ValueError, match="mix_weights"):
+        run_node(comfy, model, adapter, parts, image=images, mix_weights="1")
+
+
+def test_an_adapter_for_the_other_family_is_refused(comfy, tiny_checkpoints, base_directory, parts):
+    model, _, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sdxl.safetensors", "sdxl")
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    with pytest.raises(ValueError, match="id_adapter"):
+        run_node(comfy, model, adapter, parts)
