@@ -17,6 +17,7 @@ import torch
 
 from .face_fusion import Identity, apply_face_fusion
 from .schedule import SigmaRange, model_sampling_of
+from .training import diffusion_loss, leave_inference_mode, normal_copy
 from .unet_layers import BlockKey, attention_keys, diffusion_model_of, transformer_block
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -67,56 +68,15 @@ class Batch:
     cond: list  # ComfyUI CONDITIONING of the caption
 
 
-def _detached(batch: Batch) -> Batch:
-    """Copies made outside inference mode: tensors the server made under
-    torch.inference_mode() cannot take part in a backward pass."""
-    def copy(value):
-        if isinstance(value, torch.Tensor):
-            return value.clone()
-        if isinstance(value, dict):
-            return {k: copy(v) for k, v in value.items()}
-        if isinstance(value, (list, tuple)):
-            return type(value)(copy(v) for v in value)
-        return value
-    return Batch(copy(batch.target), copy(batch.face), copy(batch.cond))
+def _copied(batch: Batch) -> Batch:
+    return Batch(normal_copy(batch.target), normal_copy(batch.face), normal_copy(batch.cond))
 
 
-def _noise_prediction_loss(model, weights, batch: Batch, sigma: torch.Tensor, noise: torch.Tensor,
-                           layers, device) -> torch.Tensor:
-    import comfy.patcher_extension
-    import comfy.sampler_helpers
-    import comfy.samplers
-
+def _loss(model, weights, batch: Batch, sigma: torch.Tensor, noise: torch.Tensor, layers) -> torch.Tensor:
+    device = model.load_device
     identity = Identity(latent=batch.face.to(device), noise=torch.zeros_like(batch.face, device=device), weight=1.0,
                         sigma_range=SigmaRange.always(), kv=weights, clean=False)
-    patched = apply_face_fusion(model, identity, layers)
-    options = comfy.patcher_extension.copy_nested_dicts(patched.model_options)
-    options["transformer_options"]["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
-    noisy = batch.target.to(device) + noise * sigma.view(-1, 1, 1, 1)
-    # Encode the caption the way samplers do (cross-attention context, SDXL's pooled/size vector).
-    conds = comfy.samplers.process_conds(model.model, noisy, {"positive": comfy.sampler_helpers.convert_cond(batch.cond)},
-                                         device, latent_image=noisy)
-    patched.pre_run()  # what a sampler does before calling the model: makes it the current patcher
-    try:
-        (denoised,) = comfy.samplers.calc_cond_batch(model.model, [conds["positive"]], noisy, sigma, options)
-    finally:
-        patched.cleanup()
-    predicted_noise = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
-    return torch.nn.functional.mse_loss(predicted_noise.float(), noise.float())
-
-
-def _leave_inference_mode(module: torch.nn.Module) -> None:
-    """Weights loaded while the server ran under torch.inference_mode() are
-    inference tensors, which autograd refuses to save for a backward pass.
-    They are swapped for normal tensors of the same values, as ComfyUI's own
-    weight patching swaps parameters; the model computes exactly as before."""
-    for layer in module.modules():
-        for name, param in list(layer._parameters.items()):
-            if param is not None and param.is_inference():
-                layer._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
-        for name, buffer in list(layer._buffers.items()):
-            if buffer is not None and buffer.is_inference():
-                layer._buffers[name] = buffer.clone()
+    return diffusion_loss(model, apply_face_fusion(model, identity, layers), batch.target, batch.cond, sigma, noise)
 
 
 def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: float, seed: int,
@@ -133,7 +93,7 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
     validation = [(batch, sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
                    torch.randn(batch.target.shape, generator=generator)) for batch in batches]
     with torch.inference_mode(False), torch.enable_grad():
-        _leave_inference_mode(diffusion_model_of(model))
+        leave_inference_mode(diffusion_model_of(model))
         weights = {k: (torch.nn.Parameter(w_k.to(device)), torch.nn.Parameter(w_v.to(device)))
                    for k, (w_k, w_v) in initial_projections(model, layers).items()}
         parameters = [p for pair in weights.values() for p in pair]
@@ -141,8 +101,8 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
 
         def validation_loss() -> float:
             with torch.no_grad():
-                losses = [_noise_prediction_loss(model, weights, _detached(b), s.to(device), n.to(device), layers,
-                                                 device) for b, s, n in validation]
+                losses = [_loss(model, weights, _copied(b), s.to(device), n.to(device), layers)
+                          for b, s, n in validation]
             return float(torch.stack(losses).mean())
 
         before = validation_loss()
@@ -151,7 +111,7 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
             timestep = torch.randint(0, 1000, (1,), generator=generator).float()
             sigma = sampling.sigma(timestep).to(device)
             noise = torch.randn(batch.target.shape, generator=generator).to(device)
-            loss = _noise_prediction_loss(model, weights, _detached(batch), sigma, noise, layers, device)
+            loss = _loss(model, weights, _copied(batch), sigma, noise, layers)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,57 @@
+"""What Likeness' trainers share: the diffusion loss through a patched model,
+run the way ComfyUI's samplers run it, on weights autograd can use."""
+
+from __future__ import annotations
+
+import torch
+
+
+def normal_copy(value):
+    """Copies made outside inference mode: tensors the server made under
+    torch.inference_mode() cannot take part in a backward pass."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: normal_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(normal_copy(v) for v in value)
+    return value
+
+
+def leave_inference_mode(module: torch.nn.Module) -> None:
+    """Weights loaded while the server ran under torch.inference_mode() are
+    inference tensors, which autograd refuses to save for a backward pass.
+    They are swapped for normal tensors of the same values, as ComfyUI's own
+    weight patching swaps parameters; the model computes exactly as before."""
+    for layer in module.modules():
+        for name, param in list(layer._parameters.items()):
+            if param is not None and param.is_inference():
+                layer._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+        for name, buffer in list(layer._buffers.items()):
+            if buffer is not None and buffer.is_inference():
+                layer._buffers[name] = buffer.clone()
+
+
+def diffusion_loss(base_model, patched, target: torch.Tensor, cond: list, sigma: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+    """‖ε − ε_θ(x_σ, σ, c)‖² (Face Fusion's objective; Infinite-ID Eq. 3) for one
+    model-space latent, through ``patched`` (a clone of ``base_model``)."""
+    import comfy.patcher_extension
+    import comfy.sampler_helpers
+    import comfy.samplers
+
+    device = base_model.load_device
+    options = comfy.patcher_extension.copy_nested_dicts(patched.model_options)
+    options["transformer_options"]["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
+    noisy = target.to(device) + noise * sigma.view(-1, 1, 1, 1)
+    # Encode the conditioning the way samplers do (cross-attention context, SDXL's pooled/size vector).
+    conds = comfy.samplers.process_conds(base_model.model, noisy,
+                                         {"positive": comfy.sampler_helpers.convert_cond(cond)}, device,
+                                         latent_image=noisy)
+    patched.pre_run()  # what a sampler does before calling the model: makes it the current patcher
+    try:
+        (denoised,) = comfy.samplers.calc_cond_batch(base_model.model, [conds["positive"]], noisy, sigma, options)
+    finally:
+        patched.cleanup()
+    predicted_noise = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
+    return torch.nn.functional.mse_loss(predicted_noise.float(), noise.float())
