@@ -81,3 +81,51 @@ def test_an_adapter_for_the_other_family_is_refused(comfy, tiny_checkpoints, bas
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
     with pytest.raises(ValueError, match="id_adapter"):
         run_node(comfy, model, adapter, parts)
+
+
+def write_pairs(folder):
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(skimage.data.astronaut())
+    for index in range(2):
+        photo.crop((40 * index, 0, 320 + 40 * index, 320)).resize((64, 64)).save(folder / f"pair{index}.png")
+        photo.save(folder / f"pair{index}.id.png")
+
+
+def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_checkpoints, base_directory, parts):
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15")
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    write_pairs(base_directory / "input" / "id_pairs")
+    analysis, clip_vision, _ = parts
+    name, before, after = comfy.run_node(
+        "LikenessTrainIDAdapter", model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis,
+        clip_vision=clip_vision, folder="id_pairs", steps=8, learning_rate=1e-3, seed=0, shortcut_scale=1.0,
+        filename_prefix="trained_id")
+    assert after < before, (before, after)
+    (trained,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=name)
+    assert trained.kind == "sd15" and trained.layer_count == 16
+    changed = any(not torch.equal(trained.kv_weights[k][0].float(), adapter.kv_weights[k][0].float())
+                  for k in adapter.kv_weights)
+    assert changed, "training must move the image K/V weights"
+
+
+def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, base_directory, parts):
+    training = comfy.pack("attention.id_adapter_training")
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15")
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(1, 4, 8, 8, generator=generator)
+    face = torch.nn.functional.normalize(torch.randn(1, 512, generator=generator), dim=-1)
+    hidden = torch.randn(1, 5, tiny_faceid.CLIP_DIM, generator=generator)
+    results = []
+    for prompt in ("a portrait photo", "a red car on a bridge"):
+        with torch.inference_mode():
+            cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+        pair = training.Pair(target, face, hidden, cond)
+        _, before, after = training.train_id_adapter(model, adapter, [pair], steps=2, learning_rate=1e-3, seed=3)
+        results.append((before, after))
+    assert results[0] == results[1]

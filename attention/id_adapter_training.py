@@ -1,0 +1,105 @@
+"""Infinite-ID's identity-enhanced training (Sec. 3.2, Eq. 3).
+
+The face mapper, the CLIP mapper (the adapter's projection) and the image
+cross-attention K/V are trained with the UNet frozen and the *text*
+cross-attention switched off: every cross-attention sees only the identity
+tokens of an identity image while the model denoises a different image of
+the same person, so identity cannot leak in through the prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .schedule import model_sampling_of
+from .training import diffusion_loss, leave_inference_mode, normal_copy
+from .unet_layers import BlockKey, attention_keys, diffusion_model_of
+
+ORDER = 120
+
+
+@dataclass
+class Pair:
+    target: torch.Tensor  # model-space latent of the target image
+    face_embed: torch.Tensor  # (1, 512) ArcFace of the identity image
+    clip_hidden: torch.Tensor  # (1, T, clip) CLIP penultimate states of its aligned face
+    cond: list  # an empty prompt: SDXL still needs its pooled/size vector
+
+
+class IdentityOnlyCrossAttention:
+    """attn2 during training: attention over the identity tokens only (text off)."""
+
+    order = ORDER
+
+    def __init__(self, current: dict, kv: dict[BlockKey, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.current = current  # {"tokens": (1, T, context)}, set before each model call
+        self.kv = kv
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options, attend):
+        block = extra_options["block"]
+        w_k, w_v = self.kv[(block[0], block[1], extra_options.get("block_index", 0))]
+        tokens = self.current["tokens"].to(q.dtype).expand(q.shape[0], -1, -1)
+        return attend(q, F.linear(tokens, w_k.to(q.dtype)), F.linear(tokens, w_v.to(q.dtype)), extra_options)
+
+
+def train_id_adapter(model, adapter, pairs: list[Pair], *, steps: int, learning_rate: float, seed: int,
+                     scale: float = 1.0, on_step: Callable[[int, float], None] | None = None):
+    """(trained adapter, validation loss before, after). The input adapter is left as it is."""
+    import comfy.model_management
+
+    from .dispatch import patched_clone
+
+    comfy.model_management.load_model_gpu(model)
+    device = model.load_device
+    keys = attention_keys(diffusion_model_of(model))
+    sampling = model_sampling_of(model)
+    generator = torch.Generator().manual_seed(seed)
+    validation = [(pair, sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
+                   torch.randn(pair.target.shape, generator=generator)) for pair in pairs]
+    with torch.inference_mode(False), torch.enable_grad():
+        leave_inference_mode(diffusion_model_of(model))
+        trained = adapter.to(device, torch.float32)
+        leave_inference_mode(trained.projection)
+        trained.kv_weights = {k: (torch.nn.Parameter(w_k.clone()), torch.nn.Parameter(w_v.clone()))
+                              for k, (w_k, w_v) in trained.kv_weights.items()}
+        parameters = [p for p in trained.projection.parameters()] + [p for kv in trained.kv_weights.values()
+                                                                      for p in kv]
+        for parameter in parameters:
+            parameter.requires_grad_(True)
+        current: dict = {}
+        patched = patched_clone(model, [("attn2", key, IdentityOnlyCrossAttention(current, trained.kv_weights))
+                                        for key in keys])
+        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+
+        def loss_of(pair: Pair, sigma, noise) -> torch.Tensor:
+            current["tokens"] = trained.projection(normal_copy(pair.face_embed).to(device),
+                                                   normal_copy(pair.clip_hidden).to(device), scale)
+            return diffusion_loss(model, patched, normal_copy(pair.target), normal_copy(pair.cond),
+                                  sigma.to(device), noise.to(device))
+
+        def validation_loss() -> float:
+            with torch.no_grad():
+                return float(torch.stack([loss_of(p, s, n) for p, s, n in validation]).mean())
+
+        before = validation_loss()
+        for step in range(steps):
+            pair = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
+            sigma = sampling.sigma(torch.randint(0, 1000, (1,), generator=generator).float())
+            loss = loss_of(pair, sigma, torch.randn(pair.target.shape, generator=generator))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step(step, loss.item())
+        after = validation_loss()
+        trained.kv_weights = {k: (w_k.detach(), w_v.detach()) for k, (w_k, w_v) in trained.kv_weights.items()}
+        for parameter in parameters:
+            parameter.requires_grad_(False)
+    return trained, before, after
