@@ -3,8 +3,6 @@ CLIP vision (a tiny one built from a ComfyUI CLIP-vision config), patch."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
@@ -14,21 +12,11 @@ import tiny_models
 from harness.sampling import txt2img_latent
 from harness.workflows import TINY_FACE_PACK
 
-TINY_CLIP_VISION = {"hidden_size": tiny_faceid.CLIP_DIM, "image_size": 28, "intermediate_size": 64,
-                    "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_attention_heads": 2,
-                    "num_channels": 3, "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16,
-                    "hidden_act": "gelu"}
-
-
 @pytest.fixture(scope="module")
-def clip_vision(tmp_path_factory):
-    import comfy.clip_vision
-
-    config = tmp_path_factory.mktemp("clip_vision") / "tiny_clip_vision.json"
-    config.write_text(json.dumps(TINY_CLIP_VISION))
-    model = comfy.clip_vision.ClipVisionModel(str(config))
-    tiny_models.initialise(model.model, 4)
-    return model
+def clip_vision(comfy, base_directory):
+    """The tiny CLIP vision tower, through ComfyUI's own CLIPVisionLoader."""
+    path = tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
+    return comfy.run_node("CLIPVisionLoader", clip_name=path.name)[0]
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tiny_faceid
 import tiny_insightface
+import tiny_models
 from harness.workflows import (TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows,
                                write_test_images)
 
@@ -20,7 +22,8 @@ FACE_IMAGES = {"face.png": 0, "person_a.png": 0, "person_b.png": 3}
 # output nodes"), e.g. saving a style that the rest of the graph loads.
 FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
 EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2, "face_fusion": 1,
-                   "face_fusion_multi_reference": 1, "face_fusion_two_people": 1}
+                   "face_fusion_multi_reference": 1, "face_fusion_two_people": 1, "infinite_id_sdxl": 1,
+                   "infinite_id_sd15": 1, "infinite_id_style": 1, "identity_mix": 1}
 
 
 def test_every_workflow_has_a_ui_file_and_an_api_twin():
@@ -36,7 +39,10 @@ def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory,
     write_test_images(base_directory / "input", IMAGES)
     write_test_images(base_directory / "input", FACE_IMAGES)
     tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
-    prompt = for_tiny_models(load_api(name), tiny_checkpoints["sd15"])
+    tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
+    for kind in ("sd15", "sdxl"):
+        tiny_faceid.write(base_directory / "models" / "ipadapter" / f"tiny_faceid_{kind}.safetensors", kind)
+    prompt = for_tiny_models(load_api(name), tiny_checkpoints)
     if name in FIRST_TARGETS:
         first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])
         assert first.ok, first.error

@@ -26,6 +26,13 @@ SD15_CONTEXT = TINY_CLIP["hidden_size"]
 SDXL_CONTEXT = 2 * TINY_CLIP["hidden_size"]  # clip_l and clip_g side by side
 SDXL_ADM = TINY_CLIP["projection_dim"] + 6 * 256  # pooled clip_g + size/crop embeddings
 
+CLIP_VISION_FILE = "tiny_clip_vision.safetensors"
+# A CLIP vision tower of ComfyUI's own class, small: hidden width 32 stands in
+# for ViT-H's 1280 (tests/tiny_faceid.py's CLIP_DIM), 28-pixel images, 5 tokens.
+TINY_CLIP_VISION = {"hidden_size": 32, "image_size": 28, "intermediate_size": 64, "layer_norm_eps": 1e-5,
+                    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
+                    "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16, "hidden_act": "gelu"}
+
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
     "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 32,
@@ -83,10 +90,56 @@ def _classes():
 _REGISTERED: dict[str, type] = {}
 
 
+def _tiny_clip_vision_config() -> str:
+    import json
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"likeness_tiny_clip_vision_{recipe_digest()}.json"
+    if not path.exists():
+        path.write_text(json.dumps(TINY_CLIP_VISION))
+    return str(path)
+
+
+def _teach_clip_vision_loader() -> None:
+    """ComfyUI picks a CLIP vision config by key names; the tiny tower is recognised by its width."""
+    import comfy.clip_vision
+
+    original = comfy.clip_vision.load_clipvision_from_sd
+    if getattr(original, "likeness_tiny", False):
+        return
+
+    def load_clipvision_from_sd(sd, prefix="", convert_keys=False):
+        embedding = sd.get("vision_model.embeddings.class_embedding")
+        if embedding is not None and embedding.shape[0] == TINY_CLIP_VISION["hidden_size"]:
+            model = comfy.clip_vision.ClipVisionModel(_tiny_clip_vision_config())
+            model.load_sd(sd)
+            return model
+        return original(sd, prefix, convert_keys)
+
+    load_clipvision_from_sd.likeness_tiny = True
+    comfy.clip_vision.load_clipvision_from_sd = load_clipvision_from_sd
+
+
+def write_clip_vision(folder: Path) -> Path:
+    """A tiny CLIP vision checkpoint for CLIPVisionLoader (skipped when present)."""
+    import comfy.clip_vision
+    import comfy.utils
+
+    register()
+    path = folder / CLIP_VISION_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        model = comfy.clip_vision.ClipVisionModel(_tiny_clip_vision_config())
+        initialise(model.model, SEED + 3)
+        comfy.utils.save_torch_file({k: v.contiguous() for k, v in model.get_sd().items()}, str(path))
+    return path
+
+
 def register() -> dict[str, type]:
     """Put the tiny configs at the front of ComfyUI's detection list (once)."""
     import comfy.supported_models
 
+    _teach_clip_vision_loader()
     if not _REGISTERED:
         sd15, sdxl = _classes()
         _REGISTERED.update(sd15=sd15, sdxl=sdxl)

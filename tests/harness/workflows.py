@@ -26,13 +26,18 @@ def load_api(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
 
 
-def for_tiny_models(prompt: dict, checkpoint: str, size: int = 64) -> dict:
-    """A shipped prompt made runnable here: the tiny checkpoint, small images."""
+def for_tiny_models(prompt: dict, checkpoints: dict[str, str], size: int = 64) -> dict:
+    """A shipped prompt made runnable here: the tiny checkpoint of its family
+    (SDXL when the shipped one is), tiny adapters and encoders, small images."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
         if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = checkpoint
+            inputs["ckpt_name"] = checkpoints["sdxl" if "xl" in inputs["ckpt_name"].lower() else "sd15"]
+        if node["class_type"] == "LikenessIDAdapterLoader":
+            inputs["adapter_name"] = f"tiny_faceid_{'sdxl' if 'sdxl' in inputs['adapter_name'] else 'sd15'}.safetensors"
+        if node["class_type"] == "CLIPVisionLoader":
+            inputs["clip_name"] = "tiny_clip_vision.safetensors"
         if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
             inputs["width"] = inputs["height"] = size
         if node["class_type"] == "LikenessFaceCrop":
