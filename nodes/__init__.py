@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import face_analysis, face_fusion, face_training, infinite_id, infinite_id_training, magicstyle, metrics
+from . import (editing, face_analysis, face_fusion, face_training, infinite_id, infinite_id_training, magicstyle,
+               metrics)
 from .common import register_model_folders
 
-FAMILIES = (magicstyle, face_fusion, face_training, face_analysis, infinite_id, infinite_id_training, metrics)
+FAMILIES = (magicstyle, face_fusion, face_training, face_analysis, infinite_id, infinite_id_training, editing,
+            metrics)
 register_model_folders()
 
 

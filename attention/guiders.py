@@ -1,0 +1,59 @@
+"""The portrait-editing guiders (Eq. 2 and Eq. 3) as ComfyUI GUIDERs.
+
+comfy.samplers is imported at the top because the guiders subclass its
+CFGGuider; ComfyUI has loaded it before any pack.
+"""
+
+from __future__ import annotations
+
+import comfy.samplers
+
+from . import editing
+
+
+def _cfg(guider, pair, uncond_index, cond_index, x, timestep, model_options, conds):
+    return comfy.samplers.cfg_function(guider.inner_model, pair[cond_index], pair[uncond_index], guider.cfg, x,
+                                       timestep, model_options=model_options, cond=conds[cond_index],
+                                       uncond=conds[uncond_index])
+
+
+class MaskGuidedCFGGuider(comfy.samplers.CFGGuider):
+    """Eq. 3 each step: the target prompt's guided prediction inside the mask,
+    the source prompt's outside (or, in latent mode, the source latent itself)."""
+
+    def set_edit(self, mask, mode: str, source_latent=None) -> None:
+        self.mask, self.mode, self.source_latent = mask, mode, source_latent
+
+    def set_conds(self, target, source, negative) -> None:
+        self.inner_set_conds({"positive": target, "source": source, "negative": negative})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        conds = [self.conds.get("negative"), self.conds.get("source"), self.conds.get("positive")]
+        if self.mode == "latent":
+            conds[1] = None  # the source side is the source latent: no prediction needed
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        target = _cfg(self, out, 0, 2, x, timestep, model_options, conds)
+        mask = editing.mask_to_latent(self.mask, x)
+        if self.mode == "latent":
+            # The released code's latent blend: outside the mask the result is the source image.
+            source = self.inner_model.process_latent_in(self.source_latent.to(x))
+        else:
+            source = _cfg(self, out, 0, 1, x, timestep, model_options, conds)
+        return editing.blend(target, source, mask)
+
+
+class PairCFGGuider(comfy.samplers.CFGGuider):
+    """Eq. 2 on a double-width latent: a shared prompt everywhere, the source
+    prompt on the left half and the target prompt on the right."""
+
+    def set_scales(self, s_d: float, s_a: float, s_b: float) -> None:
+        self.s_d, self.s_a, self.s_b = s_d, s_a, s_b
+
+    def set_conds(self, shared, source, target, negative) -> None:
+        self.inner_set_conds({"positive": shared, "source": source, "target": target, "negative": negative})
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        conds = [self.conds.get(k) for k in ("negative", "positive", "source", "target")]
+        out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
+        shared, source, target = (_cfg(self, out, 0, i, x, timestep, model_options, conds) for i in (1, 2, 3))
+        return editing.pair_combination(shared, source, target, self.s_d, self.s_a, self.s_b)
