@@ -75,3 +75,31 @@ def edit_mask(differences: torch.Tensor, *, normalisation: str, blur: int, thres
     mean over seeds and channels, normalise, blur, threshold → (B, 1, h, w) of 0/1."""
     difference = differences.float().mean(dim=(0, 2)).unsqueeze(1)
     return (gaussian_blur(normalise(difference, normalisation), blur) > threshold).float()
+
+
+def to_image_mask(mask: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """(B, 1, h, w) on the latent grid → a ComfyUI MASK (B, 8h, 8w)."""
+    return F.interpolate(mask, size=(latent.shape[-2] * 8, latent.shape[-1] * 8), mode="nearest")[:, 0]
+
+
+def noise_differences(model, latent: torch.Tensor, source: list, target: list, *, seeds: int, strength: float,
+                      seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """|ε(p_b) − ε(p_a)| after one denoising step from the input noised to ``strength``,
+    once per seed: (seeds, B, C, h, w), and the noises used (DiffEdit / the paper's Sec. 3.4)."""
+    from .schedule import model_sampling_of
+    from .training import denoised_predictions
+
+    sampling = model_sampling_of(model)
+    timestep = torch.tensor([strength * 999.0])
+    sigma = sampling.sigma(timestep).float()
+    clean = model.model.process_latent_in(latent.float())
+    differences, noises = [], []
+    for index in range(seeds):
+        noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + index))
+        noisy = clean + noise * sigma.view(-1, 1, 1, 1)
+        with torch.no_grad():
+            denoised_a, denoised_b = denoised_predictions(model, model, [source, target], noisy, sigma)
+        # ε = (x − x0)/σ, so the ε difference is the x0 difference over σ.
+        differences.append(((denoised_a - denoised_b) / sigma.to(denoised_a)).abs().cpu())
+        noises.append(noise)
+    return torch.stack(differences), noises

@@ -32,10 +32,10 @@ def leave_inference_mode(module: torch.nn.Module) -> None:
                 layer._buffers[name] = buffer.clone()
 
 
-def diffusion_loss(base_model, patched, target: torch.Tensor, cond: list, sigma: torch.Tensor,
-                   noise: torch.Tensor) -> torch.Tensor:
-    """‖ε − ε_θ(x_σ, σ, c)‖² (Face Fusion's objective; Infinite-ID Eq. 3) for one
-    model-space latent, through ``patched`` (a clone of ``base_model``)."""
+def denoised_predictions(base_model, patched, conds: list[list], noisy: torch.Tensor,
+                         sigma: torch.Tensor) -> list[torch.Tensor]:
+    """x0 predictions of ``patched`` (a clone of ``base_model``, or itself) for each
+    CONDITIONING, computed the way ComfyUI's samplers compute them."""
     import comfy.patcher_extension
     import comfy.sampler_helpers
     import comfy.samplers
@@ -43,15 +43,24 @@ def diffusion_loss(base_model, patched, target: torch.Tensor, cond: list, sigma:
     device = base_model.load_device
     options = comfy.patcher_extension.copy_nested_dicts(patched.model_options)
     options["transformer_options"]["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
-    noisy = target.to(device) + noise * sigma.view(-1, 1, 1, 1)
-    # Encode the conditioning the way samplers do (cross-attention context, SDXL's pooled/size vector).
-    conds = comfy.samplers.process_conds(base_model.model, noisy,
-                                         {"positive": comfy.sampler_helpers.convert_cond(cond)}, device,
-                                         latent_image=noisy)
+    noisy = noisy.to(device)
+    # Encode each conditioning the way samplers do (cross-attention context, SDXL's pooled/size vector).
+    named = {f"c{i}": comfy.sampler_helpers.convert_cond(cond) for i, cond in enumerate(conds)}
+    processed = comfy.samplers.process_conds(base_model.model, noisy, named, device, latent_image=noisy)
     patched.pre_run()  # what a sampler does before calling the model: makes it the current patcher
     try:
-        (denoised,) = comfy.samplers.calc_cond_batch(base_model.model, [conds["positive"]], noisy, sigma, options)
+        return comfy.samplers.calc_cond_batch(base_model.model, [processed[f"c{i}"] for i in range(len(conds))],
+                                              noisy, sigma.to(device), options)
     finally:
         patched.cleanup()
+
+
+def diffusion_loss(base_model, patched, target: torch.Tensor, cond: list, sigma: torch.Tensor,
+                   noise: torch.Tensor) -> torch.Tensor:
+    """‖ε − ε_θ(x_σ, σ, c)‖² (Face Fusion's objective; Infinite-ID Eq. 3) for one
+    model-space latent, through ``patched`` (a clone of ``base_model``)."""
+    device = base_model.load_device
+    noisy = target.to(device) + noise * sigma.view(-1, 1, 1, 1)
+    (denoised,) = denoised_predictions(base_model, patched, [cond], noisy, sigma)
     predicted_noise = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
     return torch.nn.functional.mse_loss(predicted_noise.float(), noise.float())

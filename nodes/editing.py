@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..attention.editing import NORMALISATIONS
 from ..attention.guiders import MaskGuidedCFGGuider, PairCFGGuider
 
 CATEGORY = "likeness/editing"
@@ -108,4 +109,43 @@ class SplitPair(io.ComfyNode):
         return io.NodeOutput(pair[:, :, : width // 2], pair[:, :, width // 2:])
 
 
-NODES = [MaskGuidedGuider, PairGuider, SplitPair]
+class EditMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessEditMask",
+            display_name="Likeness Edit Mask",
+            category=CATEGORY,
+            description="Where an edit changes the image (Sec. 3.4, DiffEdit-style): the input noised to a strength "
+                        "with N seeds, one denoising step under the source and the target prompt, mean |difference| "
+                        "over seeds and channels, normalised, blurred and thresholded.",
+            inputs=[
+                io.Model.Input("model", tooltip="An MCDM or any SD1.5 checkpoint."),
+                io.Latent.Input("latent", tooltip="The input image's latent."),
+                io.Conditioning.Input("source", tooltip="Prompt describing the input (p_a)."),
+                io.Conditioning.Input("target", tooltip="Prompt describing the edit (p_b)."),
+                io.Int.Input("seeds", default=10, min=1, max=64, tooltip="How many noises to average (10)."),
+                io.Float.Input("strength", default=0.5, min=0.01, max=1.0, step=0.01,
+                               tooltip="Noise level as a fraction of the schedule (0.5)."),
+                io.Int.Input("blur", default=5, min=1, max=31, step=2, tooltip="Gaussian kernel size, odd (5)."),
+                io.Float.Input("threshold", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="λ: 0.2 for costumes, 0.35 for cartoon (the paper)."),
+                io.Combo.Input("normalisation", options=list(NORMALISATIONS), default="min-max",
+                               tooltip="min-max (the paper) or clamp at 3× the mean (the released code)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="First of the seeds."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="1 where to edit, at the image's size.")],
+        )
+
+    @classmethod
+    def execute(cls, model, latent: dict, source, target, seeds: int, strength: float, blur: int, threshold: float,
+                normalisation: str, seed: int) -> io.NodeOutput:
+        from ..attention.editing import edit_mask, noise_differences, to_image_mask
+
+        differences, _ = noise_differences(model, latent["samples"], source, target, seeds=seeds, strength=strength,
+                                           seed=seed)
+        mask = edit_mask(differences, normalisation=normalisation, blur=blur, threshold=threshold)
+        return io.NodeOutput(to_image_mask(mask, latent["samples"]))
+
+
+NODES = [MaskGuidedGuider, PairGuider, SplitPair, EditMask]

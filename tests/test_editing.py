@@ -121,3 +121,20 @@ def test_mask_math_normalises_blurs_and_thresholds(comfy):
     mask = editing.edit_mask(diffs, normalisation="min-max", blur=5, threshold=0.2)
     assert set(mask.unique().tolist()) <= {0.0, 1.0}
     assert mask[..., 8, 8] == 1 and mask[..., 15, 15] == 0
+
+
+def test_edit_mask_uses_n_different_noises_and_finds_the_change(comfy, sd15, monkeypatch):
+    model, clip, _ = sd15
+    editing = comfy.pack("attention.editing")
+    source, target = encode(comfy, clip, "a photo portrait"), encode(comfy, clip, "a cartoon portrait")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    differences, noises = editing.noise_differences(model, latent, source, target, seeds=4, strength=0.5)
+    assert differences.shape == (4, 1, 4, 8, 8) and len(noises) == 4
+    assert all(not torch.equal(noises[i], noises[j]) for i in range(4) for j in range(i + 1, 4))
+    assert differences.abs().sum() > 0
+    same, _ = editing.noise_differences(model, latent, source, source, seeds=2, strength=0.5)
+    assert same.abs().max() == 0, "the same prompt on both sides changes nothing"
+    (mask,) = comfy.run_node("LikenessEditMask", model=model, latent={"samples": latent}, source=source,
+                             target=target, seeds=4, strength=0.5, blur=5, threshold=0.2, normalisation="min-max",
+                             seed=0)
+    assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
