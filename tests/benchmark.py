@@ -103,6 +103,16 @@ def patches_vs_vanilla(kinds=("face", "infinite_id"), size: int = 256, steps: in
     return results
 
 
+def editing(size: int = 256, steps: int = 5) -> dict:
+    """Issue 6's figures: mask generation and a mask-guided edit, full-size random SD1.5 on this CPU."""
+    attention = _attention_modules(("editing", "guiders", "schedule"))
+    import tiny_models
+    from harness.editing_bench import measure as measure_editing
+    from harness.magicstyle_bench import full_sd15
+
+    return measure_editing(full_sd15(tiny_models.initialise), attention, size=size, steps=steps)
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -117,6 +127,8 @@ def main() -> int:
         results["magicstyle_cpu"] = magicstyle()
     if "--skip-patches" not in sys.argv:
         results["patches_cpu"] = patches_vs_vanilla()
+    if "--skip-editing" not in sys.argv:
+        results["editing_cpu"] = editing()
     print(json.dumps(results, indent=1))
     return 0
 

@@ -39,7 +39,8 @@ def for_tiny_models(prompt: dict, checkpoints: dict[str, str], size: int = 64) -
         if node["class_type"] == "CLIPVisionLoader":
             inputs["clip_name"] = "tiny_clip_vision.safetensors"
         if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
-            inputs["width"] = inputs["height"] = size
+            # keep the aspect (a pair canvas is twice as wide as tall)
+            inputs["width"], inputs["height"] = size * inputs["width"] // inputs["height"], size
         if node["class_type"] == "LikenessFaceCrop":
             inputs["crop_size"] = size
         if node["class_type"] == "LikenessFaceAnalysis":

@@ -1,0 +1,45 @@
+"""Portrait-editing costs on a full-size random SD1.5 (tests/benchmark.py)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .magicstyle_bench import empty_conditioning
+
+
+def measure(model, attention: dict, *, size: int, steps: int) -> dict:
+    import comfy.samplers
+
+    editing, guiders = attention["editing"], attention["guiders"]
+    latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(8))
+    source = empty_conditioning()
+    target = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(9)), {}]]
+    negative = empty_conditioning()
+    sampler = comfy.samplers.sampler_object("euler")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps * 2)[steps:]
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(10))
+
+    def timed(run) -> float:
+        start = time.perf_counter()
+        run()
+        return time.perf_counter() - start
+
+    plain = comfy.samplers.CFGGuider(model)
+    plain.set_conds(target, negative)
+    plain.set_cfg(7.5)
+    masked = guiders.MaskGuidedCFGGuider(model)
+    masked.set_conds(target, source, negative)
+    masked.set_cfg(7.5)
+    masked.set_edit(torch.ones(size, size), "noise")
+    plain.sample(noise, latent, sampler, sigmas[-3:], disable_pbar=True, seed=0)  # loads the model
+    img2img = min(timed(lambda: plain.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=0))
+                  for _ in range(2))
+    guided = min(timed(lambda: masked.sample(noise, latent, sampler, sigmas, disable_pbar=True, seed=0))
+                 for _ in range(2))
+    mask_seconds = timed(lambda: editing.noise_differences(model, latent, source, target, seeds=10, strength=0.5))
+    step = img2img / steps
+    return {"size": size, "steps": steps, "img2img_s": round(img2img, 3), "mask_guided_s": round(guided, 3),
+            "mask_guided_over_img2img": round(guided / img2img, 3), "mask_10_seeds_s": round(mask_seconds, 3),
+            "mask_over_one_sampling_step": round(mask_seconds / step, 3)}
