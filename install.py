@@ -70,7 +70,8 @@ MODEL_FOLDERS = {
     "loras": "the FaceID-PlusV2 LoRA that belongs to the adapter (same source)",
     "insightface/models/antelopev2": "insightface antelopev2 pack: *.onnx directly in this folder",
     "insightface/models/buffalo_l": "insightface buffalo_l pack: *.onnx directly in this folder",
-    "likeness": "Likeness weights: trained face K/V, MCDM unet.pth + adapter.pth (bytedance/feature-preserve-portrait-editing)",
+    "likeness": "Likeness weights: trained face K/V, MCDM unet.pth + adapter.pth "
+                "(bytedance/feature-preserve-portrait-editing)",
     "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_pytorch_model.bin)",
 }
 

@@ -17,7 +17,7 @@ import torch
 
 from .face_fusion import Identity, apply_face_fusion
 from .schedule import SigmaRange, model_sampling_of
-from .training import diffusion_loss, leave_inference_mode, normal_copy
+from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
 from .unet_layers import BlockKey, attention_keys, diffusion_model_of, transformer_block
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -87,35 +87,15 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
     comfy.model_management.load_model_gpu(model)
     device = model.load_device
     layers = attention_keys(diffusion_model_of(model))
-    sampling = model_sampling_of(model)
-    generator = torch.Generator().manual_seed(seed)
-    # A fixed validation set: the same sigmas and noise before and after.
-    validation = [(batch, sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
-                   torch.randn(batch.target.shape, generator=generator)) for batch in batches]
     with torch.inference_mode(False), torch.enable_grad():
         leave_inference_mode(diffusion_model_of(model))
         weights = {k: (torch.nn.Parameter(w_k.to(device)), torch.nn.Parameter(w_v.to(device)))
                    for k, (w_k, w_v) in initial_projections(model, layers).items()}
-        parameters = [p for pair in weights.values() for p in pair]
-        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
 
-        def validation_loss() -> float:
-            with torch.no_grad():
-                losses = [_loss(model, weights, _copied(b), s.to(device), n.to(device), layers)
-                          for b, s, n in validation]
-            return float(torch.stack(losses).mean())
+        def loss_of(batch: Batch, sigma, noise) -> torch.Tensor:
+            return _loss(model, weights, _copied(batch), sigma.to(device), noise.to(device), layers)
 
-        before = validation_loss()
-        for step in range(steps):
-            batch = batches[int(torch.randint(len(batches), (1,), generator=generator))]
-            timestep = torch.randint(0, 1000, (1,), generator=generator).float()
-            sigma = sampling.sigma(timestep).to(device)
-            noise = torch.randn(batch.target.shape, generator=generator).to(device)
-            loss = _loss(model, weights, _copied(batch), sigma, noise, layers)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step(step, loss.item())
-        after = validation_loss()
+        before, after = optimise(batches, loss_of, [p for pair in weights.values() for p in pair],
+                                 model_sampling=model_sampling_of(model), steps=steps, learning_rate=learning_rate,
+                                 seed=seed, on_step=on_step)
     return {k: (w_k.detach().cpu(), w_v.detach().cpu()) for k, (w_k, w_v) in weights.items()}, before, after

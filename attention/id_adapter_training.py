@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .schedule import model_sampling_of
-from .training import diffusion_loss, leave_inference_mode, normal_copy
+from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
 from .unet_layers import BlockKey, attention_keys, diffusion_model_of
 
 ORDER = 120
@@ -59,10 +59,6 @@ def train_id_adapter(model, adapter, pairs: list[Pair], *, steps: int, learning_
     comfy.model_management.load_model_gpu(model)
     device = model.load_device
     keys = attention_keys(diffusion_model_of(model))
-    sampling = model_sampling_of(model)
-    generator = torch.Generator().manual_seed(seed)
-    validation = [(pair, sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
-                   torch.randn(pair.target.shape, generator=generator)) for pair in pairs]
     with torch.inference_mode(False), torch.enable_grad():
         leave_inference_mode(diffusion_model_of(model))
         trained = adapter.to(device, torch.float32)
@@ -76,7 +72,6 @@ def train_id_adapter(model, adapter, pairs: list[Pair], *, steps: int, learning_
         current: dict = {}
         patched = patched_clone(model, [("attn2", key, IdentityOnlyCrossAttention(current, trained.kv_weights))
                                         for key in keys])
-        optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
 
         def loss_of(pair: Pair, sigma, noise) -> torch.Tensor:
             current["tokens"] = trained.projection(normal_copy(pair.face_embed).to(device),
@@ -84,21 +79,8 @@ def train_id_adapter(model, adapter, pairs: list[Pair], *, steps: int, learning_
             return diffusion_loss(model, patched, normal_copy(pair.target), normal_copy(pair.cond),
                                   sigma.to(device), noise.to(device))
 
-        def validation_loss() -> float:
-            with torch.no_grad():
-                return float(torch.stack([loss_of(p, s, n) for p, s, n in validation]).mean())
-
-        before = validation_loss()
-        for step in range(steps):
-            pair = pairs[int(torch.randint(len(pairs), (1,), generator=generator))]
-            sigma = sampling.sigma(torch.randint(0, 1000, (1,), generator=generator).float())
-            loss = loss_of(pair, sigma, torch.randn(pair.target.shape, generator=generator))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step(step, loss.item())
-        after = validation_loss()
+        before, after = optimise(pairs, loss_of, parameters, model_sampling=model_sampling_of(model), steps=steps,
+                                 learning_rate=learning_rate, seed=seed, on_step=on_step)
         trained.kv_weights = {k: (w_k.detach(), w_v.detach()) for k, (w_k, w_v) in trained.kv_weights.items()}
         for parameter in parameters:
             parameter.requires_grad_(False)

@@ -210,7 +210,8 @@ def parse_mix_weights(text: str, references: int) -> list[float]:
     try:
         weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
     except ValueError:
-        raise ValueError(f"mix_weights={text!r}: expected numbers separated by commas, one per reference image") from None
+        raise ValueError(f"mix_weights={text!r}: expected numbers separated by commas, "
+                         "one per reference image") from None
     if len(weights) != references:
         raise ValueError(f"mix_weights={text!r} gives {len(weights)} weights for {references} reference image(s): "
                          "give one per image, or leave it empty for equal weights")

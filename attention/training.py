@@ -64,3 +64,33 @@ def diffusion_loss(base_model, patched, target: torch.Tensor, cond: list, sigma:
     (denoised,) = denoised_predictions(base_model, patched, [cond], noisy, sigma)
     predicted_noise = (noisy - denoised) / sigma.view(-1, 1, 1, 1)
     return torch.nn.functional.mse_loss(predicted_noise.float(), noise.float())
+
+
+def optimise(examples: list, loss_of, parameters: list[torch.nn.Parameter], *, model_sampling, steps: int,
+             learning_rate: float, seed: int, on_step=None) -> tuple[float, float]:
+    """AdamW over ``parameters`` on ``loss_of(example, sigma, noise)``; each step takes
+    a random example, timestep and noise. Returns the loss of a fixed validation
+    set (one sigma and noise per example, drawn first) before and after.
+
+    Call inside ``torch.inference_mode(False)`` with grad enabled. ``on_step(step,
+    loss)`` may raise to interrupt (ComfyUI's interrupt)."""
+    generator = torch.Generator().manual_seed(seed)
+    validation = [(example, model_sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
+                   torch.randn(example.target.shape, generator=generator)) for example in examples]
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+
+    def validation_loss() -> float:
+        with torch.no_grad():
+            return float(torch.stack([loss_of(e, s, n) for e, s, n in validation]).mean())
+
+    before = validation_loss()
+    for step in range(steps):
+        example = examples[int(torch.randint(len(examples), (1,), generator=generator))]
+        sigma = model_sampling.sigma(torch.randint(0, 1000, (1,), generator=generator).float())
+        loss = loss_of(example, sigma, torch.randn(example.target.shape, generator=generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step, loss.item())
+    return before, validation_loss()

@@ -6,7 +6,6 @@ a model name alone would make it download weights.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from pathlib import Path
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness.sampling import encode, txt2img_latent
+from harness.sampling import txt2img_latent
 
 SEED_LATENT = 11
 

@@ -51,7 +51,8 @@ def _fake_wheel(folder: Path, name: str, version: str) -> Path:
     other pack installed (the real onnxruntime-gpu is a large download)."""
     dist = f"{name.replace('-', '_')}-{version}"
     files = {f"{dist}.dist-info/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
-             f"{dist}.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: likeness-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+             f"{dist}.dist-info/WHEEL": ("Wheel-Version: 1.0\nGenerator: likeness-test\nRoot-Is-Purelib: true\n"
+                                         "Tag: py3-none-any\n"),
              "likeness_fake_flavour_marker.py": "# installed by the test\n"}
     record = []
     for path, text in files.items():

@@ -219,7 +219,8 @@ def test_bf16_model_runs_inversion_and_ffa(comfy, tiny_checkpoints, base_directo
 
     path = base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"]
     model, clip, _, _ = comfy_sd.load_checkpoint_guess_config(str(path), model_options={"dtype": torch.bfloat16})
-    assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1.to_q.weight.dtype == torch.bfloat16
+    first_attention = model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn1
+    assert first_attention.to_q.weight.dtype == torch.bfloat16
     empty = encode(comfy, clip, "")
     z_t, features = invert(comfy, model, empty, random_latents(1))
     out = ksampler_advanced(comfy, ffa(comfy, model, features, features), z_t, empty, cfg=3.0)
