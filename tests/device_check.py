@@ -32,7 +32,8 @@ def load(comfyui: str) -> dict:
     comfy.cli_args.args.cpu = not torch.cuda.is_available()  # lets the script be tried on a CPU too
 
     return {name: importlib.import_module(f"attention.{name}")
-            for name in ("inversion", "ffa", "schedule", "unet_layers", "feature_bank", "dispatch", "face_fusion")}
+            for name in ("inversion", "ffa", "schedule", "unet_layers", "feature_bank", "dispatch", "face_fusion",
+                         "infinite_id")}
 
 
 def tiny_unet(kind: str):
@@ -95,6 +96,9 @@ def invariants(attention, kind: str) -> dict:
     with_face = forward(attention, face_fusion.apply_face_fusion(model, face, keys), start, cond, steps, cfg=5.0)
     no_face = forward(attention, face_fusion.apply_face_fusion(model, dataclasses.replace(face, weight=0.0), keys),
                       start, cond, steps, cfg=5.0)
+    from harness.face_bench import with_infinite_id
+
+    two_streams = forward(attention, with_infinite_id(model, attention), start, cond, steps, cfg=5.0)
     unet = layers.diffusion_model_of(model)
     return {
         "device": str(device), "unet_dtype": str(next(unet.parameters()).dtype),
@@ -107,6 +111,8 @@ def invariants(attention, kind: str) -> dict:
         "face_fusion_finite": bool(torch.isfinite(with_face).all()),
         "face_fusion_changes_output": bool(not torch.equal(with_face, before)),
         "face_weight_0_bit_identical": bool(torch.equal(no_face, before)),
+        "infinite_id_finite": bool(torch.isfinite(two_streams).all()),
+        "infinite_id_changes_output": bool(not torch.equal(two_streams, before)),
     }
 
 

@@ -53,10 +53,12 @@ def measure_gpu(model, attention: dict, *, size: int, steps: int) -> dict:
     latent = torch.zeros(1, 4, size // 8, size // 8)
     sample_steps(model, latent, 2)  # warm-up, loads the model
     results = {}
-    for name, candidate in (("vanilla", model), ("face", with_face(model, attention, size))):
+    for name, candidate in (("vanilla", model), ("face", with_face(model, attention, size)),
+                            ("infinite_id", with_infinite_id(model, attention))):
         torch.cuda.reset_peak_memory_stats()
         results[f"{name}_step_s"] = round(min(sample_steps(candidate, latent, steps) for _ in range(2)), 4)
         results[f"{name}_peak_bytes"] = torch.cuda.max_memory_allocated()
-    results["face_over_vanilla_step"] = round(results["face_step_s"] / results["vanilla_step_s"], 3)
-    results["face_over_vanilla_peak"] = round(results["face_peak_bytes"] / results["vanilla_peak_bytes"], 3)
+    for name in ("face", "infinite_id"):
+        results[f"{name}_over_vanilla_step"] = round(results[f"{name}_step_s"] / results["vanilla_step_s"], 3)
+        results[f"{name}_over_vanilla_peak"] = round(results[f"{name}_peak_bytes"] / results["vanilla_peak_bytes"], 3)
     return results
