@@ -63,3 +63,32 @@ def numbered_path(folder_name: str, prefix: str) -> Path:
     while (folder / f"{prefix}_{counter:05d}.safetensors").exists():
         counter += 1
     return folder / f"{prefix}_{counter:05d}.safetensors"
+
+
+def optimiser_inputs(each_step: str) -> list:
+    """steps, learning_rate, seed: the inputs every Likeness trainer takes."""
+    return [
+        io.Int.Input("steps", default=500, min=1, max=100000, tooltip=f"Optimiser steps ({each_step} each)."),
+        io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6, tooltip="AdamW learning rate."),
+        io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds the order, timesteps and noise."),
+    ]
+
+
+def trainer_outputs(what: str) -> list:
+    return [io.String.Output(display_name="file", tooltip=f"The {what} file written."),
+            io.Float.Output(display_name="loss_before", tooltip="Validation loss before training."),
+            io.Float.Output(display_name="loss_after", tooltip="Validation loss after training.")]
+
+
+def training_progress(steps: int):
+    """on_step for the trainers: ComfyUI's progress bar, and its interrupt between steps."""
+    import comfy.model_management
+    import comfy.utils
+
+    progress = comfy.utils.ProgressBar(steps)
+
+    def on_step(step: int, loss: float) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        progress.update_absolute(step + 1, steps)
+
+    return on_step

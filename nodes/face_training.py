@@ -6,7 +6,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from .common import LIKENESS_FOLDER, numbered_path
+from .common import LIKENESS_FOLDER, numbered_path, optimiser_inputs, trainer_outputs, training_progress
 
 CATEGORY = "likeness/face"
 
@@ -47,26 +47,17 @@ class TrainFaceKV(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the images and face crops."),
                 io.String.Input("folder", default="face_kv_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
-                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimiser steps (one image each)."),
-                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6,
-                               tooltip="AdamW learning rate."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seeds the order, timesteps and noise."),
+                *optimiser_inputs("one image"),
                 io.String.Input("filename_prefix", default="face_kv",
                                 tooltip="File name in models/likeness/; a counter is added."),
             ],
-            outputs=[io.String.Output(display_name="file", tooltip="The weights file written."),
-                     io.Float.Output(display_name="loss_before", tooltip="Validation loss before training."),
-                     io.Float.Output(display_name="loss_after", tooltip="Validation loss after training.")],
+            outputs=trainer_outputs("weights"),
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
                 filename_prefix: str) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.utils
-
         from ..attention.face_kv import save_face_kv
         from ..attention.face_kv_training import Batch, find_examples, train_face_kv
         from ..attention.feature_bank import model_fingerprint
@@ -78,14 +69,8 @@ class TrainFaceKV(io.ComfyNode):
             face = model.model.process_latent_in(vae.encode(_image_tensor(example.face)))
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(example.caption))
             batches.append(Batch(target, face, cond))
-        progress = comfy.utils.ProgressBar(steps)
-
-        def on_step(step: int, loss: float) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(step + 1, steps)
-
         weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,
-                                               seed=seed, on_step=on_step)
+                                               seed=seed, on_step=training_progress(steps))
         path = numbered_path(LIKENESS_FOLDER, filename_prefix)
         save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "examples": len(examples),
                                      "loss_before": before, "loss_after": after,

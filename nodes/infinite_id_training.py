@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import numbered_path
+from .common import numbered_path, optimiser_inputs, trainer_outputs, training_progress
 from .face_analysis import FaceAnalysisType
 from .face_training import _image_tensor, _resolve_folder
 from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder
@@ -34,27 +34,19 @@ class TrainIDAdapter(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H/14 image encoder."),
                 io.String.Input("folder", default="id_adapter_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
-                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimiser steps (one pair each)."),
-                io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6,
-                               tooltip="AdamW learning rate."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds order, timesteps, noise."),
+                *optimiser_inputs("one pair"),
                 io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="FaceID-PlusV2's s_scale during training."),
                 io.String.Input("filename_prefix", default="infinite_id",
                                 tooltip="File name in models/ipadapter/; a counter is added."),
             ],
-            outputs=[io.String.Output(display_name="file", tooltip="The adapter file written."),
-                     io.Float.Output(display_name="loss_before", tooltip="Validation loss before training."),
-                     io.Float.Output(display_name="loss_after", tooltip="Validation loss after training.")],
+            outputs=trainer_outputs("adapter"),
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, model, clip, vae, id_adapter, analysis, clip_vision, folder: str, steps: int,
                 learning_rate: float, seed: int, shortcut_scale: float, filename_prefix: str) -> io.NodeOutput:
-        import comfy.model_management
-        import comfy.utils
-
         from ..attention.face_kv_training import find_examples
         from ..attention.id_adapter import save_id_adapter
         from ..attention.id_adapter_training import Pair, train_id_adapter
@@ -67,14 +59,8 @@ class TrainIDAdapter(io.ComfyNode):
             hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
             target = model.model.process_latent_in(vae.encode(_image_tensor(example.image)))
             pairs.append(Pair(target, embeddings, hidden, empty))
-        progress = comfy.utils.ProgressBar(steps)
-
-        def on_step(step: int, loss: float) -> None:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            progress.update_absolute(step + 1, steps)
-
         trained, before, after = train_id_adapter(model, id_adapter, pairs, steps=steps, learning_rate=learning_rate,
-                                                  seed=seed, scale=shortcut_scale, on_step=on_step)
+                                                  seed=seed, scale=shortcut_scale, on_step=training_progress(steps))
         register_ipadapter_folder()
         path = numbered_path(IPADAPTER_FOLDER, filename_prefix)
         save_id_adapter(trained, path)
