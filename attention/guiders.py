@@ -57,3 +57,36 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         shared, source, target = (_cfg(self, out, 0, i, x, timestep, model_options, conds) for i in (1, 2, 3))
         return editing.pair_combination(shared, source, target, self.s_d, self.s_a, self.s_b)
+
+
+class MCDMCFGGuider(comfy.samplers.CFGGuider):
+    """Eq. 1's three scales over the released code's four rows (see attention.mcdm.GuidanceRows);
+    with a source conditioning and a mask, Eq. 3 blends the target and source predictions."""
+
+    def set_scales(self, s_image: float, s_spatial: float, s_text: float) -> None:
+        self.scales = (s_image, s_spatial, s_text)
+
+    def set_conds(self, positive, negative, source=None, mask=None) -> None:
+        from . import mcdm
+
+        rows = mcdm.guidance_rows(positive, negative)
+        conds = {"positive": rows.full, "negative": rows.null, "image_spatial": rows.image_spatial}
+        if rows.image_only is not None:
+            conds["image_only"] = rows.image_only
+        if source is not None:
+            conds["source"] = source
+        self.mask = mask
+        self.inner_set_conds(conds)
+
+    def predict_noise(self, x, timestep, model_options={}, seed=None):
+        from . import mcdm
+
+        names = ("negative", "positive", "image_only", "image_spatial", "source")
+        conds = [self.conds.get(name) for name in names]
+        out = dict(zip(names, comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)))
+        image_only = out["image_only"] if conds[2] is not None else None
+        target = mcdm.combine(out["negative"], out["positive"], image_only, out["image_spatial"], *self.scales)
+        if conds[4] is None:
+            return target
+        source = mcdm.combine(out["negative"], out["source"], image_only, out["image_spatial"], *self.scales)
+        return editing.blend(target, source, editing.mask_to_latent(self.mask, x))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from . import (editing, face_analysis, face_fusion, face_training, infinite_id, infinite_id_training, magicstyle,
-               metrics)
+               mcdm, metrics)
 from .common import register_model_folders
 
-FAMILIES = (magicstyle, face_fusion, face_training, face_analysis, infinite_id, infinite_id_training, editing,
+FAMILIES = (magicstyle, face_fusion, face_training, face_analysis, infinite_id, infinite_id_training, editing, mcdm,
             metrics)
 register_model_folders()
 

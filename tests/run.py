@@ -24,7 +24,9 @@ import install  # noqa: E402  (the pack's own installer builds the host)
 # Test-only packages: never in the pack's requirements.
 TEST_PACKAGES = ("pytest>=8", "playwright==1.65.2",
                  # an independent face detector/embedder whose weights ship in its wheels
-                 "dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0")
+                 "dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0",
+                 # the MCDM's released code is built on diffusers: the key conversion is proven against it
+                 "diffusers==0.35.2")
 CHROMIUM = Path("/usr/bin/chromium")
 
 

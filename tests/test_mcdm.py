@@ -1,0 +1,235 @@
+"""The Multi-Conditioned Diffusion Model: released file layouts, the key conversion
+proven against diffusers, the B/32 hidden states, the three-scale guider."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tiny_mcdm
+from harness.sampling import encode
+
+
+@pytest.fixture(scope="module")
+def files(comfy, base_directory):
+    return tiny_mcdm.write(base_directory / "models")
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy, tiny_checkpoints):
+    return comfy.load_checkpoint(tiny_checkpoints["sd15"])
+
+
+@pytest.fixture(scope="module")
+def mcdm(comfy, files):
+    return comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name=files["adapter"],
+                          clip_vision_name=files["clip_vision"])
+
+
+def portrait(size: int = 512, seed: int = 3) -> torch.Tensor:
+    """A smooth random image, (1, size, size, 3) in 0..1."""
+    coarse = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").movedim(1, -1)
+
+
+def conditionings(comfy, sd15, mcdm, image, prompt="a man in a suit", negative=""):
+    _, clip, vae = sd15
+    return comfy.run_node("LikenessMCDMConditioning", mcdm=mcdm[1], positive=encode(comfy, clip, prompt),
+                          negative=encode(comfy, clip, negative), vae=vae, image=image)
+
+
+def predictions(comfy, model, conds, noisy, sigma):
+    training = comfy.pack("attention.training")
+    return training.denoised_predictions(model, model, conds, noisy, sigma)
+
+
+def test_released_layout_loads_as_an_8_channel_sd15_unet(mcdm):
+    model, state = mcdm
+    assert model.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 8
+    assert type(model.model).__name__ == "SD15_instructpix2pix"
+    assert state.image_tokens == 50 and state.scaled_concat
+    assert state.image_encoder.width == tiny_mcdm.WIDTH
+
+
+def test_wrong_files_are_refused_with_what_would_be_accepted(comfy, base_directory, files, tiny_checkpoints):
+    likeness = base_directory / "models" / "likeness"
+    four = {f"module.{k}": v for k, v in tiny_mcdm.diffusers_unet(in_channels=4).state_dict().items()}
+    torch.save(four, likeness / "four_channels.pth")
+    with pytest.raises(ValueError, match=r"unet_name='four_channels.pth'.*4 channels.*takes 8"):
+        comfy.run_node("LikenessMCDMLoader", unet_name="four_channels.pth", adapter_name="none",
+                       clip_vision_name="none")
+    adapter = torch.load(likeness / files["adapter"], weights_only=True)
+    save_file({**{k[len("module."):]: v for k, v in adapter.items()}, "extra.weight": torch.zeros(1)},
+              str(likeness / "bad_adapter.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter_name='bad_adapter.safetensors'.*unexpected extra.weight"):
+        comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name="bad_adapter.safetensors",
+                       clip_vision_name=files["clip_vision"])
+    with pytest.raises(ValueError, match=r"clip_vision_name='none'.*CLIP ViT-B/32"):
+        comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name=files["adapter"],
+                       clip_vision_name="none")
+    # A pickle that needs code to load is refused by weights_only=True.
+    torch.save({"module.conv_in.weight": torch.zeros(1), "object": object()}, likeness / "pickled.pth")
+    with pytest.raises(Exception, match="(?i)weights_only|unsupported"):
+        comfy.run_node("LikenessMCDMLoader", unet_name="pickled.pth", adapter_name="none", clip_vision_name="none")
+
+
+def test_key_conversion_and_adapter_match_diffusers_and_the_released_adapter(comfy, sd15, mcdm):
+    """The same noise prediction through LikenessMCDMLoader inside ComfyUI as through diffusers."""
+    from comfy.clip_vision import clip_preprocess
+
+    model, state = mcdm
+    image = portrait()
+    positive, negative, latent = conditionings(comfy, sd15, mcdm, image)
+    reference_unet = tiny_mcdm.diffusers_unet()
+    reference_adapter = tiny_mcdm.released_adapter()
+    tower = tiny_mcdm.clip_b32()
+    sigma = model.model.model_sampling.sigma(torch.tensor([420.0]))
+    noisy = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(9)) * sigma
+    with torch.no_grad():
+        (denoised,) = predictions(comfy, model, [positive], noisy, sigma)
+    noise_comfy = (noisy - denoised) / sigma
+
+    c_s = latent["samples"] * 0.18215
+    with torch.no_grad():
+        pixels = clip_preprocess(image, size=224)
+        clip_tokens = tower(pixel_values=pixels).last_hidden_state
+        image_tokens = reference_adapter(clip_tokens, c_s)
+        text = positive[0][0][:, :77]
+        sample = torch.cat([noisy / torch.sqrt(sigma ** 2 + 1), c_s], dim=1)
+        timestep = model.model.model_sampling.timestep(sigma)
+        noise_diffusers = reference_unet(sample, timestep, encoder_hidden_states=torch.cat([text, image_tokens], 1)).sample
+    assert positive[0][0].shape[1] == 77 + 50
+    assert (positive[0][0][:, 77:] - image_tokens).abs().max() <= 1e-5
+    assert (noise_comfy - noise_diffusers).abs().max() <= 1e-4
+    assert noise_diffusers.abs().mean() > 0.1  # a real prediction, not zeros on both sides
+
+
+def test_open_clip_and_hugging_face_files_give_the_released_hidden_states(comfy):
+    """last_hidden_state of CLIPVisionModel: class token included, before post-LayerNorm,
+    from a Hugging Face file and from an open_clip file of the same random weights."""
+    import open_clip.model
+
+    encoder_module = comfy.pack("attention.clip_b32")
+    tower = tiny_mcdm.clip_b32()
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = tower(pixel_values=pixels).last_hidden_state
+        hugging_face = encoder_module.ImageEncoder(tower.state_dict()).model(pixel_values=pixels).last_hidden_state
+    assert expected.shape == (2, 50, tiny_mcdm.WIDTH)
+    assert (hugging_face - expected).abs().max() <= 1e-6
+
+    torch.manual_seed(11)
+    visual = open_clip.model._build_vision_tower(
+        embed_dim=16, quick_gelu=True,
+        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=tiny_mcdm.WIDTH, head_width=64, mlp_ratio=2.0,
+                                                 patch_size=32, image_size=224)).eval()
+    captured = {}
+
+    def capture(module, args, output) -> None:
+        captured.setdefault("tokens", args[0])
+
+    visual.ln_post.register_forward_hook(capture)
+    with torch.no_grad():
+        visual(pixels)
+        file = {f"visual.{k}": v for k, v in visual.state_dict().items()}
+        converted = encoder_module.ImageEncoder(file).model(pixel_values=pixels)
+    assert (converted.last_hidden_state - captured["tokens"]).abs().max() <= 1e-5
+    # the post-LayerNorm output differs: the adapter reads the states before it
+    assert (converted.last_hidden_state - visual.ln_post(captured["tokens"])).abs().max() > 1e-2
+
+
+def one_step(comfy, guider, latent, sigmas, seed=5):
+    (noise,) = comfy.run_node("RandomNoise", noise_seed=seed)
+    (sampler,) = comfy.run_node("KSamplerSelect", sampler_name="euler")
+    out, _ = comfy.run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                            latent_image=latent)
+    return out["samples"]
+
+
+def mcdm_guider(comfy, model, positive, negative, scales, **optional):
+    return comfy.run_node("LikenessMCDMGuider", model=model, positive=positive, negative=negative,
+                          image_scale=scales[0], spatial_scale=scales[1], text_scale=scales[2], **optional)[0]
+
+
+@pytest.fixture(scope="module")
+def small_edit(comfy, sd15, mcdm):
+    image = portrait(64)
+    positive, negative, latent = conditionings(comfy, sd15, mcdm, image)
+    source = conditionings(comfy, sd15, mcdm, image, prompt="a man in a sweater")[0]
+    sigmas = mcdm[0].model.model_sampling.sigma(torch.tensor([900.0, 600.0]))
+    return positive, negative, source, {"samples": torch.zeros_like(latent["samples"])}, sigmas
+
+
+def test_scales_of_one_give_the_all_conditions_prediction(comfy, mcdm, small_edit):
+    model = mcdm[0]
+    positive, negative, _, latent, sigmas = small_edit
+    plain = comfy.run_node("CFGGuider", model=model, positive=positive, negative=negative, cfg=1.0)[0]
+    assert torch.allclose(one_step(comfy, mcdm_guider(comfy, model, positive, negative, (1, 1, 1)), latent, sigmas),
+                          one_step(comfy, plain, latent, sigmas), rtol=1e-5, atol=1e-4)
+
+
+def test_three_scales_follow_eq_1_over_the_released_rows(comfy, mcdm, small_edit):
+    model = mcdm[0]
+    rows_module = comfy.pack("attention.mcdm")
+    positive, negative, _, latent, sigmas = small_edit
+    scales = (3.0, 2.0, 4.0)
+    stepped = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales), latent, sigmas, seed=5)
+
+    rows = rows_module.guidance_rows(positive, negative)
+    start = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(5)) * sigmas[0]
+    with torch.no_grad():
+        null, full, image_only, image_spatial = predictions(
+            comfy, model, [rows.null, rows.full, rows.image_only, rows.image_spatial], start, sigmas[:1])
+    denoised = rows_module.combine(null, full, image_only, image_spatial, *scales)
+    expected = model.model.process_latent_out(start + (start - denoised) / sigmas[0] * (sigmas[1] - sigmas[0]))
+    assert torch.allclose(stepped, expected, rtol=1e-5, atol=1e-3)
+    # the rows really differ: each scale changes the result
+    for changed in ((1.0, 2.0, 4.0), (3.0, 1.0, 4.0), (3.0, 2.0, 1.0)):
+        other = one_step(comfy, mcdm_guider(comfy, model, positive, negative, changed), latent, sigmas)
+        assert not torch.allclose(other, stepped, atol=1e-4), changed
+
+
+def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, mcdm, small_edit):
+    model = mcdm[0]
+    positive, negative, source, latent, sigmas = small_edit
+    scales = (3.0, 2.0, 4.0)
+    target_only = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales), latent, sigmas)
+    source_only = one_step(comfy, mcdm_guider(comfy, model, source, negative, scales), latent, sigmas)
+    assert not torch.allclose(target_only, source_only, atol=1e-4)
+    for mask, expected in ((torch.ones(64, 64), target_only), (torch.zeros(64, 64), source_only)):
+        blended = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales, source=source, mask=mask),
+                           latent, sigmas)
+        assert torch.allclose(blended, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_edit_mask_runs_on_an_mcdm(comfy, mcdm, small_edit):
+    positive, _, source, _, _ = small_edit
+    latent = {"samples": source[0][1]["concat_latent_image"] / 0.18215}
+    (mask,) = comfy.run_node("LikenessEditMask", model=mcdm[0], latent=latent, source=source, target=positive,
+                             seeds=2, strength=0.5, blur=5, threshold=0.2, normalisation="min-max", seed=0)
+    assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert 0 < mask.mean() < 1
+
+
+def test_instruct_pix2pix_checkpoint_loads_as_an_mcdm_without_adapter(comfy, base_directory, sd15, tiny_checkpoints):
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"]))
+    conv_in = checkpoint["model.diffusion_model.input_blocks.0.0.weight"]
+    checkpoint["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat(
+        [conv_in, torch.randn_like(conv_in) * 0.1], dim=1)
+    save_file(checkpoint, str(base_directory / "models" / "likeness" / "tiny_ip2p.safetensors"))
+    model, state = comfy.run_node("LikenessMCDMLoader", unet_name="tiny_ip2p.safetensors", adapter_name="none",
+                                  clip_vision_name="none")
+    assert state.adapter is None and not state.scaled_concat
+    image = portrait(64)
+    positive, negative, latent = conditionings(comfy, sd15, (model, state), image)
+    assert positive[0][0].shape[1] == 77
+    assert torch.equal(positive[0][1]["concat_latent_image"], latent["samples"])  # InstructPix2Pix: unscaled
+    rows = comfy.pack("attention.mcdm").guidance_rows(positive, negative)
+    assert rows.image_only is None  # row 2 is row 0 without image tokens
+    sigmas = model.model.model_sampling.sigma(torch.tensor([900.0, 600.0]))
+    empty = {"samples": torch.zeros_like(latent["samples"])}
+    stepped = one_step(comfy, mcdm_guider(comfy, model, positive, negative, (3.0, 1.5, 7.5)), empty, sigmas)
+    assert torch.isfinite(stepped).all()
