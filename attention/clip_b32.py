@@ -33,7 +33,8 @@ def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
             renamed[f"{target}.{kind}"] = state[f"{prefix}{source}.{kind}"]
     layer_parts = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-    layers = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.", k))}
+    block = re.compile(rf"{re.escape(prefix)}transformer\.resblocks\.(\d+)\.")
+    layers = {int(m.group(1)) for k in state if (m := block.match(k))}
     for index in sorted(layers):
         source = f"{prefix}transformer.resblocks.{index}."
         target = f"vision_model.encoder.layers.{index}."

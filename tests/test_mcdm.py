@@ -98,7 +98,8 @@ def test_key_conversion_and_adapter_match_diffusers_and_the_released_adapter(com
         text = positive[0][0][:, :77]
         sample = torch.cat([noisy / torch.sqrt(sigma ** 2 + 1), c_s], dim=1)
         timestep = model.model.model_sampling.timestep(sigma)
-        noise_diffusers = reference_unet(sample, timestep, encoder_hidden_states=torch.cat([text, image_tokens], 1)).sample
+        context = torch.cat([text, image_tokens], 1)
+        noise_diffusers = reference_unet(sample, timestep, encoder_hidden_states=context).sample
     assert positive[0][0].shape[1] == 77 + 50
     assert (positive[0][0][:, 77:] - image_tokens).abs().max() <= 1e-5
     assert (noise_comfy - noise_diffusers).abs().max() <= 1e-4
