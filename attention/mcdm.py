@@ -194,9 +194,10 @@ def read_unet(state: dict[str, torch.Tensor]) -> UNetFile:
     return UNetFile(weights, config, layout)
 
 
-def build_model(unet: UNetFile):
+def build_model(unet: UNetFile, dtype: torch.dtype | None = None):
     """A ComfyUI ModelPatcher for the UNet: SD1.5 InstructPix2Pix model class (it concatenates
-    ``concat_latent_image`` to the noisy latent), dtype and devices chosen as ComfyUI chooses them."""
+    ``concat_latent_image`` to the noisy latent), dtype (unless given) and devices chosen as
+    ComfyUI chooses them."""
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
@@ -206,8 +207,8 @@ def build_model(unet: UNetFile):
     parameters = comfy.utils.calculate_parameters(unet.weights)
     weight_dtype = comfy.utils.weight_dtype(unet.weights)
     load_device = mm.get_torch_device()
-    unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=list(model_config.supported_inference_dtypes),
-                               weight_dtype=weight_dtype)
+    unet_dtype = dtype or mm.unet_dtype(model_params=parameters, weight_dtype=weight_dtype,
+                                        supported_dtypes=list(model_config.supported_inference_dtypes))
     model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device,
                                                                         model_config.supported_inference_dtypes))
     model = model_config.get_model(unet.weights, "")

@@ -3,6 +3,8 @@ run the way ComfyUI's samplers run it, on weights autograd can use."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 
@@ -11,6 +13,9 @@ def normal_copy(value):
     torch.inference_mode() cannot take part in a backward pass."""
     if isinstance(value, torch.Tensor):
         return value.clone()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: normal_copy(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
     if isinstance(value, dict):
         return {k: normal_copy(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -92,3 +92,24 @@ def training_progress(steps: int):
         progress.update_absolute(step + 1, steps)
 
     return on_step
+
+
+def image_file_tensor(path: Path):
+    """A ComfyUI IMAGE (1, H, W, 3) in 0..1, cropped to multiples of 8 for the VAE."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+        width, height = image.size
+        image = image.crop((0, 0, width - width % 8, height - height % 8))
+        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def dataset_folder(folder: str) -> Path:
+    """A training folder: absolute, or inside ComfyUI's input folder."""
+    import folder_paths
+
+    path = Path(folder).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path

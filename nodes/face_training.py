@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from comfy_api.latest import io
 
-from .common import LIKENESS_FOLDER, numbered_path, optimiser_inputs, trainer_outputs, training_progress
+from .common import (LIKENESS_FOLDER, dataset_folder, image_file_tensor, numbered_path, optimiser_inputs,
+                     trainer_outputs, training_progress)
 
 CATEGORY = "likeness/face"
-
-
-def _image_tensor(path: Path):
-    """A ComfyUI IMAGE (1, H, W, 3) in 0..1, cropped to multiples of 8 for the VAE."""
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image).convert("RGB")
-        width, height = image.size
-        image = image.crop((0, 0, width - width % 8, height - height % 8))
-        return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
-
-
-def _resolve_folder(folder: str) -> Path:
-    import folder_paths
-
-    path = Path(folder).expanduser()
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
 
 
 class TrainFaceKV(io.ComfyNode):
@@ -62,11 +41,11 @@ class TrainFaceKV(io.ComfyNode):
         from ..attention.face_kv_training import Batch, find_examples, train_face_kv
         from ..attention.feature_bank import model_fingerprint
 
-        examples = find_examples(_resolve_folder(folder))
+        examples = find_examples(dataset_folder(folder))
         batches = []
         for example in examples:
-            target = model.model.process_latent_in(vae.encode(_image_tensor(example.image)))
-            face = model.model.process_latent_in(vae.encode(_image_tensor(example.face)))
+            target = model.model.process_latent_in(vae.encode(image_file_tensor(example.image)))
+            face = model.model.process_latent_in(vae.encode(image_file_tensor(example.face)))
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(example.caption))
             batches.append(Batch(target, face, cond))
         weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from .common import numbered_path, optimiser_inputs, trainer_outputs, training_progress
 from .face_analysis import FaceAnalysisType
-from .face_training import _image_tensor, _resolve_folder
+from .common import dataset_folder, image_file_tensor
 from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder
 
 CATEGORY = "likeness/infinite_id"
@@ -54,10 +54,10 @@ class TrainIDAdapter(io.ComfyNode):
 
         empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         pairs = []
-        for example in find_examples(_resolve_folder(folder), IDENTITY_SUFFIX):
-            faces, _, _, embeddings = crop_faces(analysis, _image_tensor(example.face), crop_size=224)
+        for example in find_examples(dataset_folder(folder), IDENTITY_SUFFIX):
+            faces, _, _, embeddings = crop_faces(analysis, image_file_tensor(example.face), crop_size=224)
             hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
-            target = model.model.process_latent_in(vae.encode(_image_tensor(example.image)))
+            target = model.model.process_latent_in(vae.encode(image_file_tensor(example.image)))
             pairs.append(Pair(target, embeddings, hidden, empty))
         trained, before, after = train_id_adapter(model, id_adapter, pairs, steps=steps, learning_rate=learning_rate,
                                                   seed=seed, scale=shortcut_scale, on_step=training_progress(steps))

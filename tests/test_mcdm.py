@@ -234,3 +234,79 @@ def test_instruct_pix2pix_checkpoint_loads_as_an_mcdm_without_adapter(comfy, bas
     empty = {"samples": torch.zeros_like(latent["samples"])}
     stepped = one_step(comfy, mcdm_guider(comfy, model, positive, negative, (3.0, 1.5, 7.5)), empty, sigmas)
     assert torch.isfinite(stepped).all()
+
+
+def test_save_pairs_writes_a_training_folder_and_numbers_on(comfy, base_directory):
+    sources, targets = torch.cat([portrait(64, 1), portrait(64, 2)]), torch.cat([portrait(64, 3), portrait(64, 4)])
+    for _ in range(2):
+        comfy.run_node("LikenessSavePairs", source=sources, target=targets, prompt="a man in a suit",
+                       source_prompt="a man in a sweater", folder="pairs_numbering", filename_prefix="pair")
+    folder = base_directory / "input" / "pairs_numbering"
+    assert sorted(p.name for p in folder.glob("*.png"))[:4] == [
+        "pair_00001.png", "pair_00001.source.png", "pair_00002.png", "pair_00002.source.png"]
+    assert len(list(folder.glob("*.png"))) == 8
+    assert (folder / "pair_00004.txt").read_text() == "a man in a suit"
+    assert (folder / "pair_00004.source.txt").read_text() == "a man in a sweater"
+    examples = comfy.pack("attention.face_kv_training").find_examples(folder, ".source")
+    assert [e.image.name for e in examples] == [f"pair_{i:05d}.png" for i in range(1, 5)]
+    with pytest.raises(ValueError, match="target"):
+        comfy.run_node("LikenessSavePairs", source=sources, target=targets[:1], prompt="", source_prompt="",
+                       folder="pairs_numbering", filename_prefix="pair")
+
+
+def test_a_4_channel_model_starts_as_itself(comfy, sd15):
+    """Zero-initialised extra conv_in channels: the expanded UNet predicts what the base model
+    predicts, whatever c_s is."""
+    model, clip, _ = sd15
+    training = comfy.pack("attention.mcdm_training")
+    expanded = comfy.pack("attention.mcdm").build_model(training.expanded_unet(model), dtype=torch.float32)
+    assert expanded.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 8
+    text = encode(comfy, clip, "a portrait")
+    with_latent = [[text[0][0], {**text[0][1], "concat_latent_image": torch.randn(1, 4, 8, 8)}]]
+    sigma = model.model.model_sampling.sigma(torch.tensor([500.0]))
+    noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigma
+    with torch.no_grad():
+        (base,) = predictions(comfy, model, [text], noisy, sigma)
+        (grown,) = predictions(comfy, expanded, [with_latent], noisy, sigma)
+    assert torch.allclose(base, grown, atol=1e-5)
+
+
+def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15, mcdm, files):
+    from PIL import Image
+
+    model, clip, vae = sd15
+    folder = base_directory / "input" / "pairs_training"
+    folder.mkdir()
+    for index in range(2):
+        for suffix, seed in (("", 10 + index), (".source", 20 + index)):
+            pixels = (portrait(64, seed)[0] * 255).byte().numpy()
+            Image.fromarray(pixels).save(folder / f"pair_{index:05d}{suffix}.png")
+        (folder / f"pair_{index:05d}.txt").write_text("a man in a suit")
+    for start in (mcdm[0], model):  # continue an MCDM; grow a 4-channel SD1.5
+        name, before, after = comfy.run_node(
+            "LikenessTrainMCDM", model=start, mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_training", steps=8,
+            learning_rate=1e-4, seed=0, filename_prefix="tiny_trained")
+        assert after < before, (before, after)
+        loaded, state = comfy.run_node("LikenessMCDMLoader", unet_name=name,
+                                       adapter_name=name.replace(".safetensors", ".adapter.safetensors"),
+                                       clip_vision_name=files["clip_vision"])
+        assert loaded.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 8
+        assert not torch.equal(state.adapter.vae2clip.weight, mcdm[1].adapter.vae2clip.weight)
+    # the input models are untouched
+    fresh = comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name=files["adapter"],
+                           clip_vision_name=files["clip_vision"])
+    for (key, value), fresh_value in zip(mcdm[0].model.diffusion_model.state_dict().items(),
+                                         fresh[0].model.diffusion_model.state_dict().values()):
+        assert torch.equal(value, fresh_value), key
+    assert torch.equal(mcdm[1].adapter.linear1.weight, fresh[1].adapter.linear1.weight)
+
+
+def test_dropout_cases_and_identity_pairs_come_at_the_papers_rates(comfy):
+    training = comfy.pack("attention.mcdm_training")
+    generator = torch.Generator().manual_seed(0)
+    draws = [training.draw_case(generator) for _ in range(20000)]
+    identity = sum(i for i, _ in draws) / len(draws)
+    assert abs(identity - 0.05) < 0.01
+    for case in training.DROPOUT_CASES:
+        assert abs(sum(d == case for _, d in draws) / len(draws) - 0.05) < 0.01, case
+    assert abs(sum(d is None for _, d in draws) / len(draws) - 0.80) < 0.015

@@ -1,0 +1,113 @@
+"""Fine-tuning an MCDM on generated pairs (Chen et al., Sec. 3.3 and the released
+training script): the whole 8-channel UNet and the embedding adapter learn to
+turn the source image (spatial c_s + image tokens c_im) and the target prompt
+into the target image.
+
+As in the paper: a 4-channel SD1.5 UNet gets zero-initialised extra conv_in
+channels (so step 0 is the base model); 5% of the steps use identity pairs
+(the target is also the input); 20% drop conditions, in four 5% cases: the
+spatial latent only, the image tokens only, the text only, or all three. A
+dropped image is the null image (a black image's tokens, as at inference), a
+dropped latent zeros, a dropped text the empty prompt. The validation losses
+(no gradient) always see the full conditions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from . import mcdm
+from .schedule import model_sampling_of
+from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
+
+IDENTITY_PAIRS = 0.05
+DROPOUT_CASES = ("spatial", "image", "text", "all")  # each 5%: 20% in all
+DROPOUT_EACH = 0.05
+
+
+@dataclass
+class ImageInputs:
+    latent: torch.Tensor  # model-space (×0.18215) VAE latent: c_s and the adapter's input
+    clip_tokens: torch.Tensor  # B/32 last hidden state
+
+
+@dataclass
+class Pair:
+    source: ImageInputs
+    target_image: ImageInputs
+    text: list  # CONDITIONING of the target prompt
+
+    @property
+    def target(self) -> torch.Tensor:
+        return self.target_image.latent
+
+
+def expanded_unet(model) -> mcdm.UNetFile:
+    """A float32 copy of the model's UNet with an 8-channel conv_in (extra channels zero)."""
+    weights = {k: v.detach().float().cpu().clone() for k, v in model.model.diffusion_model.state_dict().items()}
+    conv_in = weights["input_blocks.0.0.weight"]
+    if conv_in.shape[1] == 4:
+        weights["input_blocks.0.0.weight"] = torch.cat([conv_in, torch.zeros_like(conv_in)], dim=1)
+    return mcdm.read_unet(weights)
+
+
+def draw_case(generator: torch.Generator) -> tuple[bool, str | None]:
+    """(identity pair?, dropped condition or None) for one training step."""
+    identity = float(torch.rand(1, generator=generator)) < IDENTITY_PAIRS
+    draw = float(torch.rand(1, generator=generator))
+    index = int(draw // DROPOUT_EACH)
+    return identity, DROPOUT_CASES[index] if index < len(DROPOUT_CASES) else None
+
+
+def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: list[Pair], *, empty_text: list, null: ImageInputs,
+               steps: int, learning_rate: float, seed: int,
+               on_step: Callable[[int, float], None] | None = None):
+    """(trained ModelPatcher, trained adapter, validation loss before, after). ``model`` and
+    ``adapter`` are copied, never changed. ``on_step`` may raise to interrupt."""
+    import comfy.model_management
+
+    with torch.inference_mode(False), torch.enable_grad():
+        trained = mcdm.build_model(expanded_unet(model), dtype=torch.float32)
+        comfy.model_management.load_models_gpu([trained])
+        device = trained.load_device
+        unet = trained.model.diffusion_model
+        leave_inference_mode(unet)
+        for parameter in unet.parameters():
+            parameter.requires_grad_(True)
+        trained_adapter = mcdm.EmbeddingAdapter(adapter.vae2clip.out_features, adapter.vae2clip.in_features,
+                                                adapter.image_tokens)
+        trained_adapter.load_state_dict({k: v.detach().float().clone() for k, v in adapter.state_dict().items()})
+        trained_adapter = trained_adapter.to(device).requires_grad_(True)
+        pairs = [normal_copy(pair) for pair in pairs]
+        empty_text, null = normal_copy(empty_text), normal_copy(null)
+        generator = torch.Generator().manual_seed(seed + 1)
+
+        def loss_of(pair: Pair, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+            identity, dropped = draw_case(generator) if torch.is_grad_enabled() else (False, None)
+            given = pair.target_image if identity else pair.source
+            seen = null if dropped in ("image", "all") else given
+            tokens = trained_adapter(seen.clip_tokens.to(device), seen.latent.to(device))
+            spatial = None if dropped in ("spatial", "all") else given.latent
+            text = empty_text if dropped in ("text", "all") else pair.text
+            cond = mcdm.with_image(text, tokens, spatial)
+            return diffusion_loss(trained, trained, pair.target, cond, sigma.to(device), noise.to(device))
+
+        parameters = [*unet.parameters(), *trained_adapter.parameters()]
+        before, after = optimise(pairs, loss_of, parameters, model_sampling=model_sampling_of(trained), steps=steps,
+                                 learning_rate=learning_rate, seed=seed, on_step=on_step)
+        unet.requires_grad_(False)
+        trained_adapter.requires_grad_(False)
+    return trained, trained_adapter.cpu().eval(), before, after
+
+
+def save(model, adapter: mcdm.EmbeddingAdapter, unet_path, adapter_path, metadata: dict) -> None:
+    """The UNet in ComfyUI's LDM layout and the adapter in the released four-key layout."""
+    from safetensors.torch import save_file
+
+    text = {k: str(v) for k, v in metadata.items()}
+    save_file(mcdm.model_unet_weights(model), str(unet_path), metadata={**text, "likeness": "mcdm_unet"})
+    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(adapter_path),
+              metadata={**text, "likeness": "mcdm_adapter"})

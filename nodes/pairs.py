@@ -1,0 +1,67 @@
+"""LikenessSavePairs: generated pairs as a training folder for LikenessTrainMCDM."""
+
+from __future__ import annotations
+
+import re
+
+from comfy_api.latest import io
+
+from .common import dataset_folder, require
+
+CATEGORY = "likeness/editing"
+SOURCE_SUFFIX = ".source"  # <name>.source.png beside the target <name>.png
+
+
+class SavePairs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessSavePairs",
+            display_name="Likeness Save Pairs",
+            category=CATEGORY,
+            description="Saves source/target image pairs as a training folder for Likeness Train MCDM: <name>.png "
+                        "(target), <name>.source.png (source), <name>.txt (the target prompt) and "
+                        "<name>.source.txt (the source prompt). Numbers continue after existing pairs.",
+            inputs=[
+                io.Image.Input("source", tooltip="Left halves of the pair canvas (Likeness Split Pair)."),
+                io.Image.Input("target", tooltip="Right halves: the edited images."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The target prompt p_b: the edit the MCDM learns (its text condition)."),
+                io.String.Input("source_prompt", multiline=True, default="",
+                                tooltip="The source prompt p_a, kept beside each pair for reference."),
+                io.String.Input("folder", default="likeness_pairs",
+                                tooltip="Dataset folder, absolute or inside ComfyUI's input folder (the trainer "
+                                        "reads the same name)."),
+                io.String.Input("filename_prefix", default="pair", tooltip="File name start; a counter is added."),
+            ],
+            outputs=[io.String.Output(display_name="folder", tooltip="The dataset folder written to.")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, source, target, prompt: str, source_prompt: str, folder: str,
+                filename_prefix: str) -> io.NodeOutput:
+        import numpy as np
+        from PIL import Image
+
+        require(source.shape == target.shape, "target", f"images of shape {tuple(target.shape)}",
+                f"the source's shape {tuple(source.shape)} (one target per source, same size)")
+        require(re.fullmatch(r"[\w\- ]+", filename_prefix or ""), "filename_prefix", filename_prefix,
+                "letters, digits, spaces, '-' or '_'")
+        path = dataset_folder(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        taken = [int(m.group(1)) for f in path.glob(f"{filename_prefix}_*.png")
+                 if (m := re.fullmatch(rf"{re.escape(filename_prefix)}_(\d+)(?:\.source)?\.png", f.name))]
+        counter = max(taken, default=0) + 1
+        names = []
+        for index in range(source.shape[0]):
+            stem = f"{filename_prefix}_{counter + index:05d}"
+            for suffix, image, text in (("", target, prompt), (SOURCE_SUFFIX, source, source_prompt)):
+                pixels = (image[index, ..., :3].clamp(0, 1) * 255).round().byte()
+                Image.fromarray(np.asarray(pixels.cpu())).save(path / f"{stem}{suffix}.png")
+                (path / f"{stem}{suffix}.txt").write_text(text)
+            names.append(stem)
+        return io.NodeOutput(str(path), ui={"text": [f"{len(names)} pairs in {path}: {', '.join(names)}"]})
+
+
+NODES = [SavePairs]
