@@ -10,6 +10,7 @@ from PIL import Image
 
 import tiny_faceid
 import tiny_insightface
+import tiny_mcdm
 import tiny_models
 from harness.workflows import (TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows,
                                write_test_images)
@@ -24,7 +25,7 @@ FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
 EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2, "face_fusion": 1,
                    "face_fusion_multi_reference": 1, "face_fusion_two_people": 1, "infinite_id_sdxl": 1,
                    "infinite_id_sd15": 1, "infinite_id_style": 1, "identity_mix": 1, "diffedit_edit": 1,
-                   "pair_generation": 2}
+                   "pair_generation": 2, "mcdm_edit": 1}
 
 
 def test_every_workflow_has_a_ui_file_and_an_api_twin():
@@ -41,6 +42,8 @@ def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory,
     write_test_images(base_directory / "input", FACE_IMAGES)
     tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
     tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
+    if name.startswith("mcdm"):
+        tiny_mcdm.write(base_directory / "models")
     for kind in ("sd15", "sdxl"):
         tiny_faceid.write(base_directory / "models" / "ipadapter" / f"tiny_faceid_{kind}.safetensors", kind)
     prompt = for_tiny_models(load_api(name), tiny_checkpoints)

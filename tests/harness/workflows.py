@@ -36,6 +36,9 @@ def for_tiny_models(prompt: dict, checkpoints: dict[str, str], size: int = 64) -
             inputs["ckpt_name"] = checkpoints["sdxl" if "xl" in inputs["ckpt_name"].lower() else "sd15"]
         if node["class_type"] == "LikenessIDAdapterLoader":
             inputs["adapter_name"] = f"tiny_faceid_{'sdxl' if 'sdxl' in inputs['adapter_name'] else 'sd15'}.safetensors"
+        if node["class_type"] == "LikenessMCDMLoader":  # tests/tiny_mcdm.py's files
+            inputs.update(unet_name="tiny_mcdm/unet.pth", adapter_name="tiny_mcdm/adapter.pth",
+                          clip_vision_name="tiny_clip_vit_b32.safetensors")
         if node["class_type"] == "CLIPVisionLoader":
             inputs["clip_name"] = "tiny_clip_vision.safetensors"
         if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
