@@ -310,3 +310,16 @@ def test_dropout_cases_and_identity_pairs_come_at_the_papers_rates(comfy):
     for case in training.DROPOUT_CASES:
         assert abs(sum(d == case for _, d in draws) / len(draws) - 0.05) < 0.01, case
     assert abs(sum(d is None for _, d in draws) / len(draws) - 0.80) < 0.015
+
+
+def test_bf16_mcdm_follows_the_fp32_one(comfy, base_directory, files, mcdm, small_edit):
+    """The low-precision path users run on GPUs: same files built in bfloat16."""
+    module = comfy.pack("attention.mcdm")
+    state = module.load_state_dict(base_directory / "models" / "likeness" / files["unet"])
+    half = module.build_model(module.read_unet(state), dtype=torch.bfloat16)
+    assert half.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
+    positive, negative, _, latent, sigmas = small_edit
+    full = one_step(comfy, mcdm_guider(comfy, mcdm[0], positive, negative, (3, 2, 4)), latent, sigmas)
+    low = one_step(comfy, mcdm_guider(comfy, half, positive, negative, (3, 2, 4)), latent, sigmas)
+    assert torch.isfinite(low).all()
+    assert (low - full).abs().mean() < 0.05 * full.abs().mean()
