@@ -98,7 +98,8 @@ def noise_differences(model, latent: torch.Tensor, source: list, target: list, *
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + index))
         noisy = clean + noise * sigma.view(-1, 1, 1, 1)
         with torch.no_grad():
-            denoised_a, denoised_b = denoised_predictions(model, model, [source, target], noisy, sigma)
+            # Both are prompts: index 1 (uncond in cond_or_uncond) stays empty.
+            denoised_a, _, denoised_b = denoised_predictions(model, model, [source, None, target], noisy, sigma)
         # ε = (x − x0)/σ, so the ε difference is the x0 difference over σ.
         differences.append(((denoised_a - denoised_b) / sigma.to(denoised_a)).abs().cpu())
         noises.append(noise)

@@ -1,4 +1,9 @@
-"""The portrait-editing guiders (Eq. 2 and Eq. 3) as ComfyUI GUIDERs.
+"""The portrait-editing guiders (Eq. 2, Eq. 3, the MCDM's Eq. 1) as ComfyUI GUIDERs.
+
+Each lists its conditionings as ComfyUI's CFGGuider does, positive first and
+the negative second, so ``cond_or_uncond`` (each row's index in that list)
+marks the negative's rows 1, as every pack reading it expects; the further
+prompts follow.
 
 comfy.samplers is imported at the top because the guiders subclass its
 CFGGuider; ComfyUI has loaded it before any pack.
@@ -28,17 +33,17 @@ class MaskGuidedCFGGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": target, "source": source, "negative": negative})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        conds = [self.conds.get("negative"), self.conds.get("source"), self.conds.get("positive")]
+        conds = [self.conds.get("positive"), self.conds.get("negative"), self.conds.get("source")]
         if self.mode == "latent":
-            conds[1] = None  # the source side is the source latent: no prediction needed
+            conds[2] = None  # the source side is the source latent: no prediction needed
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-        target = _cfg(self, out, 0, 2, x, timestep, model_options, conds)
+        target = _cfg(self, out, 1, 0, x, timestep, model_options, conds)
         mask = editing.mask_to_latent(self.mask, x)
         if self.mode == "latent":
             # The released code's latent blend: outside the mask the result is the source image.
             source = self.inner_model.process_latent_in(self.source_latent.to(x))
         else:
-            source = _cfg(self, out, 0, 1, x, timestep, model_options, conds)
+            source = _cfg(self, out, 1, 2, x, timestep, model_options, conds)
         return editing.blend(target, source, mask)
 
 
@@ -53,9 +58,9 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         self.inner_set_conds({"positive": shared, "source": source, "target": target, "negative": negative})
 
     def predict_noise(self, x, timestep, model_options={}, seed=None):
-        conds = [self.conds.get(k) for k in ("negative", "positive", "source", "target")]
+        conds = [self.conds.get(k) for k in ("positive", "negative", "source", "target")]
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
-        shared, source, target = (_cfg(self, out, 0, i, x, timestep, model_options, conds) for i in (1, 2, 3))
+        shared, source, target = (_cfg(self, out, 1, i, x, timestep, model_options, conds) for i in (0, 2, 3))
         return editing.pair_combination(shared, source, target, self.s_d, self.s_a, self.s_b)
 
 
@@ -81,7 +86,7 @@ class MCDMCFGGuider(comfy.samplers.CFGGuider):
     def predict_noise(self, x, timestep, model_options={}, seed=None):
         from . import mcdm
 
-        names = ("negative", "positive", "image_only", "image_spatial", "source")
+        names = ("positive", "negative", "image_only", "image_spatial", "source")
         conds = [self.conds.get(name) for name in names]
         out = dict(zip(names, comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)))
         image_only = out["image_only"] if conds[2] is not None else None

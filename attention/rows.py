@@ -1,9 +1,12 @@
 """Which batch rows are cond and which are uncond.
 
 ComfyUI batches the conditionings of one call in chunks of equal size and
-lists each chunk's kind in ``cond_or_uncond`` (0 cond, 1 uncond). The order
-is not fixed, cond and uncond may come in separate calls, and at cfg 1 the
-uncond pass is skipped, so rows are never found by halving the batch.
+lists, in ``cond_or_uncond``, each chunk's index in the guider's list of
+conditionings: 0 the positive, 1 the negative (uncond), and 2, 3, ... the
+further prompts of guiders with more terms (pair generation, the MCDM's
+rows), which are prompts too. The order is not fixed, cond and uncond may
+come in separate calls, and at cfg 1 the uncond pass is skipped, so rows are
+never found by halving the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ def rows_per_chunk(cond_or_uncond: list[int], batch: int) -> int:
 def row_kinds(cond_or_uncond: list[int], batch: int) -> list[int]:
     """The kind (COND or UNCOND) of every row, in batch order."""
     per_chunk = rows_per_chunk(cond_or_uncond, batch)
-    return [kind for kind in cond_or_uncond for _ in range(per_chunk)]
+    return [UNCOND if index == UNCOND else COND for index in cond_or_uncond for _ in range(per_chunk)]
 
 
 def rows_of(kind: int, cond_or_uncond: list[int], batch: int) -> list[int]:

@@ -40,7 +40,8 @@ def leave_inference_mode(module: torch.nn.Module) -> None:
 def denoised_predictions(base_model, patched, conds: list[list], noisy: torch.Tensor,
                          sigma: torch.Tensor) -> list[torch.Tensor]:
     """x0 predictions of ``patched`` (a clone of ``base_model``, or itself) for each
-    CONDITIONING, computed the way ComfyUI's samplers compute them."""
+    CONDITIONING, computed the way ComfyUI's samplers compute them. A row's index in
+    ``conds`` is its ``cond_or_uncond``: 1 is the uncond; None entries are skipped."""
     import comfy.patcher_extension
     import comfy.sampler_helpers
     import comfy.samplers
@@ -50,11 +51,11 @@ def denoised_predictions(base_model, patched, conds: list[list], noisy: torch.Te
     options["transformer_options"]["wrappers"] = comfy.patcher_extension.copy_nested_dicts(patched.wrappers)
     noisy = noisy.to(device)
     # Encode each conditioning the way samplers do (cross-attention context, SDXL's pooled/size vector).
-    named = {f"c{i}": comfy.sampler_helpers.convert_cond(cond) for i, cond in enumerate(conds)}
+    named = {f"c{i}": comfy.sampler_helpers.convert_cond(cond) for i, cond in enumerate(conds) if cond is not None}
     processed = comfy.samplers.process_conds(base_model.model, noisy, named, device, latent_image=noisy)
     patched.pre_run()  # what a sampler does before calling the model: makes it the current patcher
     try:
-        return comfy.samplers.calc_cond_batch(base_model.model, [processed[f"c{i}"] for i in range(len(conds))],
+        return comfy.samplers.calc_cond_batch(base_model.model, [processed.get(f"c{i}") for i in range(len(conds))],
                                               noisy, sigma.to(device), options)
     finally:
         patched.cleanup()

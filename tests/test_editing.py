@@ -138,3 +138,45 @@ def test_edit_mask_uses_n_different_noises_and_finds_the_change(comfy, sd15, mon
                              target=target, seeds=4, strength=0.5, blur=5, threshold=0.2, normalisation="min-max",
                              seed=0)
     assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+
+
+def uncond_contexts(comfy, guider, latent, sigmas) -> tuple[list, list]:
+    """Cross-attention contexts of the rows a sampling step marks uncond (cond_or_uncond 1),
+    and of the other rows, seen by a UNet wrapper on the guider's model."""
+    seen = []
+
+    def wrapper(apply_model, args):
+        labels = args["c"]["transformer_options"]["cond_or_uncond"]
+        context = args["c"]["c_crossattn"]
+        per_label = context.shape[0] // len(labels)
+        seen.extend((label, context[i * per_label]) for i, label in enumerate(labels))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model, options = guider.model_patcher, guider.model_options
+    guider.model_patcher = model.clone()
+    guider.model_patcher.set_model_unet_function_wrapper(wrapper)
+    guider.model_options = guider.model_patcher.model_options
+    try:
+        (noise,) = comfy.run_node("RandomNoise", noise_seed=1)
+        (sampler,) = comfy.run_node("KSamplerSelect", sampler_name="euler")
+        comfy.run_node("SamplerCustomAdvanced", noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
+                       latent_image=latent)
+    finally:
+        guider.model_patcher, guider.model_options = model, options
+    return [c for label, c in seen if label == 1], [c for label, c in seen if label != 1]
+
+
+def test_only_the_negative_rows_are_marked_uncond(comfy, sd15):
+    """Patches (and other packs) read cond_or_uncond 1 as the negative."""
+    model, clip, _ = sd15
+    shared, source, target, negative = (encode(comfy, clip, t) for t in ("two photos", "a photo", "a cartoon",
+                                                                          "blurry"))
+    latent = {"samples": torch.zeros(1, 4, 8, 16)}
+    sigmas = model.model.model_sampling.sigma(torch.tensor([900.0, 600.0]))
+    pair = comfy.run_node("LikenessPairGuider", model=model, shared=shared, source=source, target=target,
+                          negative=negative, s_d=0.1, s_a=0.9, s_b=0.9, cfg=7.5)[0]
+    masked = mask_guided(comfy, model, target, source, negative, torch.ones(64, 128))
+    for guider, prompts in ((pair, 3), (masked, 2)):
+        uncond, cond = uncond_contexts(comfy, guider, latent, sigmas)
+        assert uncond and all(torch.equal(c, negative[0][0][0]) for c in uncond)
+        assert len(cond) == prompts and not any(torch.equal(c, negative[0][0][0]) for c in cond)
