@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import tiny_faceid
+import tiny_controlnet
 import tiny_insightface
 import tiny_mcdm
 import tiny_models
@@ -17,7 +18,7 @@ from harness.workflows import (TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_m
 
 pytestmark = pytest.mark.slow
 
-IMAGES = ["content.png", "style.png", "content_2.png", "face_2.png"]
+IMAGES = ["content.png", "style.png", "content_2.png", "face_2.png", "pose_pair.png"]
 FACE_IMAGES = {"face.png": 0, "person_a.png": 0, "person_b.png": 3}
 # Output nodes to queue on their own first (the editor's "queue selected
 # output nodes"), e.g. saving a style that the rest of the graph loads.
@@ -42,6 +43,7 @@ def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory,
     write_test_images(base_directory / "input", FACE_IMAGES)
     tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
     tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
+    tiny_controlnet.write(base_directory / "models" / "controlnet")
     if name.startswith("mcdm"):
         tiny_mcdm.write(base_directory / "models")
     for kind in ("sd15", "sdxl"):
@@ -55,6 +57,8 @@ def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory,
     images = [Image.open(path) for path in result.files if "temp" not in path.parts]
     assert sum(image.size == (64, 64) for image in images) == EXPECTED_IMAGES.get(name, len(images))
     assert all(np.asarray(image).std() > 1.0 for image in images), "a flat image: NaN somewhere"
+    if name == "pair_generation":  # LikenessSavePairs wrote the pair as a training example
+        assert (base_directory / "input" / "likeness_pairs" / "pair_00001.source.png").exists()
 
 
 @pytest.mark.parametrize("name", shipped_workflows())

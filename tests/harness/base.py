@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .paths import PACK_NAME, REPO, TESTS
 
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "loras", "likeness", "insightface")
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "loras", "likeness", "insightface", "controlnet")
 
 # Loads the tiny model configs into the server process; never shipped.
 TINY_MODELS_NODE = f'''\

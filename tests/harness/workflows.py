@@ -39,6 +39,8 @@ def for_tiny_models(prompt: dict, checkpoints: dict[str, str], size: int = 64) -
         if node["class_type"] == "LikenessMCDMLoader":  # tests/tiny_mcdm.py's files
             inputs.update(unet_name="tiny_mcdm/unet.pth", adapter_name="tiny_mcdm/adapter.pth",
                           clip_vision_name="tiny_clip_vit_b32.safetensors")
+        if node["class_type"] == "ControlNetLoader":
+            inputs["control_net_name"] = "tiny_controlnet_sd15.safetensors"
         if node["class_type"] == "CLIPVisionLoader":
             inputs["clip_name"] = "tiny_clip_vision.safetensors"
         if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
