@@ -113,6 +113,16 @@ def editing(size: int = 256, steps: int = 5) -> dict:
     return measure_editing(full_sd15(tiny_models.initialise), attention, size=size, steps=steps)
 
 
+def mcdm(size: int = 256, steps: int = 5) -> dict:
+    """The MCDM guider's cost: full-size random 8-channel SD1.5 on this CPU."""
+    attention = _attention_modules(("guiders", "mcdm", "editing", "schedule"))
+    import tiny_models
+    from harness.editing_bench import measure_mcdm
+    from harness.magicstyle_bench import full_sd15
+
+    return measure_mcdm(full_sd15(tiny_models.initialise, in_channels=8), attention, size=size, steps=steps)
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -129,6 +139,7 @@ def main() -> int:
         results["patches_cpu"] = patches_vs_vanilla()
     if "--skip-editing" not in sys.argv:
         results["editing_cpu"] = editing()
+        results["mcdm_cpu"] = mcdm()
     print(json.dumps(results, indent=1))
     return 0
 

@@ -21,14 +21,18 @@ SD15_FULL_UNET = {
 }
 
 
-def full_sd15(initialise) -> object:
-    """A ModelPatcher around a random full-size SD1.5 UNet, on ComfyUI's device and dtype."""
+def full_sd15(initialise, in_channels: int = 4) -> object:
+    """A ModelPatcher around a random full-size SD1.5 UNet, on ComfyUI's device and dtype
+    (``in_channels`` 8: the MCDM / InstructPix2Pix model)."""
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
     device = comfy.model_management.get_torch_device()
-    config = comfy.supported_models.SD15(SD15_FULL_UNET)
+    if in_channels == 4:
+        config = comfy.supported_models.SD15(SD15_FULL_UNET)
+    else:
+        config = comfy.supported_models.SD15_instructpix2pix({**SD15_FULL_UNET, "in_channels": in_channels})
     dtype = comfy.model_management.unet_dtype(model_params=860_000_000,
                                               supported_dtypes=config.supported_inference_dtypes)
     config.set_inference_dtype(dtype, comfy.model_management.unet_manual_cast(dtype, device))
