@@ -180,3 +180,26 @@ def test_only_the_negative_rows_are_marked_uncond(comfy, sd15):
         uncond, cond = uncond_contexts(comfy, guider, latent, sigmas)
         assert uncond and all(torch.equal(c, negative[0][0][0]) for c in uncond)
         assert len(cond) == prompts and not any(torch.equal(c, negative[0][0][0]) for c in cond)
+
+
+def test_editing_nodes_work_on_sdxl(comfy, tiny_checkpoints):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sdxl"])
+    shared, left, right, negative = (encode(comfy, clip, t) for t in
+                                     ("a portrait", "a man in a suit", "a man in armour", "blurry"))
+    pair_latent = {"samples": torch.zeros(1, 4, 8, 16)}
+    (pair,) = comfy.run_node("LikenessPairGuider", model=model, shared=shared, source=left, target=right,
+                             negative=negative, s_d=0.0, s_a=1.0, s_b=1.0, cfg=5.0)
+    both = sample(comfy, pair, pair_latent, steps=1)
+    only_left = sample(comfy, cfg_guider(comfy, model, left, negative, cfg=5.0), pair_latent, steps=1)
+    only_right = sample(comfy, cfg_guider(comfy, model, right, negative, cfg=5.0), pair_latent, steps=1)
+    assert torch.allclose(both[..., :8], only_left[..., :8], rtol=1e-5, atol=1e-3)
+    assert torch.allclose(both[..., 8:], only_right[..., 8:], rtol=1e-5, atol=1e-3)
+
+    latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))}
+    (mask,) = comfy.run_node("LikenessEditMask", model=model, latent=latent, source=left, target=right, seeds=3,
+                             strength=0.5, blur=5, threshold=0.2, normalisation="clamp-3x-mean", seed=0)
+    assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    target_only = sample(comfy, cfg_guider(comfy, model, right, negative, cfg=5.0), latent, denoise=0.5)
+    edited = sample(comfy, mask_guided(comfy, model, right, left, negative, torch.ones(64, 64), cfg=5.0), latent,
+                    denoise=0.5)
+    assert torch.allclose(edited, target_only, rtol=1e-5, atol=1e-3)

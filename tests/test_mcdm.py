@@ -335,3 +335,34 @@ def test_only_the_negative_rows_are_marked_uncond(comfy, mcdm, small_edit):
     uncond, cond = uncond_contexts(comfy, guider, latent, sigmas)
     assert uncond and all(torch.equal(c, negative[0][0][0]) for c in uncond)
     assert len(cond) == 4 and not any(torch.equal(c, negative[0][0][0]) for c in cond)
+
+
+def test_trainer_can_be_interrupted_and_writes_nothing(comfy, base_directory, sd15, mcdm, monkeypatch):
+    import comfy.model_management as model_management
+    from PIL import Image
+
+    _, clip, vae = sd15
+    folder = base_directory / "input" / "pairs_interrupt"
+    folder.mkdir()
+    for suffix, seed in (("", 30), (".source", 31)):
+        Image.fromarray((portrait(64, seed)[0] * 255).byte().numpy()).save(folder / f"pair_00001{suffix}.png")
+    steps_seen = []
+    training = comfy.pack("attention.mcdm_training")
+    real_train = training.train_mcdm
+
+    def counting_train(*args, on_step=None, **kwargs):
+        def step(index, loss):
+            steps_seen.append(index)
+            if len(steps_seen) > 2:
+                raise model_management.InterruptProcessingException()
+            on_step(index, loss)
+        return real_train(*args, on_step=step, **kwargs)
+
+    monkeypatch.setattr(training, "train_mcdm", counting_train)
+    likeness = base_directory / "models" / "likeness"
+    before = set(likeness.glob("interrupted*"))
+    with pytest.raises(model_management.InterruptProcessingException):
+        comfy.run_node("LikenessTrainMCDM", model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_interrupt",
+                       steps=50, learning_rate=1e-4, seed=0, filename_prefix="interrupted")
+    assert len(steps_seen) == 3
+    assert set(likeness.glob("interrupted*")) == before
