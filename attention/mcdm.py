@@ -34,7 +34,12 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # mmap keeps a 3.4 GB UNet out of memory until its tensors are copied into the model
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            state = torch.load(str(path), map_location="cpu", weights_only=True)  # pre-zipfile format
         for wrapper in ("state_dict", "module"):
             if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
                 state = state[wrapper]
@@ -306,6 +311,9 @@ def guidance_rows(positive: list, negative: list) -> GuidanceRows:
     image_tokens, concat = image_of(positive)
     if concat is None:
         raise ValueError("positive has no input-image latent: connect it through Likeness MCDM Conditioning")
+    if image_tokens is not None and image_of(negative)[0] is None:
+        raise ValueError("negative has no null-image tokens while positive has image tokens: connect the negative "
+                         "output of the same Likeness MCDM Conditioning")
     null_text = text_of(negative)
     return GuidanceRows(
         null=with_image(text_of(negative), image_of(negative)[0], None),

@@ -177,14 +177,14 @@ class MCDMGuider(io.ComfyNode):
     def execute(cls, model, positive, negative, image_scale: float, spatial_scale: float, text_scale: float,
                 source=None, mask=None) -> io.NodeOutput:
         from ..attention.guiders import MCDMCFGGuider
-        from ..attention.mcdm import image_of
 
-        require(image_of(positive)[1] is not None, "positive", "a conditioning without an input image",
-                "the positive output of Likeness MCDM Conditioning")
         require((source is None) == (mask is None), "mask", "given" if mask is not None else None,
                 "both source and mask (mask-guided) or neither")
         guider = MCDMCFGGuider(model)
-        guider.set_conds(positive, negative, source, mask)
+        try:
+            guider.set_conds(positive, negative, source, mask)
+        except ValueError as error:
+            raise ValueError(f"positive/negative cannot be used: {error}") from error
         guider.set_scales(image_scale, spatial_scale, text_scale)
         return io.NodeOutput(guider)
 

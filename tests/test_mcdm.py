@@ -366,3 +366,15 @@ def test_trainer_can_be_interrupted_and_writes_nothing(comfy, base_directory, sd
                        steps=50, learning_rate=1e-4, seed=0, filename_prefix="interrupted")
     assert len(steps_seen) == 3
     assert set(likeness.glob("interrupted*")) == before
+
+
+def test_guider_refuses_conditionings_not_made_for_an_mcdm(comfy, sd15, mcdm, small_edit):
+    _, clip, _ = sd15
+    positive, negative, _, _, _ = small_edit
+    plain = encode(comfy, clip, "blurry")
+    with pytest.raises(ValueError, match="positive has no input-image latent"):
+        mcdm_guider(comfy, mcdm[0], plain, negative, (3, 2, 4))
+    with pytest.raises(ValueError, match="negative has no null-image tokens"):
+        mcdm_guider(comfy, mcdm[0], positive, plain, (3, 2, 4))
+    with pytest.raises(ValueError, match="mask"):
+        mcdm_guider(comfy, mcdm[0], positive, negative, (3, 2, 4), source=positive)
