@@ -34,18 +34,29 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         state = load_file(str(path))
     else:
+        state = _load_pickle(path)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path.name} is not a state dict of tensors")
+    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+
+
+def _load_pickle(path: Path):
+    import pickle
+
+    try:
         try:  # mmap keeps a 3.4 GB UNet out of memory until its tensors are copied into the model
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as error:
             if "mmap" not in str(error):
                 raise
             state = torch.load(str(path), map_location="cpu", weights_only=True)  # pre-zipfile format
-        for wrapper in ("state_dict", "module"):
-            if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-                state = state[wrapper]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path.name} is not a state dict of tensors")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+    except pickle.UnpicklingError as error:
+        raise ValueError(f"{path.name} holds more than tensors and is refused (read with weights_only=True; "
+                         f"save a plain state dict or .safetensors): {str(error).splitlines()[0]}") from error
+    for wrapper in ("state_dict", "module"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
 
 
 # --- the embedding adapter -------------------------------------------------------------------------------------
