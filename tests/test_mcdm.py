@@ -52,6 +52,17 @@ def test_released_layout_loads_as_an_8_channel_sd15_unet(mcdm):
     assert state.image_encoder.width == tiny_mcdm.WIDTH
 
 
+def test_a_diffusers_safetensors_unet_loads_the_same_weights(comfy, base_directory, mcdm):
+    unet = {k: v.contiguous() for k, v in tiny_mcdm.diffusers_unet().state_dict().items()}
+    save_file(unet, str(base_directory / "models" / "likeness" / "diffusers_unet.safetensors"))
+    model, state = comfy.run_node("LikenessMCDMLoader", unet_name="diffusers_unet.safetensors", adapter_name="none",
+                                  clip_vision_name="none")
+    assert state.adapter is None
+    for (key, value), released in zip(model.model.diffusion_model.state_dict().items(),
+                                      mcdm[0].model.diffusion_model.state_dict().values()):
+        assert torch.equal(value, released), key
+
+
 def test_wrong_files_are_refused_with_what_would_be_accepted(comfy, base_directory, files, tiny_checkpoints):
     likeness = base_directory / "models" / "likeness"
     four = {f"module.{k}": v for k, v in tiny_mcdm.diffusers_unet(in_channels=4).state_dict().items()}
