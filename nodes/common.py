@@ -34,6 +34,15 @@ def require(condition, name: str, value, accepted: str) -> None:
         raise ValueError(f"{name}={value!r} cannot be used: expected {accepted}")
 
 
+def model_path(folder_name: str, input_name: str, name: str, accepted: str) -> str:
+    """The full path of a file chosen from a models folder, or an error naming the input."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(folder_name, name)
+    require(path is not None, input_name, name, accepted)
+    return path
+
+
 def features_files() -> list[str]:
     import folder_paths
 
@@ -42,13 +51,9 @@ def features_files() -> list[str]:
 
 def features_path(name: str, existing: bool = False) -> Path:
     """The file to load (``existing``) or a new numbered file for a prefix."""
-    import folder_paths
-
     if existing:
-        path = folder_paths.get_full_path(FEATURES_FOLDER, name)
-        require(path is not None, "file", name, f"a .safetensors file in models/{FEATURES_FOLDER}/ "
-                f"(found: {', '.join(features_files()) or 'none'})")
-        return Path(path)
+        return Path(model_path(FEATURES_FOLDER, "file", name, f"a .safetensors file in models/{FEATURES_FOLDER}/ "
+                               f"(found: {', '.join(features_files()) or 'none'})"))
     return numbered_path(FEATURES_FOLDER, name)
 
 

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..attention.face_fusion import Identity, apply_face_fusion
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import attention_keys, diffusion_model_of
-from .common import LIKENESS_FOLDER, require
+from .common import LIKENESS_FOLDER, model_path, require
 
 CATEGORY = "likeness/face"
 TRAINING_FREE = "self-attention to_k/to_v (training-free)"
@@ -85,13 +85,11 @@ class FaceFusion(io.ComfyNode):
 
 def load_face_kv(name: str):
     """Trained Linear_kf/Linear_vf weights, per layer, from models/likeness/."""
-    import folder_paths
 
     from ..attention.face_kv import load_face_kv_file
 
-    path = folder_paths.get_full_path(LIKENESS_FOLDER, name)
-    require(path is not None, "kv", name, f"'{TRAINING_FREE}' or a .safetensors file in models/likeness/")
-    return load_face_kv_file(path)
+    return load_face_kv_file(model_path(LIKENESS_FOLDER, "kv", name,
+                                        f"'{TRAINING_FREE}' or a .safetensors file in models/likeness/"))
 
 
 NODES = [FaceFusion]

@@ -10,7 +10,7 @@ import os
 
 from comfy_api.latest import io
 
-from .common import require
+from .common import model_path, require
 from .face_analysis import FaceAnalysisType
 
 CATEGORY = "likeness/infinite_id"
@@ -65,15 +65,13 @@ class IDAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
-        import folder_paths
 
         from ..attention.id_adapter import load_id_adapter
 
         register_ipadapter_folder()
-        path = folder_paths.get_full_path(IPADAPTER_FOLDER, adapter_name)
-        require(path is not None, "adapter_name", adapter_name,
-                f"a .safetensors or .bin file in models/{IPADAPTER_FOLDER}/ "
-                f"(found: {', '.join(adapter_files()) or 'none'})")
+        path = model_path(IPADAPTER_FOLDER, "adapter_name", adapter_name,
+                          f"a .safetensors or .bin file in models/{IPADAPTER_FOLDER}/ "
+                          f"(found: {', '.join(adapter_files()) or 'none'})")
         try:
             adapter = load_id_adapter(path)
         except ValueError as error:

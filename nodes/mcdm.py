@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import LIKENESS_FOLDER, require
+from .common import LIKENESS_FOLDER, model_path, require
 
 CATEGORY = "likeness/editing"
 NONE = "none"
@@ -27,11 +27,7 @@ def clip_vision_files() -> list[str]:
 
 
 def _path(folder: str, input_name: str, name: str, files: list[str]) -> str:
-    import folder_paths
-
-    path = folder_paths.get_full_path(folder, name)
-    require(path is not None, input_name, name, f"a file in models/{folder}/ (found: {', '.join(files) or 'none'})")
-    return path
+    return model_path(folder, input_name, name, f"a file in models/{folder}/ (found: {', '.join(files) or 'none'})")
 
 
 class MCDMLoader(io.ComfyNode):

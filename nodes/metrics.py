@@ -12,7 +12,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..attention.metrics import cosine_matrix
-from .common import OPEN_CLIP_FOLDER, require
+from .common import OPEN_CLIP_FOLDER, model_path, require
 
 CATEGORY = "likeness/metrics"
 
@@ -75,11 +75,9 @@ class CLIPScore(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint: str, architecture: str, images, reference=None, text: str = "") -> io.NodeOutput:
-        import folder_paths
         import torch
 
-        path = folder_paths.get_full_path(OPEN_CLIP_FOLDER, checkpoint)
-        require(path is not None, "checkpoint", checkpoint, f"a file in models/{OPEN_CLIP_FOLDER}/")
+        path = model_path(OPEN_CLIP_FOLDER, "checkpoint", checkpoint, f"a file in models/{OPEN_CLIP_FOLDER}/")
         model, preprocess, tokenizer = load_open_clip(path, architecture)
         with torch.no_grad():
             embed = lambda batch: model.encode_image(torch.stack([preprocess(p) for p in _pil_images(batch)]))  # noqa: E731
