@@ -39,6 +39,18 @@ def conditionings(comfy, sd15, mcdm, image, prompt="a man in a suit", negative="
                           negative=encode(comfy, clip, negative), vae=vae, image=image)
 
 
+def write_pairs(folder, seeds: list[tuple[int, int]], prompt: str | None = None) -> None:
+    """pair_NNNNN.png (target) and pair_NNNNN.source.png from (target seed, source seed)."""
+    from PIL import Image
+
+    folder.mkdir()
+    for index, (target_seed, source_seed) in enumerate(seeds):
+        for suffix, seed in (("", target_seed), (".source", source_seed)):
+            Image.fromarray((portrait(64, seed)[0] * 255).byte().numpy()).save(folder / f"pair_{index:05d}{suffix}.png")
+        if prompt is not None:
+            (folder / f"pair_{index:05d}.txt").write_text(prompt)
+
+
 def predictions(comfy, model, conds, noisy, sigma):
     training = comfy.pack("attention.training")
     return training.denoised_predictions(model, model, conds, noisy, sigma)
@@ -284,16 +296,8 @@ def test_a_4_channel_model_starts_as_itself(comfy, sd15):
 
 
 def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15, mcdm, files):
-    from PIL import Image
-
     model, clip, vae = sd15
-    folder = base_directory / "input" / "pairs_training"
-    folder.mkdir()
-    for index in range(2):
-        for suffix, seed in (("", 10 + index), (".source", 20 + index)):
-            pixels = (portrait(64, seed)[0] * 255).byte().numpy()
-            Image.fromarray(pixels).save(folder / f"pair_{index:05d}{suffix}.png")
-        (folder / f"pair_{index:05d}.txt").write_text("a man in a suit")
+    write_pairs(base_directory / "input" / "pairs_training", [(10, 20), (11, 21)], prompt="a man in a suit")
     for start in (mcdm[0], model):  # continue an MCDM; grow a 4-channel SD1.5
         name, before, after = comfy.run_node(
             "LikenessTrainMCDM", model=start, mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_training", steps=8,
@@ -350,13 +354,9 @@ def test_only_the_negative_rows_are_marked_uncond(comfy, mcdm, small_edit):
 
 def test_trainer_can_be_interrupted_and_writes_nothing(comfy, base_directory, sd15, mcdm, monkeypatch):
     import comfy.model_management as model_management
-    from PIL import Image
 
     _, clip, vae = sd15
-    folder = base_directory / "input" / "pairs_interrupt"
-    folder.mkdir()
-    for suffix, seed in (("", 30), (".source", 31)):
-        Image.fromarray((portrait(64, seed)[0] * 255).byte().numpy()).save(folder / f"pair_00001{suffix}.png")
+    write_pairs(base_directory / "input" / "pairs_interrupt", [(30, 31)])
     steps_seen = []
     training = comfy.pack("attention.mcdm_training")
     real_train = training.train_mcdm

@@ -9,6 +9,12 @@ import torch
 from .magicstyle_bench import empty_conditioning
 
 
+def timed(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
 def measure(model, attention: dict, *, size: int, steps: int) -> dict:
     import comfy.samplers
 
@@ -20,11 +26,6 @@ def measure(model, attention: dict, *, size: int, steps: int) -> dict:
     sampler = comfy.samplers.sampler_object("euler")
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps * 2)[steps:]
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(10))
-
-    def timed(run) -> float:
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
 
     plain = comfy.samplers.CFGGuider(model)
     plain.set_conds(target, negative)
@@ -63,10 +64,8 @@ def measure_mcdm(model, attention: dict, *, size: int, steps: int) -> dict:
     noise = torch.randn(latent.shape, generator=generator)
     zero = torch.zeros_like(latent)
 
-    def timed(guider) -> float:
-        start = time.perf_counter()
-        guider.sample(noise, zero, sampler, sigmas, disable_pbar=True, seed=0)
-        return time.perf_counter() - start
+    def sampled(guider) -> float:
+        return timed(lambda: guider.sample(noise, zero, sampler, sigmas, disable_pbar=True, seed=0))
 
     plain = comfy.samplers.CFGGuider(model)
     plain.set_conds(positive, negative)
@@ -78,9 +77,9 @@ def measure_mcdm(model, attention: dict, *, size: int, steps: int) -> dict:
     masked.set_conds(positive, negative, source, torch.ones(size, size))
     masked.set_scales(3.0, 2.0, 4.0)
     plain.sample(noise, zero, sampler, sigmas[-3:], disable_pbar=True, seed=0)  # loads the model
-    cfg_s = min(timed(plain) for _ in range(2))
-    three_s = min(timed(three) for _ in range(2))
-    masked_s = min(timed(masked) for _ in range(2))
+    cfg_s = min(sampled(plain) for _ in range(2))
+    three_s = min(sampled(three) for _ in range(2))
+    masked_s = min(sampled(masked) for _ in range(2))
     return {"size": size, "steps": steps, "cfg_s": round(cfg_s, 3), "mcdm_s": round(three_s, 3),
             "mcdm_over_cfg": round(three_s / cfg_s, 3), "mask_guided_mcdm_s": round(masked_s, 3),
             "mask_guided_mcdm_over_cfg": round(masked_s / cfg_s, 3)}
