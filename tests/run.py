@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,8 +27,11 @@ TEST_PACKAGES = ("pytest>=8", "playwright==1.65.2",
                  # an independent face detector/embedder whose weights ship in its wheels
                  "dlib-bin==20.0.1.post1", "face-recognition-models==0.3.0",
                  # the MCDM's released code is built on diffusers: the key conversion is proven against it
-                 "diffusers==0.35.2")
+                 "diffusers==0.35.2",
+                 # IP-Adapter's authors' code (Apache-2.0): the oracle for FaceID-PlusV2's tokens and LoRA
+                 "ip-adapterv==0.1.0")
 CHROMIUM = Path("/usr/bin/chromium")
+LAST_USED = "last-used"
 
 
 def host_cache() -> Path:
@@ -43,10 +47,14 @@ def ensure_chromium() -> None:
                    env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
 
 
-def prune_old_hosts(keep: Path) -> None:
-    """A host is several GB; hosts of older recipes are not used again."""
+def prune_old_hosts(keep: Path, idle_hours: float = 1.0) -> None:
+    """A host is several GB; hosts of older recipes are not used again. One
+    used in the last hours may still be serving another checkout's run: kept."""
+    now = time.time()
     for old in keep.parent.glob("host-*"):
-        if old != keep and old.is_dir():
+        stamp = old / LAST_USED
+        last = stamp.stat().st_mtime if stamp.exists() else old.stat().st_mtime
+        if old != keep and old.is_dir() and now - last > idle_hours * 3600:
             shutil.rmtree(old, ignore_errors=True)
 
 
@@ -54,6 +62,7 @@ def main() -> int:
     recipe = install.host_recipe(TEST_PACKAGES)
     root = host_cache() / f"host-{install.recipe_digest(recipe)}"
     host = install.build_host(root, TEST_PACKAGES, install_pack=False)
+    (root / LAST_USED).touch()
     prune_old_hosts(root)
     ensure_chromium()
     env = {**os.environ, "LIKENESS_HOST": str(host.root), "PYTHONDONTWRITEBYTECODE": "1"}
