@@ -66,7 +66,10 @@ def main() -> int:
     prune_old_hosts(root)
     ensure_chromium()
     env = {**os.environ, "LIKENESS_HOST": str(host.root), "PYTHONDONTWRITEBYTECODE": "1"}
-    command = [str(host.python), "-m", "pytest", str(REPO / "tests"), *sys.argv[1:]]
+    arguments = sys.argv[1:]
+    # Test files or folders named on the command line replace the default (the whole tests/ folder).
+    named = [a for a in arguments if not a.startswith("-") and (REPO / a).exists() or Path(a).exists()]
+    command = [str(host.python), "-m", "pytest", *([] if named else [str(REPO / "tests")]), *arguments]
     return subprocess.call(command, cwd=REPO, env=env)
 
 
