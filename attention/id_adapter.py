@@ -24,7 +24,8 @@ File layout (tencent-ailab/IP-Adapter ``ip_adapter_faceid.py`` and
 - ``ip_adapter.``: one entry per attention processor of the diffusers UNet
   (self- and cross-attention alternate), so the image projections sit at
   the odd numbers ``2n+1``; FaceID files also carry a LoRA at every
-  processor (``<i>.to_{q,k,v,out}_lora.{down,up}.weight``), kept as it is.
+  processor (``<i>.to_{q,k,v,out}_lora.{down,up}.weight``), which the identity
+  stream applies (attention/faceid_lora.py).
 
 Which layer is which: diffusers registers ``down_blocks`` and ``up_blocks``
 before ``mid_block``, so processors run down blocks, up blocks, then the
@@ -165,8 +166,32 @@ class IDAdapter:
         self.kind = kind
         self.projection = projection
         self.kv_weights = kv_weights
-        self.lora = dict(lora or {})  # FaceID's UNet LoRA, file keys without the prefix; unused here
+        self.lora = dict(lora or {})  # FaceID's LoRA in the file's own keys (without the prefix)
         self.source = source
+        # A separately released LoRA file (``*_lora.safetensors``), used where the adapter carries none.
+        self.lora_file: dict[str, torch.Tensor] | None = None
+        self.lora_file_name = ""
+        self.use_file_lora = True  # the LoRA this adapter file carries, if any
+
+    def with_lora(self, state: dict[str, torch.Tensor] | None, name: str) -> IDAdapter:
+        """A copy whose identity stream uses ``state`` (a separate LoRA file) instead of the LoRA the
+        adapter file carries; ``state`` None: no LoRA at all. The file's own tensors are kept (saved)."""
+        twin = IDAdapter(self.kind, self.projection, self.kv_weights, self.lora, self.source)
+        twin.lora_file, twin.lora_file_name, twin.use_file_lora = state, name, False
+        return twin
+
+    def faceid_lora(self, model=None, scale: float = 1.0):
+        """The FaceID LoRA for the identity rows (attention.faceid_lora.FaceIDLoRA), or None.
+        A separate LoRA file is placed on ``model``'s layers through ComfyUI's key map."""
+        from . import faceid_lora
+
+        if self.use_file_lora and self.lora:
+            return faceid_lora.from_adapter_file(self.lora, FILE_LAYOUTS[self.kind], scale, self.source)
+        if self.lora_file is not None:
+            if model is None:
+                raise ValueError("a separate LoRA file needs the model it is placed on")
+            return faceid_lora.from_lora_file(self.lora_file, model, self.lora_file_name, scale)
+        return None
 
     @property
     def num_tokens(self) -> int:
@@ -219,8 +244,11 @@ class IDAdapter:
 
         projection = _empty_projection(self.projection.shape)
         projection.load_state_dict({k: move(v) for k, v in self.projection.state_dict().items()}, assign=True)
-        return IDAdapter(self.kind, projection, {key: (move(k), move(v)) for key, (k, v) in self.kv_weights.items()},
-                         {key: move(value) for key, value in self.lora.items()}, self.source)
+        moved = IDAdapter(self.kind, projection, {key: (move(k), move(v)) for key, (k, v) in self.kv_weights.items()},
+                          {key: move(value) for key, value in self.lora.items()}, self.source)
+        moved.lora_file, moved.lora_file_name, moved.use_file_lora = (self.lora_file, self.lora_file_name,
+                                                                       self.use_file_lora)
+        return moved
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under the file's keys (``image_proj.…``, ``ip_adapter.…``)."""

@@ -1,15 +1,26 @@
 """Infinite-ID inference: identity stream and text stream on one latent.
 
-Each model call runs both streams as extra batch rows: the rows ComfyUI
-built are the identity stream, and a copy of them (same latent, same
-prompt, listed again in ``cond_or_uncond`` so row helpers keep working) is
-the text stream, the plain model.
+Each model call becomes two UNet calls on the same latent and prompt: the
+text stream first, exactly the call the unpatched model would make (so its
+prediction is the original model's bit for bit), keeping each self-attention
+layer's K_t/V_t; then the identity stream, which reads them:
 
-* self-attention of the identity rows — mixed attention (Eq. 5):
-  K̂ = [K_id; K_t], V̂ = [V_id; V_t], K_t/V_t from the text rows of the same layer;
-* cross-attention of the identity rows — image cross-attention on the
+* self-attention of the identity stream — mixed attention (Eq. 5):
+  K̂ = [K_id; K_t], V̂ = [V_id; V_t], K_t/V_t from the text stream's same layer;
+* cross-attention of the identity stream — image cross-attention on the
   identity tokens c_id, plus the text cross-attention when merging (Eq. 6);
 * AdaIN-mean (Eq. 7–8) aligns K_id/V_id (and K'_id/V'_id) to the text ones.
+
+The identity stream is IP-Adapter FaceID-PlusV2's model: its LoRA (q, k, v,
+out of every attention layer, trained with the identity tokens) acts in the
+identity stream only (attention/faceid_lora.py); the text stream stays the
+original model, as Eq. 5 defines it.
+
+Several identities (A.7) are stacked: the identity stream attends to every
+reference's tokens, each reference's keys biased by log(weight) so its share
+of the attention follows its weight (equal weights: plain attention over the
+concatenated tokens; a weight of 0 removes that person exactly). Averaging
+the tokens instead is kept as an option.
 
 The result is ε_text + weight·(ε_id − ε_text): weight 1 is the identity
 stream's prediction (the paper), 0 the text-only model exactly.
@@ -17,29 +28,58 @@ stream's prediction (the paper), 0 the text-only model exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .adain import adain_mean
+from .faceid_lora import FaceIDLoRA
 from .rows import UNCOND, row_mask
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
 
-STREAM_ROWS = "likeness_infinite_id_rows"  # how many leading rows are the identity stream
+# transformer_options keys: which stream a UNet call is, and the text stream's K_t/V_t per layer.
+TEXT_STREAM = "likeness_infinite_id_text_stream"
+IDENTITY_STREAM = "likeness_infinite_id_identity_stream"
+# Per block call: the identity stream's attention inputs and outputs the LoRA needs. ComfyUI gives
+# the patches of one block call one extra_options dict; processors may see copies of it, so the
+# value is a dict that every copy shares.
+LORA_STATE = "likeness_infinite_id_lora"
+# Set by other Likeness passes that are not the image being made (Face Fusion's face pass).
+AUXILIARY_PASS = "likeness_auxiliary_pass"
+MIXING = ("stack", "mean")
 ORDER = 120
 WRAPPER_KEY = "likeness_infinite_id"
 
 
-def mix_identities(tokens: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Identity mixing (A.7): a weighted mean of several people's identity tokens."""
+def _check_weights(tokens: list[torch.Tensor], weights: list[float]) -> None:
     if len(tokens) != len(weights) or not tokens:
         raise ValueError(f"{len(tokens)} identities and {len(weights)} mixing weights: give one weight each")
+    if sum(weights) <= 0 or min(weights) < 0:
+        raise ValueError(f"mixing weights {weights}: none may be negative and at least one must be above 0")
+
+
+def mix_identities(tokens: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """Identity mixing by averaging: a weighted mean of several people's tokens (the "mean" option)."""
+    _check_weights(tokens, weights)
     total = sum(weights)
-    if total <= 0:
-        raise ValueError(f"mixing weights {weights}: at least one must be above 0")
     return sum(t * (w / total) for t, w in zip(tokens, weights))
+
+
+def stack_identities(tokens: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Identity mixing as A.7 does it: the references' tokens side by side, (1, R·T, C), and the
+    additive attention bias log(w_r / Σw) on reference r's keys, (R·T,), or None when the weights
+    are equal (the bias would cancel in the softmax). A reference of weight 0 is left out, which is
+    what its bias of −inf would do, exactly."""
+    _check_weights(tokens, weights)
+    kept = [(t.reshape(1, -1, t.shape[-1]), w) for t, w in zip(tokens, weights) if w > 0]
+    stacked = torch.cat([t for t, _ in kept], dim=1)
+    if len({w for _, w in kept}) == 1:
+        return stacked, None
+    total = sum(w for _, w in kept)
+    return stacked, torch.cat([torch.full((t.shape[1],), math.log(w / total)) for t, w in kept])
 
 
 def mixed_attention(q, k_id, v_id, k_t, v_t, extra_options, attend, *, mixed: bool, align: bool):
@@ -51,11 +91,14 @@ def mixed_attention(q, k_id, v_id, k_t, v_t, extra_options, attend, *, mixed: bo
     return attend(q, torch.cat([k_id, k_t], 1), torch.cat([v_id, v_t], 1), extra_options)
 
 
-def merged_cross_attention(q, k_img, v_img, k_t, v_t, extra_options, attend, *, merge: bool, align: bool):
-    """Eq. 6 (and Eq. 7's second line): image cross-attention, plus the text's when merging."""
+def merged_cross_attention(q, k_img, v_img, k_t, v_t, extra_options, attend, *, merge: bool, align: bool,
+                           image_bias: torch.Tensor | None = None):
+    """Eq. 6 (and Eq. 7's second line): image cross-attention, plus the text's when merging.
+    ``image_bias`` (keys,) is added to the image tokens' logits (stacked identities' weights)."""
     if align:
         k_img, v_img = adain_mean(k_img, k_t), adain_mean(v_img, v_t)
-    out = attend(q, k_img, v_img, extra_options)
+    mask = None if image_bias is None else image_bias.to(q).view(1, 1, -1)
+    out = attend(q, k_img, v_img, extra_options, mask=mask)
     return out + attend(q, k_t, v_t, extra_options) if merge else out
 
 
@@ -63,9 +106,11 @@ def merged_cross_attention(q, k_img, v_img, k_t, v_t, extra_options, attend, *, 
 class InfiniteID:
     """One patch's settings; shared (never copied) between clones."""
 
-    tokens: torch.Tensor  # (1, T, context) identity tokens c_id, mixed already
-    uncond_tokens: torch.Tensor  # (1, T, context) for the uncond rows (the adapter's empty identity)
+    tokens: torch.Tensor  # (1, T, context) identity tokens c_id (several references: stacked or mixed)
+    uncond_tokens: torch.Tensor  # (1, T, context) for the uncond rows (the adapter's "no face" identity)
     kv: dict[BlockKey, tuple[torch.Tensor, torch.Tensor]] = field(repr=False)  # image W_k, W_v per layer
+    token_bias: torch.Tensor | None = None  # (T,) log-weights of stacked references' tokens
+    lora: FaceIDLoRA | None = None  # FaceID's LoRA, applied to the identity rows
     weight: float = 1.0
     mixed_attention: bool = True
     cross_attention_merge: bool = True
@@ -86,6 +131,8 @@ class InfiniteID:
 
     def release(self) -> None:
         self._kv_on_device.clear()
+        if self.lora is not None:
+            self.lora.release()
 
     def active(self, extra_options: dict) -> bool:
         return self.weight > 0 and self.sigma_range.active(extra_options)
@@ -96,19 +143,8 @@ def _key(extra_options: dict) -> BlockKey | None:
     return None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
 
 
-def _twice(value):
-    """The same rows again for the text stream (tensors, lists of tensors, dicts of them)."""
-    if isinstance(value, torch.Tensor):
-        return torch.cat([value, value])
-    if isinstance(value, list):
-        return [_twice(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _twice(v) for k, v in value.items()}
-    return value
-
-
 class InfiniteIDWrapper:
-    """DIFFUSION_MODEL wrapper: both streams in one call, then the weighted prediction."""
+    """DIFFUSION_MODEL wrapper: the text stream's call, the identity stream's, then the weighted prediction."""
 
     def __init__(self, settings: InfiniteID) -> None:
         self.settings = settings
@@ -117,19 +153,41 @@ class InfiniteIDWrapper:
         return self
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        if not self.settings.active(transformer_options) or current_sigma(transformer_options) is None:
+        if (not self.settings.active(transformer_options) or current_sigma(transformer_options) is None
+                or transformer_options.get(AUXILIARY_PASS)):
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        rows = x.shape[0]
-        options = {**transformer_options, STREAM_ROWS: rows,
-                   "cond_or_uncond": list(transformer_options["cond_or_uncond"]) * 2}
-        out = executor(_twice(x), _twice(timesteps), _twice(context), _twice(y), _twice(control), options,
-                       **{k: _twice(v) for k, v in kwargs.items()})
-        identity, text = out[:rows], out[rows:]
+        text_kv: dict = {}
+        text = executor(x, timesteps, context, y, control, {**transformer_options, TEXT_STREAM: text_kv}, **kwargs)
+        identity = executor(x, timesteps, context, y, control, {**transformer_options, IDENTITY_STREAM: text_kv},
+                            **kwargs)
         return text + self.settings.weight * (identity - text)
 
 
+def _lora_inputs(settings: InfiniteID, kind: str, key: BlockKey, extra_options: dict):
+    """The (x, context, value) this layer's projections saw in the identity stream, when a LoRA applies here."""
+    if settings.lora is None or not settings.lora.covers(kind, key):
+        return None
+    return extra_options.get(LORA_STATE, {}).get(kind)
+
+
+def _with_lora(settings: InfiniteID, kind: str, key: BlockKey, inputs, q, k, v):
+    """q, k, v with s·U·D·x added to each projection."""
+    if inputs is None:
+        return q, k, v
+    out = []
+    for name, projected, source in zip(("q", "k", "v"), (q, k, v), inputs):
+        delta = settings.lora.delta(kind, key, name, source)
+        out.append(projected if delta is None else projected + delta)
+    return tuple(out)
+
+
+def _keep_for_output(extra_options: dict, kind: str, inputs, hidden: torch.Tensor) -> None:
+    if inputs is not None:
+        extra_options[LORA_STATE][f"{kind}_out"] = hidden
+
+
 class MixedAttentionProcessor:
-    """attn1: mixed attention for the identity rows, plain for the text rows."""
+    """attn1: keeps K_t/V_t in the text stream; mixed attention (Eq. 5) in the identity stream."""
 
     order = ORDER
 
@@ -140,17 +198,24 @@ class MixedAttentionProcessor:
         return self
 
     def __call__(self, q, k, v, extra_options, attend):
-        rows = extra_options.get(STREAM_ROWS)
-        if rows is None:
+        key = _key(extra_options)
+        text_kv = extra_options.get(TEXT_STREAM)
+        if text_kv is not None:
+            text_kv[key] = (k, v)
+        identity_of = extra_options.get(IDENTITY_STREAM)
+        if identity_of is None or key not in identity_of:
             return attend(q, k, v, extra_options)
         s = self.settings
-        identity = mixed_attention(q[:rows], k[:rows], v[:rows], k[rows:], v[rows:], extra_options, attend,
-                                   mixed=s.mixed_attention, align=s.adain_mean)
-        return torch.cat([identity, attend(q[rows:], k[rows:], v[rows:], extra_options)])
+        k_t, v_t = identity_of[key]
+        inputs = _lora_inputs(s, "attn1", key, extra_options)
+        q, k, v = _with_lora(s, "attn1", key, inputs, q, k, v)
+        out = mixed_attention(q, k, v, k_t, v_t, extra_options, attend, mixed=s.mixed_attention, align=s.adain_mean)
+        _keep_for_output(extra_options, "attn1", inputs, out)
+        return out
 
 
 class CrossAttentionMergeProcessor:
-    """attn2: image cross-attention (+ the text's) for the identity rows, plain for the text rows."""
+    """attn2: image cross-attention (+ the text's, Eq. 6) in the identity stream; the text stream as it is."""
 
     order = ORDER
 
@@ -164,19 +229,52 @@ class CrossAttentionMergeProcessor:
         self.settings.release()
 
     def __call__(self, q, k, v, extra_options, attend):
-        rows = extra_options.get(STREAM_ROWS)
         key = _key(extra_options)
         s = self.settings
-        if rows is None or key not in s.kv:
+        if IDENTITY_STREAM not in extra_options or key not in s.kv:
             return attend(q, k, v, extra_options)
-        uncond = row_mask(UNCOND, extra_options["cond_or_uncond"][:len(extra_options["cond_or_uncond"]) // 2],
-                          rows, device=q.device)
+        uncond = row_mask(UNCOND, extra_options["cond_or_uncond"], q.shape[0], device=q.device)
         tokens = torch.where(uncond.view(-1, 1, 1), s.uncond_tokens.to(q), s.tokens.to(q))
         w_k, w_v = s.kv_for(q, key)
         k_img, v_img = F.linear(tokens, w_k), F.linear(tokens, w_v)
-        identity = merged_cross_attention(q[:rows], k_img, v_img, k[:rows], v[:rows], extra_options, attend,
-                                          merge=s.cross_attention_merge, align=s.adain_mean)
-        return torch.cat([identity, attend(q[rows:], k[rows:], v[rows:], extra_options)])
+        inputs = _lora_inputs(s, "attn2", key, extra_options)
+        q, k, v = _with_lora(s, "attn2", key, inputs, q, k, v)
+        out = merged_cross_attention(q, k_img, v_img, k, v, extra_options, attend, merge=s.cross_attention_merge,
+                                     align=s.adain_mean, image_bias=s.token_bias)
+        _keep_for_output(extra_options, "attn2", inputs, out)
+        return out
+
+
+class LoRAInputs:
+    """attn1_patch / attn2_patch: keeps what the identity stream's projections will see, for the LoRA."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, context, value, extra_options):
+        if IDENTITY_STREAM in extra_options:
+            extra_options.setdefault(LORA_STATE, {})[self.kind] = (n, context, value)
+        return n, context, value
+
+
+class LoRAOutput:
+    """attn1_output_patch / attn2_output_patch: the LoRA of to_out in the identity stream."""
+
+    def __init__(self, settings: InfiniteID, kind: str) -> None:
+        self.settings, self.kind = settings, kind
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, n, extra_options):
+        hidden = extra_options.get(LORA_STATE, {}).pop(f"{self.kind}_out", None)
+        if hidden is None:
+            return n
+        delta = self.settings.lora.delta(self.kind, _key(extra_options), "out", hidden)
+        return n if delta is None else n + delta
 
 
 def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
@@ -188,19 +286,55 @@ def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
     mixed, merge = MixedAttentionProcessor(settings), CrossAttentionMergeProcessor(settings)
     placements = [("attn1", key, mixed) for key in layers] + [("attn2", key, merge) for key in layers]
     patched = patched_clone(model, placements)
+    if settings.lora is not None:
+        patched.set_model_attn1_patch(LoRAInputs("attn1"))
+        patched.set_model_attn2_patch(LoRAInputs("attn2"))
+        patched.set_model_attn1_output_patch(LoRAOutput(settings, "attn1"))
+        patched.set_model_attn2_output_patch(LoRAOutput(settings, "attn2"))
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
                                  InfiniteIDWrapper(settings))
     return patched
 
 
-def identity_tokens(adapter, face_embeds: torch.Tensor, clip_hidden: torch.Tensor, empty_clip_hidden: torch.Tensor,
-                    mix_weights: list[float], scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """c_id for the cond rows (several references mixed, A.7) and for the uncond
-    rows (the adapter's projection of no face: zero ArcFace, CLIP of a blank image)."""
+@dataclass(frozen=True)
+class IdentityTokens:
+    """What the identity stream reads: c_id, the stacked references' bias, and the "no face" tokens."""
+
+    tokens: torch.Tensor  # (1, T, context)
+    bias: torch.Tensor | None  # (T,) or None
+    uncond: torch.Tensor  # (1, T, context), as many tokens as ``tokens``
+
+
+def identity_tokens(adapter, face_embeds: torch.Tensor, clip_hidden: torch.Tensor, no_face_clip_hidden: torch.Tensor,
+                    mix_weights: list[float], scale: float = 1.0, mixing: str = "stack") -> IdentityTokens:
+    """c_id of the references (stacked or averaged, A.7) and, for the uncond rows, the adapter's
+    projection of "no face": a zero ArcFace embedding and CLIP of a zero (normalised) image, as
+    IP-Adapter FaceID's get_image_embeds computes it."""
+    if mixing not in MIXING:
+        raise ValueError(f"mixing={mixing!r}: expected one of {', '.join(MIXING)}")
     with torch.no_grad():
         each = adapter.image_tokens(face_embeds.float(), clip_hidden.float(), scale)
-        empty = adapter.image_tokens(torch.zeros_like(face_embeds[:1]).float(), empty_clip_hidden.float(), scale)
-    return mix_identities(list(each.split(1)), mix_weights), empty
+        empty = adapter.image_tokens(torch.zeros_like(face_embeds[:1]).float(), no_face_clip_hidden.float(), scale)
+    references = list(each.split(1))
+    if mixing == "mean":
+        return IdentityTokens(mix_identities(references, mix_weights), None, empty)
+    tokens, bias = stack_identities(references, mix_weights)
+    # As many "no face" copies as tokens, under the same bias: attending over them is attending over one.
+    return IdentityTokens(tokens, bias, empty.repeat(1, tokens.shape[1] // empty.shape[1], 1))
+
+
+def no_face_clip_hidden(clip_vision) -> torch.Tensor:
+    """CLIP's penultimate hidden states of an all-zero *normalised* image (the mean colour), the
+    "no image" input of IP-Adapter FaceID. ComfyUI's encode_image would normalise (and round) a
+    pixel image first, so the model is called on zeros directly."""
+    import comfy.model_management
+
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    size = clip_vision.image_size
+    zeros = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
+    with torch.no_grad():
+        out = clip_vision.model(pixel_values=zeros, intermediate_output=-2)
+    return out[1].to(comfy.model_management.intermediate_device())
 
 
 def parse_mix_weights(text: str, references: int) -> list[float]:

@@ -15,7 +15,10 @@ from .face_analysis import FaceAnalysisType
 
 CATEGORY = "likeness/infinite_id"
 IPADAPTER_FOLDER = "ipadapter"
+LORAS_FOLDER = "loras"
 ADAPTER_EXTENSIONS = {".safetensors", ".bin"}
+LORA_FROM_ADAPTER = "from the adapter file"
+NO_LORA = "none"
 
 IDAdapterType = io.Custom("LIKENESS_ID_ADAPTER")
 
@@ -41,6 +44,19 @@ def adapter_files() -> list[str]:
                   if os.path.splitext(name)[1].lower() in ADAPTER_EXTENSIONS)
 
 
+def lora_files() -> list[str]:
+    import folder_paths
+
+    return sorted(folder_paths.get_filename_list(LORAS_FOLDER))
+
+
+def companion_lora(adapter_name: str) -> str | None:
+    """``<adapter>_lora.safetensors`` in models/loras/, as h94/IP-Adapter-FaceID names the LoRA it
+    releases beside each adapter, if the user has it."""
+    wanted = os.path.splitext(os.path.basename(adapter_name))[0] + "_lora.safetensors"
+    return next((name for name in lora_files() if os.path.basename(name) == wanted), None)
+
+
 class IDAdapterLoader(io.ComfyNode):
     """The identity stream's weights: FaceID-PlusV2's projection and image K/V per layer."""
 
@@ -58,14 +74,20 @@ class IDAdapterLoader(io.ComfyNode):
                                tooltip="A FaceID-PlusV2 .bin or .safetensors in models/ipadapter/ "
                                        "(ip-adapter-faceid-plusv2_sd15 or _sdxl from h94/IP-Adapter-FaceID); "
                                        "use the one made for your checkpoint's family."),
+                io.Combo.Input("lora", options=[LORA_FROM_ADAPTER, NO_LORA, *lora_files()],
+                               default=LORA_FROM_ADAPTER, optional=True,
+                               tooltip="FaceID's LoRA, applied to the identity stream only (the text stream "
+                                       "stays the original model): the one the adapter .bin carries; where it "
+                                       "has none, <adapter>_lora.safetensors from models/loras/ if present. "
+                                       "Or a LoRA file chosen here, or none. Do not also load it with a LoRA "
+                                       "loader: that would change the text stream too."),
             ],
             outputs=[IDAdapterType.Output(display_name="id_adapter",
                                           tooltip="The identity adapter, for the Infinite-ID nodes.")],
         )
 
     @classmethod
-    def execute(cls, adapter_name: str) -> io.NodeOutput:
-
+    def execute(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> io.NodeOutput:
         from ..attention.id_adapter import load_id_adapter
 
         register_ipadapter_folder()
@@ -76,7 +98,24 @@ class IDAdapterLoader(io.ComfyNode):
             adapter = load_id_adapter(path)
         except ValueError as error:
             raise ValueError(f"adapter_name={adapter_name!r} cannot be used: {error}") from error
-        return io.NodeOutput(adapter)
+        if lora == NO_LORA:
+            return io.NodeOutput(adapter.with_lora(None, ""))
+        if lora == LORA_FROM_ADAPTER:
+            lora = None if adapter.lora else companion_lora(adapter_name)
+            if lora is None:
+                return io.NodeOutput(adapter)
+        return io.NodeOutput(adapter.with_lora(load_lora_file(lora), lora))
+
+
+def load_lora_file(name: str) -> dict:
+    import comfy.utils
+
+    path = model_path(LORAS_FOLDER, "lora", name, f"'{LORA_FROM_ADAPTER}', '{NO_LORA}' or a file in "
+                      f"models/{LORAS_FOLDER}/ (found: {', '.join(lora_files()) or 'none'})")
+    try:
+        return comfy.utils.load_torch_file(path, safe_load=True)
+    except Exception as error:  # safetensors and torch raise their own types for damaged files
+        raise ValueError(f"lora={name!r} cannot be read ({error}); the file may be truncated") from error
 
 
 class InfiniteID(io.ComfyNode):
@@ -116,6 +155,13 @@ class InfiniteID(io.ComfyNode):
                 io.String.Input("mix_weights", default="",
                                 tooltip="One weight per reference image, e.g. '0.7, 0.3' to interpolate two "
                                         "people; empty = equal weights."),
+                io.Combo.Input("mixing", options=["stack", "mean"], default="stack", optional=True,
+                               tooltip="Several reference images: stack = the identity stream attends to every "
+                                       "reference's tokens, each weighted by its mix weight (paper A.7); mean = "
+                                       "one set of tokens, the weighted mean of theirs."),
+                io.Float.Input("lora_scale", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="Scale of FaceID's LoRA on the identity stream (1 as IP-Adapter FaceID "
+                                       "runs it; 0 = no LoRA). The text stream never gets it."),
                 io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="FaceID-PlusV2's s_scale: weight of the CLIP (structure) path."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
@@ -129,9 +175,8 @@ class InfiniteID(io.ComfyNode):
     @classmethod
     def execute(cls, model, id_adapter, analysis, clip_vision, image, weight: float, mixed_attention: bool,
                 cross_attention_merge: bool, adain_mean: bool, mix_weights: str, shortcut_scale: float,
-                start_percent: float, end_percent: float) -> io.NodeOutput:
-        import torch
-
+                start_percent: float, end_percent: float, mixing: str = "stack",
+                lora_scale: float = 1.0) -> io.NodeOutput:
         from ..attention import infinite_id
         from ..attention.schedule import SigmaRange, model_sampling_of
         from ..attention.unet_layers import attention_keys, diffusion_model_of
@@ -146,11 +191,16 @@ class InfiniteID(io.ComfyNode):
         # FaceID-PlusV2 reads CLIP from the aligned 224 face crop, ArcFace from its own 112 crop.
         faces, _, _, embeddings = crop_faces(analysis, image, crop_size=224)
         hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
-        empty = clip_vision.encode_image(torch.zeros_like(faces[:1]))["penultimate_hidden_states"]
-        tokens, uncond = infinite_id.identity_tokens(id_adapter, embeddings, hidden, empty, weights, shortcut_scale)
+        found = infinite_id.identity_tokens(id_adapter, embeddings, hidden, infinite_id.no_face_clip_hidden(clip_vision),
+                                            weights, shortcut_scale, mixing)
+        try:
+            lora = id_adapter.faceid_lora(model, lora_scale) if lora_scale > 0 else None
+        except ValueError as error:
+            raise ValueError(f"id_adapter={id_adapter.source!r} cannot be used with this model: {error}") from error
         sampling = model_sampling_of(model)
         settings = infinite_id.InfiniteID(
-            tokens=tokens, uncond_tokens=uncond, kv=id_adapter.kv_weights, weight=weight,
+            tokens=found.tokens, uncond_tokens=found.uncond, token_bias=found.bias, lora=lora,
+            kv=id_adapter.kv_weights, weight=weight,
             mixed_attention=mixed_attention, cross_attention_merge=cross_attention_merge, adain_mean=adain_mean,
             sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent))
         return io.NodeOutput(infinite_id.apply_infinite_id(model, settings, keys))
