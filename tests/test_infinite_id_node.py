@@ -45,10 +45,10 @@ def test_infinite_id_node_runs_and_weight_zero_is_text_only(comfy, tiny_checkpoi
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
     plain = txt2img_latent(comfy, model, clip)
     identity = txt2img_latent(comfy, run_node(comfy, model, adapter, parts), clip)
-    assert torch.isfinite(identity).all() and not torch.equal(identity, plain)
+    assert torch.isfinite(identity).all() and (identity - plain).abs().max() > 1e-2 * plain.abs().max()
     assert torch.equal(txt2img_latent(comfy, run_node(comfy, model, adapter, parts, weight=0.0), clip), plain)
     styled = txt2img_latent(comfy, run_node(comfy, model, adapter, parts, adain_mean=True), clip)
-    assert not torch.equal(styled, identity)
+    assert (styled - identity).abs().max() > 1e-2 * identity.abs().max()
 
 
 def test_mix_weights_one_zero_is_the_first_person(comfy, tiny_checkpoints, base_directory, parts):
@@ -88,6 +88,7 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
     write_pairs(base_directory / "input" / "id_pairs")
     analysis, clip_vision, _ = parts
+    before_training = txt2img_latent(comfy, model, clip)
     name, before, after = comfy.run_node(
         "LikenessTrainIDAdapter", model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis,
         clip_vision=clip_vision, folder="id_pairs", steps=8, learning_rate=1e-3, seed=0, shortcut_scale=1.0,
@@ -95,9 +96,11 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
     assert after < before, (before, after)
     (trained,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=name)
     assert trained.kind == "sd15" and trained.layer_count == 16
-    changed = any(not torch.equal(trained.kv_weights[k][0].float(), adapter.kv_weights[k][0].float())
-                  for k in adapter.kv_weights)
-    assert changed, "training must move the image K/V weights"
+    moved = max(float((trained.kv_weights[k][0].float() - adapter.kv_weights[k][0].float()).abs().max()
+                      / adapter.kv_weights[k][0].float().abs().max()) for k in adapter.kv_weights)
+    assert moved > 1e-2, "training must move the image K/V weights (AdamW, learning rate 1e-3, 8 steps)"
+    # the UNet was frozen and is shared with the rest of the graph: it computes exactly what it did
+    assert torch.equal(txt2img_latent(comfy, model, clip), before_training)
 
 
 def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, base_directory, parts):
