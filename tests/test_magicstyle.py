@@ -293,3 +293,110 @@ class TestSaveLoad:
         save_file({"x": torch.zeros(1)}, str(path))
         with pytest.raises(ValueError, match="not a Likeness features file"):
             comfy.run_node("LikenessLoadFeatures", file=path.name)
+
+
+def hand_adain(content, style):
+    """Per channel over tokens, population std, eps on the std (AdaIN as MagicStyle Eq. 4 uses it)."""
+    c_mean, s_mean = content.mean(1, keepdim=True), style.mean(1, keepdim=True)
+    c_std = ((content - c_mean) ** 2).mean(1, keepdim=True).sqrt()
+    s_std = ((style - s_mean) ** 2).mean(1, keepdim=True).sqrt()
+    return (content - c_mean) / (c_std + 1e-5) * s_std + s_mean
+
+
+@pytest.mark.parametrize("alpha, beta, temperature", [(0.7, 0.45, 1.0), (0.35, 0.9, 1.3)])
+def test_ffa_equals_a_hand_computation_from_the_cached_states_and_the_layers_weights(comfy, inverted, monkeypatch,
+                                                                                   alpha, beta, temperature):
+    """Algorithm 1 / Eq. 5 written out from the raw cached hidden states and the layer's own
+    to_q/to_k/to_v/to_out, against what the patched layer returns inside a real model call.
+    The style is image 1 of a two-image bank (style_index 1)."""
+    name, model, empty, _, z_t, features = inverted
+    layers, dispatch = comfy.pack("attention.unet_layers"), comfy.pack("attention.dispatch")
+    training = comfy.pack("attention.training")
+    unet = layers.diffusion_model_of(model)
+    key = {"sd15": ("output", 4, 0), "sdxl": ("input", 8, 3)}[name]
+    block = layers.transformer_block(unet, key)
+    content = features.select(0, 1)
+    patched = ffa(comfy, model, content, features, alpha=alpha, beta=beta, temperature=temperature, style_index=1)
+
+    recorded = {}
+    hooks = [block.norm1.register_forward_hook(lambda m, a, out: recorded.setdefault("n", out.detach().clone())),
+             block.attn1.to_out.register_forward_hook(lambda m, a, out: recorded.setdefault("out", out.detach().clone()))]
+    values = []
+    original = dispatch.default_attention
+
+    def spying(q, k, v, extra_options, mask=None):
+        here = (extra_options["block"][0], extra_options["block"][1], extra_options.get("block_index", 0))
+        if here == key and v.shape[1] == 2 * q.shape[1] and not values:
+            values.append((q.detach().clone(), v.detach().clone()))
+        return original(q, k, v, extra_options, mask)
+
+    monkeypatch.setattr(dispatch, "default_attention", spying)
+    sigma = torch.tensor([features.sigmas[3]])
+    # A latent of its own, so the current hidden states differ from the content's cached ones.
+    noisy = random_latents(1, seed=21) * sigma
+    try:
+        with torch.no_grad():
+            training.denoised_predictions(model, patched, [empty], noisy, sigma)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    timestep = model.get_model_object("model_sampling").timestep(sigma)
+    h_c = features.get(timestep, key)[0:1].float()
+    h_s = features.get(timestep, key)[1:2].float()
+    n = recorded["n"].float()
+    attn = block.attn1
+    w_q, w_k, w_v = (getattr(attn, p).weight.float() for p in ("to_q", "to_k", "to_v"))
+    q = alpha * (h_c @ w_q.T) + beta * (n @ w_q.T)
+    k = torch.cat([h_c @ w_k.T, h_s @ w_k.T], 1)
+    v_c, v_s = h_c @ w_v.T, h_s @ w_v.T
+    v = torch.cat([hand_adain(v_c, v_s), v_s], 1)
+    heads, dim = attn.heads, attn.dim_head
+    split = lambda t: t.unflatten(-1, (heads, dim)).transpose(1, 2)  # noqa: E731
+    weights = (split(q) @ split(k).transpose(-1, -2) * temperature / dim ** 0.5).softmax(-1)
+    expected = attn.to_out[0]((weights @ split(v)).transpose(1, 2).flatten(2))
+    torch.testing.assert_close(recorded["out"].float(), expected, rtol=2e-4, atol=2e-4)
+
+    # The V the layer attended over: its content half has the style half's per-channel token statistics.
+    ((query, fused),) = values
+    tokens = fused.shape[1] // 2
+    std_c, mean_c = torch.std_mean(fused[:, :tokens].float(), 1, correction=0)
+    std_s, mean_s = torch.std_mean(fused[:, tokens:].float(), 1, correction=0)
+    torch.testing.assert_close(mean_c, mean_s, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(std_c, std_s, rtol=1e-3, atol=1e-3)
+    # The query the layer used is α·Q_c + β·Q_cur (times the temperature), not the swapped mix.
+    torch.testing.assert_close(query.float(), q * temperature, rtol=1e-4, atol=1e-4)
+    swapped = (beta * (h_c @ w_q.T) + alpha * (n @ w_q.T)) * temperature
+    assert (swapped - query.float()).abs().max() > 1e-2 * query.float().abs().max()
+
+
+def test_ffa_acts_only_inside_its_window(comfy, inverted, monkeypatch):
+    name, model, empty, _, z_t, features = inverted
+    ffa_module = comfy.pack("attention.ffa")
+    content, style = features.select(0, 1), features.select(1, 1)
+    start = {"samples": z_t[:1]}
+    plain = ksampler_advanced(comfy, model, start, empty)
+    fused_at = []
+    original = ffa_module.FeatureFusion.features_for
+
+    def recording(self, extra_options, rows):
+        found = original(self, extra_options, rows)
+        if found is not None:
+            fused_at.append(float(extra_options["sigmas"][0]))
+        return found
+
+    monkeypatch.setattr(ffa_module.FeatureFusion, "features_for", recording)
+    sampling = model.get_model_object("model_sampling")
+    window = comfy.pack("attention.schedule").SigmaRange.from_percent(sampling, 0.0, 0.5)
+    styled = ksampler_advanced(comfy, ffa(comfy, model, content, style, start_percent=0.0, end_percent=0.5),
+                               start, empty)
+    visited = {round(s, 4) for s in fused_at}
+    inside = {round(s, 4) for s in features.sigmas[:-1] if window.contains(s)}
+    assert visited == inside and 0 < len(inside) < len(features.sigmas) - 1, (visited, inside)
+    everywhere = ksampler_advanced(comfy, ffa(comfy, model, content, style), start, empty)
+    # (the calm model moves little in latent space: measured against FFA over the whole schedule)
+    assert (styled - plain).abs().max() > 0.1 * (everywhere - plain).abs().max()
+    fused_at.clear()
+    late = ksampler_advanced(comfy, ffa(comfy, model, content, style, start_percent=1.0, end_percent=1.0),
+                             start, empty)
+    assert not fused_at and torch.equal(late, plain)
