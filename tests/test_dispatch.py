@@ -8,6 +8,16 @@ import torch
 from harness.sampling import encode, txt2img_latent
 
 
+# One patched layer of sixteen moves the sampled latent by 0.1-1% of its largest value; batch-size
+# rounding moves it by ~1e-5 of it. A floor of 1e-3 sits a hundred times above the rounding.
+ONE_LAYER = 1e-3
+
+
+def differs(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-2) -> bool:
+    """a and b differ by more than ``floor`` of b's largest value: far above batch-size rounding."""
+    return bool((a - b).abs().max() > floor * b.abs().max())
+
+
 class Recorder:
     """A processor that records what it sees and leaves the result alone."""
 
@@ -87,7 +97,7 @@ def test_patched_run_leaves_the_input_model_bit_identical(comfy, sd15):
     patched = dispatch.patched_clone(model, all_placements(comfy, model, lambda kind, key: ScaleQuery(1.7)))
     changed = txt2img_latent(comfy, patched, clip)
     after = txt2img_latent(comfy, model, clip)
-    assert not torch.equal(before, changed), "the processor must change the output for this test to mean anything"
+    assert differs(changed, before), "the processor must change the output for this test to mean anything"
     assert torch.equal(before, after)
     assert not list(dispatch.dispatchers(model)), "the input MODEL must not carry a dispatcher"
 
@@ -108,7 +118,7 @@ def test_foreign_replace_patch_still_runs_and_contributes(comfy, sd15, kind, for
     with_foreign.set_model_patch_replace(foreign, kind, *key[:foreign_key_parts])
     plain = txt2img_latent(comfy, model, clip)
     foreign_only = txt2img_latent(comfy, with_foreign, clip)
-    assert calls and not torch.equal(plain, foreign_only)
+    assert calls and differs(foreign_only, plain, ONE_LAYER)
 
     calls.clear()
     passthrough = dispatch.patched_clone(with_foreign, [(kind, key, Recorder([]))])
@@ -119,9 +129,9 @@ def test_foreign_replace_patch_still_runs_and_contributes(comfy, sd15, kind, for
     both = dispatch.patched_clone(with_foreign, [(kind, key, ScaleQuery(2.0))])
     both_out = txt2img_latent(comfy, both, clip)
     assert calls
-    assert not torch.equal(both_out, foreign_only)
+    assert differs(both_out, foreign_only, ONE_LAYER)
     ours_only = txt2img_latent(comfy, dispatch.patched_clone(model, [(kind, key, ScaleQuery(2.0))]), clip)
-    assert not torch.equal(both_out, ours_only), "the foreign patch must still contribute"
+    assert differs(both_out, ours_only, ONE_LAYER), "the foreign patch must still contribute"
 
 
 def test_likeness_processors_compose_in_order(comfy, sd15):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import replace
 
 import numpy as np
@@ -85,7 +86,8 @@ def test_crop_outputs_shapes_ranges_and_the_box_mask(comfy, analysis, astronaut)
     assert 0 <= face.min() and face.max() <= 1 and 0 <= arcface.min() and arcface.max() <= 1
     assert face.std() > 0.05 and arcface.std() > 0.05
     torch.testing.assert_close(embedding.norm(dim=1), torch.ones(2))
-    assert not torch.allclose(embedding[0], embedding[1])  # a mirrored face is another crop
+    # a mirrored face is another crop: another embedding (cosine well below 1)
+    assert float(embedding[0] @ embedding[1]) < 0.99
     x1, y1, x2, y2 = pixels(tiny.ASTRONAUT_BOX).round().astype(int)
     expected = torch.zeros(W, W)
     expected[y1:y2, x1:x2] = 1
@@ -237,7 +239,10 @@ def test_similarity_images_without_a_face(comfy, analysis, astronaut):
 # landmarks and 128-d recogniser ship in dlib-bin and face-recognition-models.
 def dlib_models():
     if importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None:
-        pytest.skip("dlib-bin and face-recognition-models are not installed (test-only packages)")
+        message = "dlib-bin and face-recognition-models are not installed (test-only packages, tests/run.py installs them)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)  # CI must run the independent check, never skip it
+        pytest.skip(message)
     import dlib
 
     # The package's __init__ needs pkg_resources, gone from recent setuptools: read its files directly.
