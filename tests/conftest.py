@@ -95,5 +95,8 @@ def editor(server, artifacts):
     page = GraphEditor(server.url, artifacts)
     try:
         yield page
+        # Errors outside any one load (start-up, between tests) fail the session's last editor test.
+        unexpected = page.unexpected_console_errors()
+        assert not unexpected, f"the editor logged errors: {unexpected}"
     finally:
         page.close()

@@ -51,3 +51,16 @@ def test_a_workflow_the_editor_rejects_is_reported(editor):
     workflow["nodes"][0]["outputs"][0]["slot_index"] = None  # not allowed by the editor's schema
     report = editor.load(workflow, "invalid_schema")
     assert any("schema" in alert for alert in report.alerts), report
+
+
+def test_a_console_error_the_offline_editor_never_logs_fails(editor):
+    """Only the start-up noise of an offline editor (../shared/HOST.md) is tolerated, matched exactly."""
+    before = len(editor.console_errors)
+    editor.page.evaluate("() => console.error('Failed to load resource: the server responded with a status of 404 "
+                         "(Not Found)')")
+    editor.page.evaluate("() => console.error(\"TypeError: Cannot read properties of undefined (reading 'id')\")")
+    editor.page.wait_for_timeout(200)
+    logged = editor.console_errors[before:]
+    assert len(logged) == 2 and not any(error.harmless for error in logged), logged
+    del editor.console_errors[before:]  # logged on purpose: not an error of the editor
+    assert all(error.harmless for error in editor.console_errors), editor.unexpected_console_errors()

@@ -7,6 +7,7 @@ not have (without them it keeps retrying Google's hosts).
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,45 @@ async (workflow) => {
 """
 
 
+# What an offline editor always logs (../shared/HOST.md): its optional user files and the
+# template list are 404s, the browser asks for a favicon, api.comfy.org is blocked, and one
+# TypeError is thrown while it starts. Matched exactly, so any other error fails a test.
+HARMLESS_404_PATHS = ("/user.css", "/favicon.ico", "/api/userdata/user.css", "/api/userdata/comfy.templates.json",
+                      "/api/userdata?dir=workflows&recurse=true&split=false&full_info=true",
+                      "/api/userdata?dir=subgraphs%2F&recurse=true&split=false&full_info=true")
+NOT_FOUND = "Failed to load resource: the server responded with a status of 404 (Not Found)"
+HARMLESS_MESSAGES = {
+    ("TypeError: Cannot read properties of undefined (reading 'id')", "/assets/lib/vue/dist/vue.esm-browser.prod.js"),
+}
+# api.comfy.org is blocked: the editor's look-up of comfy-core, and of any node type it finds missing.
+BLOCKED_COMFY_ORG = re.compile(r"Connecting to 'https://api\.comfy\.org/(nodes\?node_id=comfy-core|comfy-nodes/\w+/node)' "
+                               r"violates the following Content Security Policy directive: \"connect-src 'self'\"\. "
+                               r"The action has been blocked\.")
+
+
+@dataclass(frozen=True)
+class ConsoleError:
+    text: str  # the message's first line
+    path: str  # where it came from: path and query of the URL
+
+    def __str__(self) -> str:
+        return f"{self.text} ({self.path})"
+
+    @property
+    def harmless(self) -> bool:
+        if self.text == NOT_FOUND:
+            return self.path in HARMLESS_404_PATHS
+        return (self.text, self.path) in HARMLESS_MESSAGES or BLOCKED_COMFY_ORG.fullmatch(self.text) is not None
+
+
+def console_error(message) -> ConsoleError:
+    from urllib.parse import urlsplit
+
+    url = urlsplit((message.location or {}).get("url", ""))
+    return ConsoleError(message.text.splitlines()[0] if message.text else "",
+                        url.path + (f"?{url.query}" if url.query else ""))
+
+
 @dataclass
 class GraphReport:
     """What the editor said about one workflow."""
@@ -54,11 +94,12 @@ class GraphReport:
     alerts: list[str]  # toasts the editor raised (an invalid workflow schema, say)
     node_count: int
     screenshot: Path
-    console_errors: list[str] = field(default_factory=list)
+    console_errors: list[ConsoleError] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
-        return sorted(set(self.missing) | set(self.unregistered) | set(self.errored) | set(self.alerts))
+        unexpected = {str(e) for e in self.console_errors if not e.harmless}
+        return sorted(set(self.missing) | set(self.unregistered) | set(self.errored) | set(self.alerts) | unexpected)
 
 
 class GraphEditor:
@@ -66,14 +107,14 @@ class GraphEditor:
         from playwright.sync_api import sync_playwright
 
         self.artifacts = artifacts
-        self.console_errors: list[str] = []
+        self.console_errors: list[ConsoleError] = []
         self._playwright = sync_playwright().start()
         self._profile = tempfile.TemporaryDirectory(prefix="likeness-chromium-")
         self.context = self._playwright.chromium.launch_persistent_context(
             self._profile.name, executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS,
             viewport={"width": 1600, "height": 1000})
         self.page = self.context.new_page()
-        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(m.text))
+        self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(console_error(m)))
         self.page.goto(url, wait_until="domcontentloaded", timeout=120_000)
         # The start-up graph must have loaded before ours, or it overwrites ours.
         self.page.wait_for_function(
@@ -81,6 +122,9 @@ class GraphEditor:
             "Object.keys(LiteGraph.registered_node_types).length > 100 && app.graph._nodes.length > 0",
             timeout=120_000)
         self.page.evaluate(RECORDER)
+
+    def unexpected_console_errors(self) -> list[str]:
+        return [str(e) for e in self.console_errors if not e.harmless]
 
     def registered_types(self) -> list[str]:
         return self.page.evaluate("() => Object.keys(LiteGraph.registered_node_types)")
