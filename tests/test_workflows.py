@@ -37,17 +37,21 @@ def test_every_workflow_has_a_ui_file_and_an_api_twin():
         assert ui["nodes"] and ui["links"], name
 
 
-@pytest.mark.parametrize("name", shipped_workflows())
-def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory, name):
+@pytest.fixture(scope="module")
+def workflow_files(server, base_directory):
+    """The example images and the tiny model files every shipped workflow loads."""
     write_test_images(base_directory / "input", IMAGES)
     write_test_images(base_directory / "input", FACE_IMAGES)
     tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
     tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
     tiny_controlnet.write(base_directory / "models" / "controlnet")
-    if name.startswith("mcdm"):
-        tiny_mcdm.write(base_directory / "models")
+    tiny_mcdm.write(base_directory / "models")
     for kind in ("sd15", "sdxl"):
         tiny_faceid.write(base_directory / "models" / "ipadapter" / f"tiny_faceid_{kind}.safetensors", kind)
+
+
+@pytest.mark.parametrize("name", shipped_workflows())
+def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory, workflow_files, name):
     prompt = for_tiny_models(load_api(name), tiny_checkpoints)
     if name in FIRST_TARGETS:
         first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])
@@ -66,3 +70,40 @@ def test_workflow_loads_in_the_editor_and_matches_its_twin(editor, name):
     report = editor.load(WORKFLOWS / f"{name}.json", name)
     assert report.problems == [], report
     assert api_inputs(editor.to_api_prompt()) == api_inputs(load_api(name))
+
+
+# One input the second prompt changes, downstream of cached outputs the patch nodes receive.
+CHANGED_INPUT = {"magicstyle": ("LikenessFeatureFusionAttention", "alpha", 0.6),
+                 "face_fusion": ("LikenessFaceFusion", "weight", 2.0),
+                 "infinite_id_sd15": ("LikenessInfiniteID", "weight", 0.6),
+                 "mcdm_edit": ("LikenessMCDMGuider", "text_scale", 6.0)}
+
+
+def saved_pixels(result) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path), dtype=np.int16) for path in result.files if "temp" not in path.parts]
+
+
+@pytest.mark.parametrize("name", sorted(CHANGED_INPUT))
+def test_queued_twice_with_one_input_changed_the_cached_outputs_were_left_alone(server, tiny_checkpoints,
+                                                                                workflow_files, name):
+    """With ComfyUI's cache on, the second prompt reuses the first one's cached MODEL, features,
+    conditionings...; had a node changed one of them, its result would differ from the same prompt
+    computed from nothing."""
+    prompt = for_tiny_models(load_api(name), tiny_checkpoints)
+    node_class, input_name, value = CHANGED_INPUT[name]
+    changed = json.loads(json.dumps(prompt))
+    (node,) = [n for n in changed.values() if n["class_type"] == node_class]
+    assert node["inputs"][input_name] != value
+    node["inputs"][input_name] = value
+    first = server.run_prompt(prompt)
+    second = server.run_prompt(changed)
+    assert first.ok and second.ok, (first.error, second.error)
+    server.clear_cache()
+    fresh = server.run_prompt(changed)
+    assert fresh.ok, fresh.error
+    (first_image,), (cached_image,), (fresh_image,) = saved_pixels(first), saved_pixels(second), saved_pixels(fresh)
+    assert np.array_equal(cached_image, fresh_image)
+    # The tiny models' pictures are dim (a few levels of 255); rounding would change a handful of
+    # pixels, a changed input a fifth of them or more.
+    changed_pixels = float((cached_image != first_image).any(-1).mean())
+    assert changed_pixels > 0.15, f"{input_name}={value} changed {changed_pixels:.0%} of the pixels"

@@ -47,9 +47,11 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = open(log_path, "wb")
+        # ComfyUI's output cache stays on, as on users' servers: a node that changed a cached input
+        # would show up in the next prompt that reuses it.
         command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(base_directory), "--disable-api-nodes",
-                   "--database-url", "sqlite:///:memory:", "--cache-none"]
+                   "--database-url", "sqlite:///:memory:"]
         self.process = subprocess.Popen(command, cwd=comfyui, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -77,7 +79,8 @@ class ComfyServer:
                                          headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
+                body = response.read()
+                return json.loads(body) if body else {}
         except urllib.error.HTTPError as error:
             if error.code == 400:
                 raise PromptRejected(json.loads(error.read() or b"{}")) from None
@@ -104,6 +107,16 @@ class ComfyServer:
                 return self._result(prompt_id, entry)
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log_tail()}")
+
+    def clear_cache(self) -> None:
+        """Empty ComfyUI's output cache: POST /free, which the server applies after its next prompt
+        (a one-node prompt here), so the prompt after that computes everything again."""
+        self.post("/free", {"free_memory": True, "unload_models": True})
+        flush = {"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1,
+                                                             "color": 0}},
+                 "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+        result = self.run_prompt(flush)
+        assert result.ok, result.error
 
     def _result(self, prompt_id: str, entry: dict) -> PromptResult:
         status = entry["status"]["status_str"]
