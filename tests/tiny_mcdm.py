@@ -64,11 +64,30 @@ def released_adapter(seed: int = SEED) -> ReleasedAdapter:
     return ReleasedAdapter().eval()
 
 
-def clip_b32(seed: int = SEED):
+def clip_b32(seed: int = SEED, stored_as: torch.dtype = torch.float32):
+    """transformers' CLIPVisionModel (whichever version is installed) with random weights.
+
+    ``stored_as``: the weights rounded through that dtype as ComfyUI's CLIP vision model
+    stores them (every tensor but the two tower-wide LayerNorms, which it keeps in float32),
+    the model still computing in float32: the reference for an encoder built in that dtype."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed + 2)
-    return CLIPVisionModel(CLIPVisionConfig(**B32)).eval()
+    tower = CLIPVisionModel(CLIPVisionConfig(**B32)).eval()
+    with torch.no_grad():
+        for name, parameter in tower.named_parameters():
+            if "pre_layrnorm" not in name and "post_layernorm" not in name:
+                parameter.copy_(parameter.to(stored_as).float())
+    return tower
+
+
+def hugging_face_file(tower) -> dict[str, torch.Tensor]:
+    """The tower's tensors as a Hugging Face file holds them (``vision_model.*``, as
+    openai/clip-vit-base-patch32 is published), also where transformers 5 names the
+    model's own state dict without that prefix."""
+    prefix = "vision_model."
+    return {k if k.startswith(prefix) else prefix + k: v.detach().clone().contiguous()
+            for k, v in tower.state_dict().items()}
 
 
 def _pth(state: dict, path: Path) -> None:
@@ -82,7 +101,7 @@ def write(models: Path) -> dict[str, str]:
 
     _pth(diffusers_unet().state_dict(), models / "likeness" / UNET)
     _pth(released_adapter().state_dict(), models / "likeness" / ADAPTER)
-    tower = {k: v.contiguous() for k, v in clip_b32().state_dict().items()}
+    tower = hugging_face_file(clip_b32())
     (models / "clip_vision").mkdir(parents=True, exist_ok=True)
     save_file(tower, str(models / "clip_vision" / CLIP_B32))
     return {"unet": UNET, "adapter": ADAPTER, "clip_vision": CLIP_B32}
