@@ -156,6 +156,16 @@ def _cleanup_after_sampling(executor, *args, **kwargs):
             dispatcher.cleanup()
 
 
+def add_input_patch(model, name: str, patch) -> None:
+    """Append ``patch`` to ComfyUI's ``name`` list ("attn1_patch", "attn2_patch") of a clone, but
+    before any patch marked ``sees_final_inputs``: those record what the projections will see, so
+    they must come after every patch that changes it."""
+    patches = model.model_options.setdefault("transformer_options", {}).setdefault("patches", {})
+    current = patches.get(name, [])
+    last = [p for p in current if getattr(p, "sees_final_inputs", False)]
+    patches[name] = [p for p in current if not getattr(p, "sees_final_inputs", False)] + [patch] + last
+
+
 def patched_clone(model, placements: Iterable[tuple[str, BlockKey, AttentionProcessor]]):
     """A clone of ``model`` with each processor placed on its (kind, key).
 

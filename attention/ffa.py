@@ -166,11 +166,11 @@ def apply_ffa(model, fusion: FeatureFusion):
     """A clone of ``model`` with Feature Fusion Attention on ``fusion.layers``."""
     import comfy.patcher_extension
 
-    from .dispatch import patched_clone
+    from .dispatch import add_input_patch, patched_clone
 
     processor = FFAProcessor(fusion)
     patched = patched_clone(model, [("attn1", key, processor) for key in sorted(fusion.layers)])
-    patched.set_model_attn1_patch(FFAInputs(fusion))
+    add_input_patch(patched, "attn1_patch", FFAInputs(fusion))
     # Fail before the first step, naming what differs, rather than mid-run.
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "likeness_ffa_schedule",
                                  _check_schedule(fusion))

@@ -248,6 +248,8 @@ class CrossAttentionMergeProcessor:
 class LoRAInputs:
     """attn1_patch / attn2_patch: keeps what the identity stream's projections will see, for the LoRA."""
 
+    sees_final_inputs = True  # Likeness patches that change the inputs go before it (dispatch.add_input_patch)
+
     def __init__(self, kind: str) -> None:
         self.kind = kind
 
