@@ -52,18 +52,17 @@ def _open_clip_to_hf(state: dict[str, torch.Tensor], prefix: str) -> dict[str, t
             continue
         name = key[len(prefix):]
         block = _RESBLOCK.fullmatch(name)
+        part, _, kind = block.group(2).rpartition(".") if block else ("", "", "")
         if name in _OPEN_CLIP_UNUSED:
             continue
         if name in _OPEN_CLIP_NAMES:
             renamed[PREFIX + _OPEN_CLIP_NAMES[name]] = value
-        elif block and block.group(2) in ("attn.in_proj_weight", "attn.in_proj_bias") and value.shape[0] % 3 == 0:
+        elif block and block.group(2) in ("attn.in_proj_weight", "attn.in_proj_bias"):
+            # q, k and v stacked along the output axis, in that order (torch's MultiheadAttention)
             layer = f"{PREFIX}encoder.layers.{block.group(1)}.self_attn"
-            kind = block.group(2).rsplit("_", 1)[1]
-            for projection, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
-                renamed[f"{layer}.{projection}.{kind}"] = part
-        elif block and block.group(2).rsplit(".", 1)[0] in _OPEN_CLIP_LAYER_PARTS \
-                and block.group(2).rsplit(".", 1)[1] in ("weight", "bias"):
-            part, kind = block.group(2).rsplit(".", 1)
+            for projection, tensor in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                renamed[f"{layer}.{projection}.{block.group(2).rpartition('_')[2]}"] = tensor
+        elif block and part in _OPEN_CLIP_LAYER_PARTS and kind in ("weight", "bias"):
             renamed[f"{PREFIX}encoder.layers.{block.group(1)}.{_OPEN_CLIP_LAYER_PARTS[part]}.{kind}"] = value
         else:
             unknown.append(key)
@@ -102,8 +101,7 @@ def config_of(vision: dict[str, torch.Tensor]) -> dict:
     """ComfyUI's CLIP vision config for the tower, read off its shapes (QuickGELU and
     LayerNorm eps 1e-5, as OpenAI's CLIP was trained)."""
     width = _shape(vision, "embeddings.class_embedding")[0]
-    channels, patch = _shape(vision, "embeddings.patch_embedding.weight")[1], \
-        _shape(vision, "embeddings.patch_embedding.weight")[-1]
+    _, channels, patch, _ = _shape(vision, "embeddings.patch_embedding.weight")
     positions = _shape(vision, "embeddings.position_embedding.weight")[0]
     side = math.isqrt(max(positions - 1, 0))
     if positions < 2 or side * side != positions - 1:
@@ -124,7 +122,11 @@ def config_of(vision: dict[str, torch.Tensor]) -> dict:
 
 
 def _load_strictly(model: torch.nn.Module, vision: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(vision, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(vision, strict=False)
+    except RuntimeError as error:  # a tensor of another shape than the config read off the file
+        raise ValueError(f"the image tower's tensors do not fit one CLIP ViT: {str(error).splitlines()[-1].strip()}; "
+                         f"accepted: {HF_TOWER}, all layers of one width") from error
     if missing or unexpected:
         raise ValueError(f"the image tower does not match a CLIP ViT of its own shapes: missing {sorted(missing)[:5]} "
                          f"({len(missing)} in all), unexpected {sorted(unexpected)[:5]} ({len(unexpected)} in all); "

@@ -196,6 +196,8 @@ def test_low_precision_weights_give_the_rounded_towers_states(clip_b32, tower, h
      r"unexpected \['vision_model.encoder.layers.0.self_attn.extra.weight'\].*accepted: vision_model"),
     (lambda f: {k: v for k, v in f.items() if "layers.1.mlp.fc2.bias" not in k},
      r"missing \['vision_model.encoder.layers.1.mlp.fc2.bias'\].*accepted: vision_model"),
+    (lambda f: {**f, "vision_model.encoder.layers.1.mlp.fc1.weight": torch.zeros(100, 64)},
+     r"do not fit one CLIP ViT: size mismatch for vision_model.encoder.layers.1.mlp.fc1.weight.*accepted"),
     (lambda f: {k: v for k, v in f.items() if "position_embedding" not in k},
      r"no vision_model.embeddings.position_embedding.weight"),
     (lambda f: {**f, "vision_model.embeddings.position_embedding.weight": torch.zeros(48, 64)},

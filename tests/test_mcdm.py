@@ -107,6 +107,9 @@ def test_key_conversion_and_adapter_match_diffusers_and_the_released_adapter(com
     reference_unet = tiny_mcdm.diffusers_unet()
     reference_adapter = tiny_mcdm.released_adapter()
     tower = tiny_mcdm.clip_b32()
+    # ComfyUI stores a CLIP vision tower in its text-encoder dtype (fp16) and computes in fp32: the
+    # reference gets the same rounded weights.
+    tower.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in tower.state_dict().items()})
     sigma = model.model.model_sampling.sigma(torch.tensor([420.0]))
     noisy = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(9)) * sigma
     with torch.no_grad():
@@ -127,40 +130,6 @@ def test_key_conversion_and_adapter_match_diffusers_and_the_released_adapter(com
     assert (positive[0][0][:, 77:] - image_tokens).abs().max() <= 1e-5
     assert (noise_comfy - noise_diffusers).abs().max() <= 1e-4
     assert noise_diffusers.abs().mean() > 0.1  # a real prediction, not zeros on both sides
-
-
-def test_open_clip_and_hugging_face_files_give_the_released_hidden_states(comfy):
-    """last_hidden_state of CLIPVisionModel: class token included, before post-LayerNorm,
-    from a Hugging Face file and from an open_clip file of the same random weights."""
-    import open_clip.model
-
-    encoder_module = comfy.pack("attention.clip_b32")
-    tower = tiny_mcdm.clip_b32()
-    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
-    with torch.no_grad():
-        expected = tower(pixel_values=pixels).last_hidden_state
-        hugging_face = encoder_module.ImageEncoder(tower.state_dict()).model(pixel_values=pixels).last_hidden_state
-    assert expected.shape == (2, 50, tiny_mcdm.WIDTH)
-    assert (hugging_face - expected).abs().max() <= 1e-6
-
-    torch.manual_seed(11)
-    visual = open_clip.model._build_vision_tower(
-        embed_dim=16, quick_gelu=True,
-        vision_cfg=open_clip.model.CLIPVisionCfg(layers=2, width=tiny_mcdm.WIDTH, head_width=64, mlp_ratio=2.0,
-                                                 patch_size=32, image_size=224)).eval()
-    captured = {}
-
-    def capture(module, args, output) -> None:
-        captured.setdefault("tokens", args[0])
-
-    visual.ln_post.register_forward_hook(capture)
-    with torch.no_grad():
-        visual(pixels)
-        file = {f"visual.{k}": v for k, v in visual.state_dict().items()}
-        converted = encoder_module.ImageEncoder(file).model(pixel_values=pixels)
-    assert (converted.last_hidden_state - captured["tokens"]).abs().max() <= 1e-5
-    # the post-LayerNorm output differs: the adapter reads the states before it
-    assert (converted.last_hidden_state - visual.ln_post(captured["tokens"])).abs().max() > 1e-2
 
 
 def one_step(comfy, guider, latent, sigmas, seed=5):
