@@ -58,3 +58,23 @@ def test_loading_the_pack_imports_nothing_heavy(host, base_directory):
     assert heavy == []
     # Only what ComfyUI itself needs to read the pack's pyproject.toml.
     assert {m.split(".")[0] for m in report["foreign_modules"]} <= {"tomllib"}
+
+
+def test_the_repository_tracks_no_symlink_and_no_absolute_path_of_a_machine():
+    """What is tracked ships to users: a symlink, or a path into the machine it was made on, points
+    at nothing on theirs."""
+    import re
+
+    listing = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    symlinks = [line.split("\t", 1)[1] for line in listing.splitlines() if line.startswith("120000")]
+    assert symlinks == []
+    machine_path = re.compile(r"(?<![\w.~/-])/(?:work|root|home|Users|tmp|opt|mnt)/[\w.-]+")
+    found = []
+    for line in listing.splitlines():
+        path = REPO / line.split("\t", 1)[1]
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".safetensors") or path.name == "LICENSE":
+            continue
+        for number, text in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            if machine_path.search(text):
+                found.append(f"{path.relative_to(REPO)}:{number}: {text.strip()[:120]}")
+    assert found == []
