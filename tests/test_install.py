@@ -96,3 +96,53 @@ def test_manager_install_repairs_a_second_onnxruntime_flavour(installer, tmp_pat
     check = subprocess.run([python, "-c", "import onnxruntime, insightface; print(onnxruntime.get_device())"],
                            capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def load_image_values() -> dict[str, set[str]]:
+    """{workflow file: the pictures its Load Image nodes load}, UI and API files alike."""
+    import json
+
+    found = {}
+    for path in sorted((REPO / "workflows").glob("*.json")) + sorted((REPO / "workflows" / "api").glob("*.json")):
+        workflow = json.loads(path.read_text())
+        if "nodes" in workflow:
+            values = {n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "LoadImage"}
+        else:
+            values = {n["inputs"]["image"] for n in workflow.values() if n["class_type"] == "LoadImage"}
+        found[str(path.relative_to(REPO))] = values
+    return found
+
+
+def test_every_workflow_loads_pictures_the_pack_ships(installer):
+    shipped = {p.name for p in installer.EXAMPLES_DIR.glob("*.png")}
+    used = load_image_values()
+    assert sum(bool(values) for values in used.values()) >= 20  # 12 workflows, UI and API
+    for workflow, values in used.items():
+        assert values <= shipped, f"{workflow} loads {sorted(values - shipped)}, which the pack does not ship"
+        assert all(v.startswith(installer.EXAMPLE_PREFIX) for v in values), workflow
+
+
+def test_examples_reach_the_input_folder_and_never_replace_a_users_file(installer, tmp_path):
+    input_dir = tmp_path / "input"
+    input_dir.mkdir()
+    users = {"likeness_style.png": b"the user's own picture", "photo.png": b"another of theirs"}
+    for name, data in users.items():
+        (input_dir / name).write_bytes(data)
+    written = installer.copy_examples(input_dir)
+    examples = sorted(p.name for p in installer.EXAMPLES_DIR.glob("likeness_*.png"))
+    assert sorted(p.name for p in written) == [n for n in examples if n != "likeness_style.png"]
+    for name in examples:
+        if name not in users:
+            assert (input_dir / name).read_bytes() == (installer.EXAMPLES_DIR / name).read_bytes()
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in input_dir.iterdir()}
+    assert installer.copy_examples(input_dir) == []  # running the installer again writes nothing
+    assert {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in input_dir.iterdir()} == before
+    assert all((input_dir / name).read_bytes() == data for name, data in users.items())
+    assert not list(input_dir.glob("*.partial"))
+
+
+def test_the_built_host_has_every_picture_a_workflow_loads(host):
+    """tests/run.py builds this host with the installer's build_host, as --new-host does."""
+    present = {p.name for p in (host.comfyui / "input").glob("*")}
+    for workflow, values in load_image_values().items():
+        assert values <= present, f"{workflow}: {sorted(values - present)} missing from {host.comfyui / 'input'}"

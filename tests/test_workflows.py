@@ -13,13 +13,11 @@ import tiny_controlnet
 import tiny_insightface
 import tiny_mcdm
 import tiny_models
-from harness.workflows import (TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows,
-                               write_test_images)
+from harness.paths import load_installer
+from harness.workflows import TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows
 
 pytestmark = pytest.mark.slow
 
-IMAGES = ["content.png", "style.png", "content_2.png", "face_2.png", "pose_pair.png"]
-FACE_IMAGES = {"face.png": 0, "person_a.png": 0, "person_b.png": 3}
 # Output nodes to queue on their own first (the editor's "queue selected
 # output nodes"), e.g. saving a style that the rest of the graph loads.
 FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
@@ -40,8 +38,7 @@ def test_every_workflow_has_a_ui_file_and_an_api_twin():
 @pytest.fixture(scope="module")
 def workflow_files(server, base_directory):
     """The example images and the tiny model files every shipped workflow loads."""
-    write_test_images(base_directory / "input", IMAGES)
-    write_test_images(base_directory / "input", FACE_IMAGES)
+    load_installer().copy_examples(base_directory / "input")  # what install.py puts in the input folder
     tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
     tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
     tiny_controlnet.write(base_directory / "models" / "controlnet")
