@@ -81,6 +81,55 @@ MODEL_FOLDERS = {
 }
 
 
+# Every model file a shipped workflow loads: its name in ComfyUI's models/<directory>/, and the
+# publisher's own URL. The workflows carry these as the editor's model metadata
+# (properties.models), so its missing-models dialog offers them; the README lists the same table.
+HF = "https://huggingface.co"
+MODEL_FILES = (
+    {"name": "v1-5-pruned-emaonly.safetensors", "directory": "checkpoints",
+     "url": f"{HF}/Comfy-Org/stable-diffusion-v1-5-archive/resolve/main/v1-5-pruned-emaonly.safetensors",
+     "what": "Stable Diffusion 1.5 (runwayml's release, as Comfy-Org archives it since runwayml withdrew it)"},
+    {"name": "sd_xl_base_1.0.safetensors", "directory": "checkpoints",
+     "url": f"{HF}/stabilityai/stable-diffusion-xl-base-1.0/resolve/main/sd_xl_base_1.0.safetensors",
+     "what": "SDXL base 1.0 (Stability AI)"},
+    {"name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "directory": "clip_vision",
+     "url": f"{HF}/h94/IP-Adapter/resolve/main/models/image_encoder/model.safetensors",
+     "what": "CLIP ViT-H/14 image encoder, as IP-Adapter's authors ship it (rename model.safetensors)"},
+    {"name": "ip-adapter-faceid-plusv2_sd15.bin", "directory": "ipadapter",
+     "url": f"{HF}/h94/IP-Adapter-FaceID/resolve/main/ip-adapter-faceid-plusv2_sd15.bin",
+     "what": "IP-Adapter FaceID-PlusV2 for SD1.5 (with its LoRA inside)"},
+    {"name": "ip-adapter-faceid-plusv2_sdxl.bin", "directory": "ipadapter",
+     "url": f"{HF}/h94/IP-Adapter-FaceID/resolve/main/ip-adapter-faceid-plusv2_sdxl.bin",
+     "what": "IP-Adapter FaceID-PlusV2 for SDXL (with its LoRA inside)"},
+    {"name": "control_v11p_sd15_openpose_fp16.safetensors", "directory": "controlnet",
+     "url": f"{HF}/comfyanonymous/ControlNet-v1-1_fp16_safetensors/resolve/main/control_v11p_sd15_openpose_fp16.safetensors",
+     "what": "ControlNet 1.1 OpenPose for SD1.5 (lllyasviel's weights in fp16 safetensors, by ComfyUI's author)"},
+    {"name": "clip-vit-base-patch32.safetensors", "directory": "clip_vision",
+     "url": f"{HF}/openai/clip-vit-base-patch32/resolve/main/model.safetensors",
+     "what": "CLIP ViT-B/32 (OpenAI), the image tower the MCDM adapter reads (rename model.safetensors)"},
+    {"name": "outfit/unet.pth", "directory": "likeness",
+     "url": f"{HF}/ByteDance/feature-preserve-portrait-editing/resolve/main/portrait_editing_models/outfit/"
+            "checkpoint-200000/unet.pth",
+     "what": "the released outfit-editing MCDM UNet (ByteDance)"},
+    {"name": "outfit/adapter.pth", "directory": "likeness",
+     "url": f"{HF}/ByteDance/feature-preserve-portrait-editing/resolve/main/portrait_editing_models/outfit/"
+            "checkpoint-200000/adapter.pth",
+     "what": "the released outfit-editing MCDM embedding adapter (ByteDance)"},
+)
+# insightface's packs come as one zip from its GitHub release, with the pack's name as the node's
+# value: they are listed once per workflow (the workflow's top-level "models").
+INSIGHTFACE_PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{pack}.zip"
+INSIGHTFACE_PACK_FILES = {"antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
+                          "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx")}
+
+
+def insightface_model_files(pack: str) -> list[dict]:
+    """The pack's detector and recogniser as the editor lists them (models/insightface/, recursively)."""
+    return [{"name": f"models/{pack}/{file}", "directory": "insightface", "url": INSIGHTFACE_PACK_URL.format(pack=pack),
+             "what": f"insightface {pack} (unzip so the .onnx files sit in models/insightface/models/{pack}/)"}
+            for file in INSIGHTFACE_PACK_FILES[pack]]
+
+
 def log(message: str) -> None:
     print(f"[likeness install] {message}", flush=True)
 
@@ -351,6 +400,9 @@ def print_model_folders(comfyui: Path) -> None:
     print("\nWhere Likeness looks for model files (nothing is downloaded for you):")
     for folder, what in MODEL_FOLDERS.items():
         print(f"  {comfyui / 'models' / folder}/\n      {what}")
+    print("\nThe files the shipped workflows load (the editor offers these links when one is missing):")
+    for model in (*MODEL_FILES, *insightface_model_files("antelopev2")):
+        print(f"  models/{model['directory']}/{model['name']}\n      {model['url']}")
     print()
 
 

@@ -62,6 +62,21 @@ BLOCKED_COMFY_ORG = re.compile(r"Connecting to 'https://api\.comfy\.org/(nodes\?
                                r"The action has been blocked\.")
 
 
+def _model_urls() -> set[str]:
+    from .paths import load_installer
+
+    return {model["url"] for model in load_installer().MODEL_FILES}
+
+
+# The missing-models dialog asks each listed file's size from its URL; offline that is blocked.
+MODEL_URL_BLOCKED = (
+    re.compile(r"Connecting to '(?P<url>[^']+)' violates the following Content Security Policy directive: "
+               r"\"connect-src 'self'\"\. The action has been blocked\."),
+    re.compile(r"Fetch API cannot load (?P<url>\S+)\. Refused to connect because it violates the document's "
+               r"Content Security Policy\."))
+FILE_SIZE_FAILED = "Error fetching file size: TypeError: Failed to fetch"
+
+
 @dataclass(frozen=True)
 class ConsoleError:
     text: str  # the message's first line
@@ -74,7 +89,12 @@ class ConsoleError:
     def harmless(self) -> bool:
         if self.text == NOT_FOUND:
             return self.path in HARMLESS_404_PATHS
-        return (self.text, self.path) in HARMLESS_MESSAGES or BLOCKED_COMFY_ORG.fullmatch(self.text) is not None
+        if (self.text, self.path) in HARMLESS_MESSAGES or BLOCKED_COMFY_ORG.fullmatch(self.text) is not None:
+            return True
+        if self.text == FILE_SIZE_FAILED:
+            return True
+        blocked = (pattern.fullmatch(self.text) for pattern in MODEL_URL_BLOCKED)
+        return any(match is not None and match["url"] in _model_urls() for match in blocked)
 
 
 def console_error(message) -> ConsoleError:
@@ -83,6 +103,13 @@ def console_error(message) -> ConsoleError:
     url = urlsplit((message.location or {}).get("url", ""))
     return ConsoleError(message.text.splitlines()[0] if message.text else "",
                         url.path + (f"?{url.query}" if url.query else ""))
+
+
+# The labels ("<models folder> / <file>") of the missing-models dialog's list.
+MISSING_MODELS = """
+() => [...document.querySelectorAll('.comfy-missing-models li')]
+  .map(item => (item.innerText.match(/(\\S+) \\/ (\\S+)/) || [""])[0]).filter(Boolean)
+"""
 
 
 @dataclass
@@ -95,6 +122,8 @@ class GraphReport:
     node_count: int
     screenshot: Path
     console_errors: list[ConsoleError] = field(default_factory=list)
+    # The editor's missing-models dialog: "directory / name" of each file it lists.
+    missing_models: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -140,14 +169,45 @@ class GraphEditor:
         self.page.screenshot(path=str(screenshot))
         alerts = self.page.evaluate(
             "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText.trim())")
-        self.page.keyboard.press("Escape")  # the missing-nodes dialog, if any
+        missing_models = self.page.evaluate(MISSING_MODELS)
+        for _ in range(2):  # the missing-nodes and missing-models dialogs, if any
+            self.page.keyboard.press("Escape")
         return GraphReport(report["missing"] or [], report["unregistered"], report["errored"], alerts,
-                           report["node_count"], screenshot, self.console_errors[errors_before:])
+                           report["node_count"], screenshot, self.console_errors[errors_before:],
+                           sorted(missing_models))
+
+    def screenshot_graph(self, path: Path, width: int = 1024) -> Path:
+        """The loaded graph as the editor's canvas draws it (no menus around it), fitted to the
+        view and cropped to the nodes: a template thumbnail (JPEG)."""
+        import base64
+        import io
+
+        from PIL import Image
+
+        # Titles and widgets drawn at any zoom (the editor drops text when zoomed out), no FPS counter.
+        self.page.evaluate("() => { app.canvas.min_font_size_for_lod = 0; app.canvas.render_info = false; app.canvas.show_info = false; }")
+        self.page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
+        self.page.wait_for_timeout(1500)  # Load Image previews arrive from /view
+        data = self.page.evaluate("() => { app.canvas.draw(true, true); return app.canvas.canvas.toDataURL('image/png'); }")
+        with Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))) as image:
+            image = image.convert("RGB")
+            background = image.getpixel((2, 2))
+            mask = Image.eval(image.convert("L"), lambda v, b=sum(background) // 3: 255 if abs(v - b) > 6 else 0)
+            box = mask.getbbox() or (0, 0, image.width, image.height)
+            pad = 16
+            image = image.crop((max(box[0] - pad, 0), max(box[1] - pad, 0), min(box[2] + pad, image.width),
+                                min(box[3] + pad, image.height)))
+            height = round(image.height * width / image.width)
+            image.resize((width, height), Image.LANCZOS).save(path, quality=85, optimize=True)
+        return path
 
     def ui_from_api(self, prompt: dict, name: str) -> dict:
         """Let the editor lay out an API-format prompt and serialise it as a
         UI workflow. Seeds are set to "fixed" so the workflow reproduces."""
         self.page.evaluate("async ([api, name]) => { await app.loadApiJson(api, name); }", [prompt, name])
+        # Columns by dependency, each node at its drawn size (Load Image previews included).
+        self.page.wait_for_timeout(1000)
+        self.page.evaluate("() => { app.graph.arrange(48); app.graph.setDirtyCanvas(true, true); }")
         workflow = _without_nulls(self.page.evaluate("() => app.graph.serialize()"))
         for node in workflow["nodes"]:
             values = node.get("widgets_values")
