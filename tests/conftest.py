@@ -37,7 +37,9 @@ def host():
 @pytest.fixture(scope="session")
 def base_directory(tmp_path_factory, host) -> Path:
     """A ComfyUI base directory with the pack in custom_nodes/."""
-    return make_base_directory(tmp_path_factory.mktemp("comfy-base"))
+    base = make_base_directory(tmp_path_factory.mktemp("comfy-base"))
+    load_installer().copy_examples(base / "input")  # the pictures install.py puts in the input folder
+    return base
 
 
 @pytest.fixture(scope="session")
@@ -62,6 +64,15 @@ def tiny_checkpoints(comfy, base_directory) -> dict[str, str]:
             link.symlink_to(path)
         names[kind] = path.name
     return names
+
+
+@pytest.fixture(scope="session")
+def shipped_model_files(base_directory, tiny_checkpoints) -> list[Path]:
+    """The tests' tiny files under the names the shipped workflows load (install.MODEL_FILES)."""
+    from harness.workflows import place_tiny_models
+
+    folder = base_directory / "models" / "checkpoints"
+    return place_tiny_models(base_directory / "models", {kind: folder / name for kind, name in tiny_checkpoints.items()})
 
 
 @pytest.fixture(scope="session")

@@ -64,3 +64,47 @@ def test_a_console_error_the_offline_editor_never_logs_fails(editor):
     assert len(logged) == 2 and not any(error.harmless for error in logged), logged
     del editor.console_errors[before:]  # logged on purpose: not an error of the editor
     assert all(error.harmless for error in editor.console_errors), editor.unexpected_console_errors()
+
+
+def shipped_model_links(workflow: dict) -> list[str]:
+    """"<models folder> / <file>" of every model the workflow's nodes carry metadata for."""
+    return sorted({f"{m['directory']} / {m['name']}" for node in workflow["nodes"]
+                   for m in node.get("properties", {}).get("models", [])})
+
+
+def test_missing_models_dialog_lists_exactly_each_workflows_files(editor, base_directory, shipped_model_files):
+    """Without the model files the editor names every file a shipped workflow needs and its
+    folder; with the tests' tiny files under those names it names none."""
+    from harness.workflows import WORKFLOWS, shipped_workflows
+
+    placed = [path for path in shipped_model_files if path.is_symlink() and "insightface" not in path.parts]
+    hidden = [path.with_name("." + path.name) for path in placed]  # the model listing skips hidden files
+    for path, away in zip(placed, hidden):
+        path.rename(away)
+    try:
+        editor.reload()
+        for name in shipped_workflows():
+            workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+            expected = shipped_model_links(workflow)
+            assert expected, f"{name} loads models but carries no links"
+            report = editor.load(workflow, f"missing_models_{name}")
+            assert report.missing_models == expected, name
+    finally:
+        for path, away in zip(placed, hidden):
+            away.rename(path)
+    editor.reload()
+    for name in shipped_workflows():
+        report = editor.load(WORKFLOWS / f"{name}.json", f"models_present_{name}")
+        assert report.missing_models == [], name
+
+
+def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, server):
+    from harness.workflows import shipped_workflows
+
+    templates = server.get("/workflow_templates")
+    assert sorted(templates.get("likeness", [])) == shipped_workflows()
+    shown = editor.template_cards("likeness", shipped_workflows())
+    assert sorted(shown) == shipped_workflows()
+    for name, card in shown.items():
+        assert card["fetched_from"], f"{name}: no thumbnail fetched from the pack's workflows folder ({card})"
+        assert card["loaded_width"] > 100, f"{name}: its thumbnail did not load"

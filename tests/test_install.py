@@ -146,3 +146,34 @@ def test_the_built_host_has_every_picture_a_workflow_loads(host):
     present = {p.name for p in (host.comfyui / "input").glob("*")}
     for workflow, values in load_image_values().items():
         assert values <= present, f"{workflow}: {sorted(values - present)} missing from {host.comfyui / 'input'}"
+
+
+# Node inputs that name a model file (insightface packs are a folder, not a file: see the README).
+MODEL_INPUTS = {"CheckpointLoaderSimple": ["ckpt_name"], "CLIPVisionLoader": ["clip_name"],
+                "ControlNetLoader": ["control_net_name"], "LikenessIDAdapterLoader": ["adapter_name"],
+                "LikenessMCDMLoader": ["unet_name", "adapter_name", "clip_vision_name"]}
+
+
+def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):
+    import json
+
+    catalogue = {model["name"]: model for model in installer.MODEL_FILES}
+    readme = (REPO / "README.md").read_text()
+    for model in installer.MODEL_FILES:
+        assert model["url"].startswith("https://huggingface.co/"), model  # a source the editor downloads from
+        assert model["url"] in readme, f"the README's model table lacks {model['url']}"
+    for path in sorted((REPO / "workflows").glob("*.json")):
+        ui = json.loads(path.read_text())
+        api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
+        loaded = {value for node in api.values() for key in MODEL_INPUTS.get(node["class_type"], [])
+                  if (value := node["inputs"][key]) != "none"}
+        assert loaded <= catalogue.keys(), f"{path.name}: {sorted(loaded - catalogue.keys())} not in MODEL_FILES"
+        linked = []
+        for node in ui["nodes"]:
+            values = set(node.get("widgets_values") or [])
+            for model in node.get("properties", {}).get("models", []):
+                assert model["name"] in values, (path.name, node["type"], model)  # what the editor matches on
+                assert {k: model[k] for k in ("name", "url", "directory")} == \
+                    {k: catalogue[model["name"]][k] for k in ("name", "url", "directory")}
+                linked.append(model["name"])
+        assert sorted(set(linked)) == sorted(loaded), path.name

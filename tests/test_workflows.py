@@ -8,13 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tiny_faceid
-import tiny_controlnet
-import tiny_insightface
-import tiny_mcdm
-import tiny_models
 from harness.paths import load_installer
-from harness.workflows import TINY_FACE_PACK, WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows
+from harness.workflows import WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows
 
 pytestmark = pytest.mark.slow
 
@@ -36,20 +31,15 @@ def test_every_workflow_has_a_ui_file_and_an_api_twin():
 
 
 @pytest.fixture(scope="module")
-def workflow_files(server, base_directory):
-    """The example images and the tiny model files every shipped workflow loads."""
-    load_installer().copy_examples(base_directory / "input")  # what install.py puts in the input folder
-    tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
-    tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
-    tiny_controlnet.write(base_directory / "models" / "controlnet")
-    tiny_mcdm.write(base_directory / "models")
-    for kind in ("sd15", "sdxl"):
-        tiny_faceid.write(base_directory / "models" / "ipadapter" / f"tiny_faceid_{kind}.safetensors", kind)
+def workflow_files(server, base_directory, shipped_model_files):
+    """The example pictures (as install.py copies them) and the tiny model files under the names
+    every shipped workflow loads."""
+    load_installer().copy_examples(base_directory / "input")
 
 
 @pytest.mark.parametrize("name", shipped_workflows())
 def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory, workflow_files, name):
-    prompt = for_tiny_models(load_api(name), tiny_checkpoints)
+    prompt = for_tiny_models(load_api(name))
     if name in FIRST_TARGETS:
         first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])
         assert first.ok, first.error
@@ -86,7 +76,7 @@ def test_queued_twice_with_one_input_changed_the_cached_outputs_were_left_alone(
     """With ComfyUI's cache on, the second prompt reuses the first one's cached MODEL, features,
     conditionings...; had a node changed one of them, its result would differ from the same prompt
     computed from nothing."""
-    prompt = for_tiny_models(load_api(name), tiny_checkpoints)
+    prompt = for_tiny_models(load_api(name))
     node_class, input_name, value = CHANGED_INPUT[name]
     changed = json.loads(json.dumps(prompt))
     (node,) = [n for n in changed.values() if n["class_type"] == node_class]

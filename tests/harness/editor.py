@@ -105,6 +105,26 @@ def console_error(message) -> ConsoleError:
                         url.path + (f"?{url.query}" if url.query else ""))
 
 
+# The template browser's cards, found by their titles: each card's thumbnail and its loaded width.
+TEMPLATE_CARDS = """
+async (names) => {
+  const cards = {};
+  for (const name of names) {
+    const title = [...document.querySelectorAll('.p-dialog *')]
+      .find(e => e.children.length === 0 && e.innerText && e.innerText.trim() === name);
+    if (!title) continue;
+    let card = title;
+    while (card && !card.querySelector('img')) card = card.parentElement;
+    if (!card) continue;
+    card.scrollIntoView();
+    const img = card.querySelector('img');
+    for (let i = 0; i < 50 && !(img.complete && img.naturalWidth); i++) await new Promise(r => setTimeout(r, 100));
+    cards[name] = {thumbnail: img.src, loaded_width: img.naturalWidth};
+  }
+  return cards;
+}
+"""
+
 # The labels ("<models folder> / <file>") of the missing-models dialog's list.
 MISSING_MODELS = """
 () => [...document.querySelectorAll('.comfy-missing-models li')]
@@ -145,12 +165,39 @@ class GraphEditor:
         self.page = self.context.new_page()
         self.page.on("console", lambda m: m.type == "error" and self.console_errors.append(console_error(m)))
         self.page.goto(url, wait_until="domcontentloaded", timeout=120_000)
+        self._wait_for_start_up()
+
+    def reload(self) -> None:
+        """Open the editor afresh (its model lists are read once per page)."""
+        self.page.reload(wait_until="domcontentloaded", timeout=120_000)
+        self._wait_for_start_up()
+
+    def _wait_for_start_up(self) -> None:
         # The start-up graph must have loaded before ours, or it overwrites ours.
         self.page.wait_for_function(
             "() => window.app && app.graph && window.LiteGraph && "
             "Object.keys(LiteGraph.registered_node_types).length > 100 && app.graph._nodes.length > 0",
             timeout=120_000)
         self.page.evaluate(RECORDER)
+
+    def template_cards(self, module: str, names: list[str]) -> dict[str, dict]:
+        """The template browser's cards of one extension, by title: {title: {thumbnail, loaded
+        width, the URL it was fetched from}}."""
+        fetched: list[str] = []
+        record = lambda response: response.ok and fetched.append(response.url)  # noqa: E731
+        self.page.on("response", record)
+        try:
+            self.page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+            self.page.get_by_text(module, exact=True).first.click(timeout=30_000)
+            self.page.wait_for_timeout(1500)
+            cards = self.page.evaluate(TEMPLATE_CARDS, names)
+            self.page.wait_for_timeout(1000)  # response events arrive after the page saw the pictures
+        finally:
+            self.page.remove_listener("response", record)
+            self.page.keyboard.press("Escape")
+        for name, card in cards.items():
+            card["fetched_from"] = [url for url in fetched if url.split("?")[0].endswith(f"/{module}/{name}.jpg")]
+        return cards
 
     def unexpected_console_errors(self) -> list[str]:
         return [str(e) for e in self.console_errors if not e.harmless]
@@ -170,8 +217,11 @@ class GraphEditor:
         alerts = self.page.evaluate(
             "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText.trim())")
         missing_models = self.page.evaluate(MISSING_MODELS)
-        for _ in range(2):  # the missing-nodes and missing-models dialogs, if any
+        for _ in range(3):  # the missing-nodes and missing-models dialogs, if any
+            if not self.page.locator(".p-dialog").count():
+                break
             self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(300)
         return GraphReport(report["missing"] or [], report["unregistered"], report["errored"], alerts,
                            report["node_count"], screenshot, self.console_errors[errors_before:],
                            sorted(missing_models))

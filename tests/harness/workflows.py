@@ -10,6 +10,7 @@ from .paths import REPO
 
 WORKFLOWS = REPO / "workflows"
 TINY_FACE_PACK = "buffalo_l"  # written by tests/tiny_insightface.py
+SHIPPED_FACE_PACK = "antelopev2"  # the pack the shipped workflows choose
 
 
 def shipped_workflows() -> list[str]:
@@ -26,31 +27,54 @@ def load_api(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
 
 
-def for_tiny_models(prompt: dict, checkpoints: dict[str, str], size: int = 64) -> dict:
-    """A shipped prompt made runnable here: the tiny checkpoint of its family
-    (SDXL when the shipped one is), tiny adapters and encoders, small images."""
+def for_tiny_models(prompt: dict, size: int = 64) -> dict:
+    """A shipped prompt made quick here: small images (the model files keep their shipped names;
+    ``place_tiny_models`` puts the tests' tiny files under those names)."""
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] == "CheckpointLoaderSimple":
-            inputs["ckpt_name"] = checkpoints["sdxl" if "xl" in inputs["ckpt_name"].lower() else "sd15"]
-        if node["class_type"] == "LikenessIDAdapterLoader":
-            inputs["adapter_name"] = f"tiny_faceid_{'sdxl' if 'sdxl' in inputs['adapter_name'] else 'sd15'}.safetensors"
-        if node["class_type"] == "LikenessMCDMLoader":  # tests/tiny_mcdm.py's files
-            inputs.update(unet_name="tiny_mcdm/unet.pth", adapter_name="tiny_mcdm/adapter.pth",
-                          clip_vision_name="tiny_clip_vit_b32.safetensors")
-        if node["class_type"] == "ControlNetLoader":
-            inputs["control_net_name"] = "tiny_controlnet_sd15.safetensors"
-        if node["class_type"] == "CLIPVisionLoader":
-            inputs["clip_name"] = "tiny_clip_vision.safetensors"
         if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
             # keep the aspect (a pair canvas is twice as wide as tall)
             inputs["width"], inputs["height"] = size * inputs["width"] // inputs["height"], size
         if node["class_type"] == "LikenessFaceCrop":
             inputs["crop_size"] = size
-        if node["class_type"] == "LikenessFaceAnalysis":
-            inputs["model_name"] = TINY_FACE_PACK
     return prompt
+
+
+def place_tiny_models(models: Path, checkpoints: dict[str, Path]) -> list[Path]:
+    """The tests' tiny files (real layouts, tiny sizes) under every name the shipped workflows load
+    (install.MODEL_FILES), and a tiny insightface pack under the name they choose. Returns the
+    files placed; a file already there is kept."""
+    import tiny_controlnet
+    import tiny_faceid
+    import tiny_insightface
+    import tiny_mcdm
+    import tiny_models
+
+    from .paths import load_installer
+
+    staging = models.parent / "tiny-staging"
+    mcdm = tiny_mcdm.write(staging)
+    sources = {
+        "v1-5-pruned-emaonly.safetensors": checkpoints["sd15"],
+        "sd_xl_base_1.0.safetensors": checkpoints["sdxl"],
+        "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": tiny_models.write_clip_vision(staging / "clip_vision"),
+        "ip-adapter-faceid-plusv2_sd15.bin": tiny_faceid.write(staging / "faceid_sd15.bin", "sd15"),
+        "ip-adapter-faceid-plusv2_sdxl.bin": tiny_faceid.write(staging / "faceid_sdxl.bin", "sdxl"),
+        "control_v11p_sd15_openpose_fp16.safetensors": tiny_controlnet.write(staging / "controlnet"),
+        "clip-vit-base-patch32.safetensors": staging / "clip_vision" / mcdm["clip_vision"],
+        "outfit/unet.pth": staging / "likeness" / mcdm["unet"],
+        "outfit/adapter.pth": staging / "likeness" / mcdm["adapter"],
+    }
+    placed = []
+    for model in load_installer().MODEL_FILES:
+        target = models / model["directory"] / model["name"]
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(Path(sources[model["name"]]).resolve())
+        placed.append(target)
+    placed.append(tiny_insightface.write_pack(models / "insightface", SHIPPED_FACE_PACK))
+    return placed
 
 
 def write_test_images(folder: Path, names: list[str] | dict[str, int]) -> None:
