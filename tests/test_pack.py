@@ -7,6 +7,8 @@ import subprocess
 import sys
 import tomllib
 
+import pytest
+
 from harness.paths import PACK_NAME, REPO, TESTS
 
 HEAVY = ("insightface", "open_clip", "onnxruntime", "onnx", "cv2", "timm", "transformers")
@@ -78,3 +80,30 @@ def test_the_repository_tracks_no_symlink_and_no_absolute_path_of_a_machine():
             if machine_path.search(text):
                 found.append(f"{path.relative_to(REPO)}:{number}: {text.strip()[:120]}")
     assert found == []
+
+
+def test_the_registry_publish_workflow_runs_on_a_version_change():
+    import yaml
+
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "publish.yml").read_text())
+    triggers = workflow[True] if True in workflow else workflow["on"]  # YAML reads a bare `on` as True
+    assert triggers["push"] == {"branches": ["main"], "paths": ["pyproject.toml"]}
+    jobs = workflow["jobs"]
+    assert "needs.version-changed.outputs.changed == 'true'" in jobs["publish-node"]["if"]
+    steps = jobs["publish-node"]["steps"]
+    action = next(step for step in steps if "uses" in step and "publish-node-action" in step["uses"])
+    assert action["uses"].startswith("Comfy-Org/publish-node-action@")
+    assert action["with"]["personal_access_token"] == "${{ secrets.REGISTRY_ACCESS_TOKEN }}"
+    assert any("node validate" in step.get("run", "") for step in steps)
+
+
+@pytest.mark.slow
+def test_comfy_cli_validates_the_pack_for_the_registry(tmp_path):
+    """`comfy node validate`, what the Comfy Registry's publishing runs (comfy-cli: test-only)."""
+    from harness.comfy_cli import comfy_cli
+
+    result = subprocess.run([str(comfy_cli()), "--skip-prompt", "--no-enable-telemetry", "node", "validate"],
+                            cwd=REPO, capture_output=True, text=True, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    said = result.stdout + result.stderr
+    assert result.returncode == 0, said
+    assert "All validation checks passed" in said and "Security warnings" not in said, said
