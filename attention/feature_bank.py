@@ -3,9 +3,16 @@
 MagicStyle needs Q_c, K_c, V_c of the content image and K_s, V_s of the
 style image at every step and self-attention layer. All five are linear
 projections of the layer's normed hidden states, so the bank keeps only
-those (one fp16 tensor per image, layer and step: 40% of the five
-projections) and lets the layer's own projections recompute Q/K/V when they
-are used, with whatever weight patches (LoRA) the model carries then.
+those (one tensor per image, layer and step) and lets the layer's own
+projections recompute Q/K/V when they are used, with whatever weight
+patches (LoRA) the model carries then. Stored as fp8 (e4m3, one scale per
+image and tensor) that is 20% of fp16 Q_c, K_c, V_c, K_s, V_s; as fp16, 40%.
+
+The bank rests in system memory (pinned where there is a GPU, so it moves
+fast); a sampling run moves it to the GPU when it fits beside the loaded
+model, or streams it layer by layer, and lets go of it when the run ends
+(ffa.FeatureFusion), so nothing stays on the GPU outside what ComfyUI's
+memory manager sees between prompts.
 
 Entries are keyed by timestep, not by call order: a sampler that calls the
 model several times per step, or cond and uncond in separate calls, still
@@ -22,9 +29,64 @@ import torch
 
 from .rows import COND, rows_of
 from .schedule import current_sigma
-from .unet_layers import BlockKey
+from .unet_layers import BlockKey, attention_geometry, tokens_at
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fp8 with scales, or fp16; 1: fp16 only (still read)
+PRECISIONS = {"fp8": torch.float8_e4m3fn, "fp16": torch.float16}
+FP8_MAX = 448.0  # the largest float8_e4m3fn
+
+
+@dataclass
+class StoredStates:
+    """Hidden states (images, tokens, channels) as kept: fp16, or fp8 with one scale per image."""
+
+    values: torch.Tensor
+    scale: torch.Tensor | None = None  # (images,) float32: states = values · scale
+
+    @classmethod
+    def store(cls, states: torch.Tensor, precision: str, device) -> "StoredStates":
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
+        states = states.detach()
+        if precision == "fp16":
+            return cls(states.to(device, torch.float16, copy=True))
+        # e4m3 is a float format: one scale per image only keeps the largest value in range.
+        scale = (states.float().abs().amax(dim=(1, 2)) / FP8_MAX).clamp_min(1e-12)
+        values = (states.float() / scale.view(-1, 1, 1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return cls(values.to(device), scale.to(device))
+
+    @property
+    def images(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        scale = 0 if self.scale is None else self.scale.numel() * self.scale.element_size()
+        return self.values.numel() * self.values.element_size() + scale
+
+    def __getitem__(self, index) -> "StoredStates":
+        return StoredStates(self.values[index], None if self.scale is None else self.scale[index])
+
+    def to(self, device, non_blocking: bool = False) -> "StoredStates":
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return StoredStates(move(self.values), move(self.scale))
+
+    def pinned(self) -> "StoredStates":
+        return StoredStates(self.values.pin_memory(), None if self.scale is None else self.scale.pin_memory())
+
+    def states(self, device, dtype) -> torch.Tensor:
+        """The hidden states on ``device`` in ``dtype`` (computing in ``dtype``: no fp32 copy)."""
+        values = self.values.to(device, non_blocking=True)
+        if self.scale is None:
+            return values.to(dtype)
+        return values.to(dtype) * self.scale.to(device, non_blocking=True).to(dtype).view(-1, 1, 1)
+
+    @staticmethod
+    def cat(parts: list["StoredStates"]) -> "StoredStates":
+        if len({p.scale is None for p in parts}) != 1:
+            raise ValueError("features stored at different precisions cannot be merged: invert them alike")
+        scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts])
+        return StoredStates(torch.cat([p.values for p in parts]), scale)
 
 
 def timestep_key(timestep: float | torch.Tensor) -> float:
@@ -76,19 +138,21 @@ class FeatureBank:
     model_fingerprint: str
     steps: int
     capture: str  # "qkv" (content) or "kv" (style): what the features will be used for
-    dtype: str = "float16"
-    features: dict[tuple[float, BlockKey], torch.Tensor] = field(default_factory=dict, repr=False)
+    dtype: str = "fp8"  # how the states are stored: "fp8" (scaled float8_e4m3fn) or "fp16"
+    features: dict[tuple[float, BlockKey], StoredStates] = field(default_factory=dict, repr=False)
     # z_T of the same images: a saved style needs it for AdaIN(z_T^C, z_T^S).
     latent: torch.Tensor | None = field(default=None, repr=False)
+    # Where a sampling run keeps it: "auto", "device" or "cpu" (see ffa.FeatureFusion).
+    placement: str = "auto"
 
     @property
     def images(self) -> int:
         return self.latent_shape[0]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.features.values())
+        return sum(stored.nbytes for stored in self.features.values())
 
-    def get(self, timestep: float, layer: BlockKey) -> torch.Tensor | None:
+    def get(self, timestep: float, layer: BlockKey) -> StoredStates | None:
         return self.features.get((timestep_key(timestep), tuple(layer)))
 
     def select(self, start: int, length: int) -> "FeatureBank":
@@ -98,6 +162,7 @@ class FeatureBank:
         part = FeatureBank(self.layers, self.timesteps, self.sigmas, [length, *self.latent_shape[1:]],
                            self.model_fingerprint, self.steps, self.capture, self.dtype)
         part.features = {key: value[start:start + length] for key, value in self.features.items()}
+        part.placement = self.placement
         part.latent = None if self.latent is None else self.latent[start:start + length]
         return part
 
@@ -138,7 +203,7 @@ def merge_banks(banks: list[FeatureBank]) -> FeatureBank:
     merged = FeatureBank(first.layers, first.timesteps, first.sigmas,
                          [sum(b.images for b in banks), *first.latent_shape[1:]],
                          first.model_fingerprint, first.steps, first.capture, first.dtype)
-    merged.features = {key: torch.cat([b.features[key] for b in banks]) for key in first.features}
+    merged.features = {key: StoredStates.cat([b.features[key] for b in banks]) for key in first.features}
     if all(b.latent is not None for b in banks):
         merged.latent = torch.cat([b.latent for b in banks])
     return merged
@@ -154,14 +219,14 @@ class FeatureCapture:
     """
 
     def __init__(self, layers: list[BlockKey], model_sampling, storage_device, *, wanted: list,
-                 dtype=torch.float16) -> None:
+                 precision: str = "fp8") -> None:
         self.layers = {tuple(k) for k in layers}
         # Only the timesteps a forward pass will look up (not σ_0 of the inversion).
         self.wanted = {timestep_key(t) for t in wanted}
         self.timestep_of = TimestepOf(model_sampling)
         self.storage_device = storage_device
-        self.dtype = dtype
-        self._entries: dict[tuple[float, BlockKey], torch.Tensor] = {}
+        self.precision = precision
+        self._entries: dict[tuple[float, BlockKey], StoredStates] = {}
 
     def __call__(self, n, context, value, extra_options):
         block = extra_options.get("block")
@@ -174,16 +239,34 @@ class FeatureCapture:
             if timestep not in self.wanted:
                 return n, context, value
             cond = rows_of(COND, extra_options["cond_or_uncond"], n.shape[0])
-            self._entries[(timestep, key)] = n[cond].detach().to(self.storage_device, self.dtype, copy=True)
+            self._entries[(timestep, key)] = StoredStates.store(n[cond], self.precision, self.storage_device)
         return n, context, value
 
     def __deepcopy__(self, memo):
         # Lives in a clone's model_options for one run; never copy its tensors.
         return self
 
-    def finish(self) -> dict[tuple[float, BlockKey], torch.Tensor]:
+    def finish(self) -> dict[tuple[float, BlockKey], StoredStates]:
         entries, self._entries = self._entries, {}
         return entries
 
     def discard(self) -> None:
         self._entries = {}
+
+
+def cache_bytes(unet_config: dict, layers: list[BlockKey], latent_hw: tuple[int, int], timesteps: int, images: int,
+                precision: str) -> int:
+    """Exactly what a bank of ``images`` images holds, from the UNet's config alone: one tensor of
+    tokens × channels per image, layer and timestep (+ its fp32 scale at fp8)."""
+    geometry = attention_geometry(unet_config)
+    values = sum(tokens_at(geometry[tuple(k)][0], latent_hw) * geometry[tuple(k)][1] for k in layers)
+    per_image_step = values * PRECISIONS[precision].itemsize + (4 * len(layers) if precision == "fp8" else 0)
+    return timesteps * images * per_image_step
+
+
+def naive_qkv_bytes(unet_config: dict, layers: list[BlockKey], latent_hw: tuple[int, int], timesteps: int) -> int:
+    """fp16 Q_c, K_c, V_c of one content image and K_s, V_s of one style image (SD's attn1
+    projections are as wide as their input): what a cache of projections would hold."""
+    geometry = attention_geometry(unet_config)
+    values = sum(tokens_at(geometry[tuple(k)][0], latent_hw) * geometry[tuple(k)][1] for k in layers)
+    return 5 * 2 * values * timesteps

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .adain import adain_tokens
-from .feature_bank import FeatureBank, TimestepOf
+from .feature_bank import FeatureBank, StoredStates, TimestepOf, timestep_key
 from .rows import sample_index
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
@@ -29,6 +29,10 @@ from .unet_layers import BlockKey
 # many of the context tokens are the content's.
 CONTENT_TOKENS = "likeness_ffa_content_tokens"
 ORDER = 50  # runs outside (before) identity patches that add keys
+PLACEMENTS = ("auto", "device", "cpu")
+# "auto" moves the cache to the GPU for a run only when it takes at most this share of the memory
+# left free once ComfyUI has loaded the model (the rest is the sampling's own working memory).
+AUTO_SHARE_OF_FREE = 0.5
 
 
 def fuse_values(v: torch.Tensor, content_tokens: int) -> torch.Tensor:
@@ -51,13 +55,27 @@ def ffa_reference(q_c, q_cur, k_c, k_s, v_c, v_s, alpha: float, beta: float, hea
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
+def keep_on_device(placement: str, cache_bytes: int, free_bytes: float) -> bool:
+    """Whether a run keeps the whole cache on the GPU (else it streams it layer by layer):
+    "device" always, "cpu" never, "auto" when it takes at most AUTO_SHARE_OF_FREE of the memory
+    free once the model is loaded (less ComfyUI's own inference reserve)."""
+    if placement not in PLACEMENTS:
+        raise ValueError(f"cache_on={placement!r}: expected one of {', '.join(PLACEMENTS)}")
+    return placement == "device" or (placement == "auto" and cache_bytes <= AUTO_SHARE_OF_FREE * max(free_bytes, 0))
+
+
 class FeatureFusion:
     """The run-independent settings of one FFA patch and the feature lookup."""
 
     def __init__(self, content: FeatureBank, style: FeatureBank, *, style_index: int, alpha: float, beta: float,
-                 temperature: float, layers: list[BlockKey], sigma_range: SigmaRange, model_sampling) -> None:
+                 temperature: float, layers: list[BlockKey], sigma_range: SigmaRange, model_sampling,
+                 placement: str = "auto") -> None:
         if style_index >= style.images:
             raise ValueError(f"style_index={style_index}: the style features hold {style.images} image(s)")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"cache_on={placement!r}: expected one of {', '.join(PLACEMENTS)}")
+        self.placement = placement
+        self._run: dict = {}  # this run's copies on the sampling device, if any (released by cleanup)
         self.content = content
         self.style = style
         self.style_index = style_index
@@ -73,8 +91,31 @@ class FeatureFusion:
         # the banks are shared, never duplicated.
         return self
 
-    def features_for(self, extra_options: dict, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(h_c, h_s) for every row of this call, or None where FFA is off."""
+    def bytes_per_run(self) -> int:
+        return self.content.nbytes() + self.style.nbytes()
+
+    def _resident(self, device) -> tuple[dict, dict] | None:
+        """Both banks' entries on ``device`` for this run, moved at the first call that needs them,
+        when the placement says so (or, for "auto", when they fit); None: stream them per layer."""
+        if device.type == "cpu":
+            return None
+        if "banks" not in self._run:
+            import comfy.model_management
+
+            free = 0.0 if self.placement != "auto" else (
+                comfy.model_management.get_free_memory(device) - comfy.model_management.minimum_inference_memory())
+            wanted = keep_on_device(self.placement, self.bytes_per_run(), free)
+            self._run["banks"] = None if not wanted else tuple(
+                {key: stored.to(device, non_blocking=True) for key, stored in bank.features.items()}
+                for bank in (self.content, self.style))
+        return self._run["banks"]
+
+    def release(self) -> None:
+        self._run.clear()
+
+    def features_for(self, extra_options: dict, rows: int, device=None) -> tuple[StoredStates, StoredStates] | None:
+        """(h_c, h_s) as stored, for the rows of this call (one image, or one per row), or None
+        where FFA is off."""
         block = extra_options.get("block")
         if block is None:
             return None
@@ -84,20 +125,23 @@ class FeatureFusion:
             return None
         timestep = self.timestep_of(sigma)
         h_c, h_s = self.content.get(timestep, key), self.style.get(timestep, key)
+        resident = None if device is None else self._resident(device)
+        if resident is not None and h_c is not None and h_s is not None:
+            entry = (timestep_key(timestep), key)
+            h_c, h_s = resident[0][entry], resident[1][entry]
         if h_c is None or h_s is None:
             which = "content" if h_c is None else "style"
             raise KeyError(f"no {which} features for timestep {timestep} at layer {key}: sample with the "
                            f"{self.content.steps} ddim_uniform steps the features were inverted with")
         images = sample_index(extra_options["cond_or_uncond"], rows)
-        if h_c.shape[0] == 1:
-            content_rows = h_c.expand(rows, -1, -1)
-        elif max(images) < h_c.shape[0]:
+        if h_c.images == 1:
+            content_rows = h_c  # one content image for every row: expanded once converted
+        elif max(images) < h_c.images:
             content_rows = h_c[images]
         else:
-            raise ValueError(f"the content features hold {h_c.shape[0]} images, the latent batch "
+            raise ValueError(f"the content features hold {h_c.images} images, the latent batch "
                              f"{max(images) + 1}: invert every content image that is sampled")
-        style_rows = h_s[self.style_index:self.style_index + 1].expand(rows, -1, -1)
-        return content_rows, style_rows
+        return content_rows, h_s[self.style_index:self.style_index + 1]
 
 
 class FFAInputs:
@@ -107,10 +151,10 @@ class FFAInputs:
         self.fusion = fusion
 
     def __call__(self, n, context, value, extra_options):
-        found = self.fusion.features_for(extra_options, n.shape[0])
+        found = self.fusion.features_for(extra_options, n.shape[0], n.device)
         if found is None:
             return n, context, value
-        h_c, h_s = (t.to(device=n.device, dtype=n.dtype) for t in found)
+        h_c, h_s = (stored.states(n.device, n.dtype).expand(n.shape[0], -1, -1) for stored in found)
         if h_c.shape[1] != n.shape[1]:
             raise ValueError(f"the cached features have {h_c.shape[1]} tokens at this layer, the image "
                              f"{n.shape[1]}: sample at the size the features were inverted at")
@@ -128,6 +172,9 @@ class FFAProcessor:
     def __init__(self, fusion: FeatureFusion) -> None:
         self.fusion = fusion
 
+    def cleanup(self) -> None:
+        self.fusion.release()
+
     def __call__(self, q, k, v, extra_options, attend):
         content_tokens = extra_options.get(CONTENT_TOKENS)
         if content_tokens is None:
@@ -144,7 +191,7 @@ class FFAProcessor:
 def naive_qkv_bytes(content: FeatureBank, style: FeatureBank) -> int:
     """Bytes of fp16 Q_c, K_c, V_c, K_s, V_s for the same layers and steps
     (SD attn1's projections have as many channels as its input)."""
-    per_image = {key: value[0].numel() * 2 for key, value in content.features.items()}
+    per_image = {key: stored.values[0].numel() * 2 for key, stored in content.features.items()}
     return sum(3 * size * content.images + 2 * size * style.images for size in per_image.values())
 
 

@@ -41,7 +41,8 @@ def inversion_sigmas(forward: torch.Tensor) -> torch.Tensor:
 
 
 def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: str, layers: list[BlockKey],
-           storage_device, callback=None, disable_pbar: bool = False) -> tuple[torch.Tensor, FeatureBank | None]:
+           storage_device, precision: str = "fp8", callback=None,
+           disable_pbar: bool = False) -> tuple[torch.Tensor, FeatureBank | None]:
     """(z_T, features). The model passed in is cloned, never changed."""
     import comfy.sample
     import comfy.samplers
@@ -55,7 +56,7 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
     recorder = None
     if capture != "none":
         recorder = FeatureCapture(layers, sampling, storage_device,
-                                  wanted=[sampling.timestep(s) for s in forward[:-1]])
+                                  wanted=[sampling.timestep(s) for s in forward[:-1]], precision=precision)
         patched.set_model_attn1_patch(recorder)
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent_image)
     noise = torch.zeros_like(latent_image)
@@ -75,8 +76,11 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         sigmas=[float(s) for s in forward],
         latent_shape=list(latent_image.shape),
         model_fingerprint=model_fingerprint(model),
-        steps=steps, capture=capture)
+        steps=steps, capture=capture, dtype=precision)
     bank.features = recorder.finish()
+    if getattr(model.load_device, "type", "cpu") == "cuda" and torch.device(storage_device).type == "cpu":
+        # Page-locked: a run moves it to the GPU (or streams it) without an extra copy.
+        bank.features = {key: stored.pinned() for key, stored in bank.features.items()}
     bank.latent = samples.detach().cpu()
     expected = len(bank.timesteps) * len(bank.layers)
     if len(bank.features) != expected:

@@ -66,3 +66,38 @@ def select_keys(keys: list[BlockKey], layers: str) -> list[BlockKey]:
     if layers not in wanted:
         raise ValueError(f"layers={layers!r}: expected one of {', '.join(LAYER_SETS)}")
     return [key for key in keys if key[0] in wanted[layers]]
+
+
+def attention_geometry(unet_config: dict) -> dict[BlockKey, tuple[int, int]]:
+    """(resolution level, channels) of every self-attention layer of an SD-family UNet, read off
+    its config the way ComfyUI's UNetModel builds it (level 0 is the latent's own size, each level
+    halves it). Lets memory be computed for a model and size without building either."""
+    model_channels, mult = unet_config["model_channels"], list(unet_config["channel_mult"])
+    res_blocks = unet_config["num_res_blocks"]
+    res_blocks = [res_blocks] * len(mult) if isinstance(res_blocks, int) else list(res_blocks)
+    depth_in, depth_out = list(unet_config["transformer_depth"]), list(unet_config["transformer_depth_output"])
+    geometry: dict[BlockKey, tuple[int, int]] = {}
+    number = 1  # input block 0 is conv_in
+    for level, factor in enumerate(mult):
+        for _ in range(res_blocks[level]):
+            for index in range(depth_in.pop(0)):
+                geometry[("input", number, index)] = (level, model_channels * factor)
+            number += 1
+        number += 1 if level < len(mult) - 1 else 0  # the downsample block
+    for index in range(max(unet_config.get("transformer_depth_middle") or 0, 0)):
+        geometry[("middle", 0, index)] = (len(mult) - 1, model_channels * mult[-1])
+    number = 0
+    for level in reversed(range(len(mult))):
+        for _ in range(res_blocks[level] + 1):
+            for index in range(depth_out.pop()):
+                geometry[("output", number, index)] = (level, model_channels * mult[level])
+            number += 1
+    return geometry
+
+
+def tokens_at(level: int, latent_hw: tuple[int, int]) -> int:
+    """Tokens of a layer ``level`` halvings below the latent (stride-2 convolutions round up)."""
+    height, width = latent_hw
+    for _ in range(level):
+        height, width = (height + 1) // 2, (width + 1) // 2
+    return height * width

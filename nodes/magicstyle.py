@@ -11,8 +11,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.adain import adain_latent
-from ..attention.feature_bank import FeatureBank, merge_banks, model_fingerprint
-from ..attention.ffa import FeatureFusion, apply_ffa
+from ..attention.feature_bank import PRECISIONS, FeatureBank, merge_banks, model_fingerprint
+from ..attention.ffa import PLACEMENTS, FeatureFusion, apply_ffa
 from ..attention.inversion import CAPTURES, invert, inversion_steps
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
@@ -47,9 +47,15 @@ class Invert(io.ComfyNode):
                 io.Combo.Input("layers", options=["all", "decoder"], default="all",
                                tooltip="Self-attention layers to keep: all 16 (MagicStyle) or the decoder's "
                                        "(StyleID). A subset can still be chosen when applying."),
-                io.Combo.Input("cache_on", options=["device", "cpu"], default="device",
-                               tooltip="Keep the features on the GPU (fastest) or in system memory, moved to "
-                                       "the GPU layer by layer while sampling."),
+                io.Combo.Input("cache_on", options=list(PLACEMENTS), default="auto",
+                               tooltip="Where the features are while a sampler uses them (between prompts they "
+                                       "rest in system memory): auto = on the GPU when they fit beside the loaded "
+                                       "model, else streamed layer by layer; device = always on the GPU for the "
+                                       "run; cpu = always streamed."),
+                io.Combo.Input("precision", options=list(PRECISIONS), default="fp8", optional=True,
+                               tooltip="fp8 (e4m3, one scale per image and tensor) stores 20% of what fp16 Q, K, V "
+                                       "would take, half of fp16 (see the README's Memory section for its effect "
+                                       "on the result); fp16 stores 40%."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="z_T: feed a sampler with add_noise disabled."),
@@ -59,18 +65,18 @@ class Invert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, latent: dict, steps: int, capture: str, layers: str,
-                cache_on: str) -> io.NodeOutput:
+                cache_on: str, precision: str = "fp8") -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import latent_preview
 
         keys = select_keys(attention_keys(diffusion_model_of(model)), layers)
-        storage = (comfy.model_management.get_torch_device() if cache_on == "device"
-                   else comfy.model_management.unet_offload_device())
         progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
-                               storage_device=storage, callback=progress,
-                               disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+                               storage_device=comfy.model_management.unet_offload_device(), precision=precision,
+                               callback=progress, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+        if bank is not None:
+            bank.placement = cache_on
         out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
         out["samples"] = samples
         return io.NodeOutput(out, bank)
@@ -153,7 +159,7 @@ class FeatureFusionAttention(io.ComfyNode):
         fusion = FeatureFusion(content, style, style_index=style_index, alpha=alpha, beta=beta,
                                temperature=temperature, layers=keys,
                                sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent),
-                               model_sampling=sampling)
+                               model_sampling=sampling, placement=content.placement)
         return io.NodeOutput(apply_ffa(model, fusion))
 
 
@@ -246,7 +252,7 @@ class LoadFeatures(io.ComfyNode):
 
         from ..attention.feature_io import load_bank
 
-        bank = load_bank(features_path(file, existing=True), device=comfy.model_management.get_torch_device())
+        bank = load_bank(features_path(file, existing=True), device=comfy.model_management.unet_offload_device())
         require(bank.latent is not None, "file", file, "features saved with their latent (save them again)")
         return io.NodeOutput(bank, {"samples": bank.latent})
 
