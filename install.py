@@ -66,6 +66,11 @@ ONNXRUNTIME_GPU = "onnxruntime-gpu"
 # in for the other as far as pip's resolver is concerned.
 ONNXRUNTIME_FLAVOURS = (ONNXRUNTIME_CPU, ONNXRUNTIME_GPU)
 INSIGHTFACE = "insightface>=0.7.3"
+# The OpenCV builds on PyPI all unpack into the same cv2/ folder, like the two onnxruntime
+# flavours: any one of them serves insightface, two break each other.
+OPENCV_FLAVOURS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                   "opencv-contrib-python-headless")
+OPENCV_DEFAULT = "opencv-python-headless"  # no GUI libraries needed: ComfyUI draws nothing with OpenCV
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
 
 MODEL_FOLDERS = {
@@ -198,6 +203,11 @@ def onnxruntime_plan(installed: dict[str, str], cuda: bool) -> tuple[list[str], 
     return remove, bool(remove) or wanted not in installed
 
 
+def opencv_plan(installed: dict[str, str]) -> list[str]:
+    """The OpenCV build to install: none where any build is there already, else the headless one."""
+    return [] if any(name in installed for name in OPENCV_FLAVOURS) else [OPENCV_DEFAULT]
+
+
 def requirement_name(requirement: str) -> str:
     for sep in "<>=!~;[ ":
         requirement = requirement.split(sep, 1)[0]
@@ -253,10 +263,12 @@ def install_into_comfyui_python(python: str = sys.executable) -> None:
         # with its dependencies it would put that flavour beside onnxruntime-gpu.
         if "insightface" not in installed_distributions(python):
             run(pip + ["--no-deps", INSIGHTFACE])
+        # insightface asks for opencv-python by name; the OpenCV build already there (any of them)
+        # is kept instead, as the onnxruntime flavour is.
         own = [r for r in distribution_requirements(python, "insightface")
-               if requirement_name(r) not in ONNXRUNTIME_FLAVOURS]
+               if requirement_name(r) not in ONNXRUNTIME_FLAVOURS + OPENCV_FLAVOURS]
         now = installed_distributions(python)
-        missing = [r for r in own if requirement_name(r) not in now]
+        missing = [r for r in own if requirement_name(r) not in now] + opencv_plan(now)
         if missing:
             run(pip + ["-c", str(constraints)] + missing)
 
@@ -264,6 +276,10 @@ def install_into_comfyui_python(python: str = sys.executable) -> None:
     flavours = [name for name in ONNXRUNTIME_FLAVOURS if name in final]
     if flavours != [wanted_onnxruntime(cuda)]:
         raise SystemExit(f"[likeness install] expected exactly {wanted_onnxruntime(cuda)}, found {flavours}")
+    opencv = [name for name in OPENCV_FLAVOURS if name in final]
+    if len(opencv) > 1:
+        log(f"warning: {len(opencv)} OpenCV builds are installed ({', '.join(opencv)}); they share one cv2 folder "
+            f"and may break each other. Keep one: pip uninstall {' '.join(opencv[1:])}")
     for name in TORCH_FAMILY:
         if installed.get(name) != final.get(name):
             raise SystemExit(f"[likeness install] {name} changed from {installed.get(name)} to {final.get(name)}")
@@ -297,8 +313,8 @@ def _build_code_digest() -> str:
     an unrelated change to the installer does not rebuild several GB)."""
     import inspect
 
-    parts = (install_into_comfyui_python, onnxruntime_plan, torch_pin_constraints, distribution_requirements,
-             extract_comfyui, build_host)
+    parts = (install_into_comfyui_python, onnxruntime_plan, opencv_plan, torch_pin_constraints,
+             distribution_requirements, extract_comfyui, build_host)
     return hashlib.sha256("".join(inspect.getsource(part) for part in parts).encode()).hexdigest()[:16]
 
 

@@ -123,6 +123,45 @@ def mcdm(size: int = 256, steps: int = 5) -> dict:
     return measure_mcdm(full_sd15(tiny_models.initialise, in_channels=8), attention, size=size, steps=steps)
 
 
+# ComfyUI's SDXL UNet (comfy/supported_models.py SDXL with its detected config).
+SDXL_FULL_UNET = {"model_channels": 320, "channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2],
+                  "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
+                  "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+
+
+def magicstyle_memory(steps: int = 30) -> dict:
+    """The feature cache of content + style (one image each), every self-attention layer, by the
+    exact formula (feature_bank.cache_bytes, checked against real inversions by the tests), for
+    the models and sizes users run; with the naive fp16 Q_c, K_c, V_c, K_s, V_s it replaces."""
+    attention = _attention_modules(("feature_bank", "unet_layers"))
+    import comfy.model_sampling
+    import comfy.samplers
+    from harness.magicstyle_bench import SD15_FULL_UNET
+
+    bank, layers = attention["feature_bank"], attention["unet_layers"]
+
+    class Config:
+        sampling_settings: dict = {}
+
+    sampling = comfy.model_sampling.ModelSamplingDiscrete(Config())
+    timesteps = len(comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps)) - 1
+    table = {}
+    for name, config, side in (("sd15", SD15_FULL_UNET, 512), ("sd15", SD15_FULL_UNET, 768),
+                               ("sdxl", SDXL_FULL_UNET, 1024), ("sdxl", SDXL_FULL_UNET, 1536)):
+        keys = list(layers.attention_geometry(config))
+        for layer_set in ("all", "decoder"):
+            chosen = layers.select_keys(keys, layer_set)
+            hw = (side // 8, side // 8)
+            naive = bank.naive_qkv_bytes(config, chosen, hw, timesteps)
+            row = {"layers": len(chosen), "timesteps": timesteps, "naive_fp16_qkv_bytes": naive}
+            for precision in ("fp8", "fp16"):
+                size = bank.cache_bytes(config, chosen, hw, timesteps, 2, precision)
+                row[f"{precision}_bytes"] = size
+                row[f"{precision}_over_naive"] = round(size / naive, 5)
+            table[f"{name}_{side}px_{layer_set}"] = row
+    return table
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -132,7 +171,10 @@ def main() -> int:
         at = sys.argv.index("--worker")
         patch_worker(sys.argv[at + 1], int(sys.argv[at + 2]), int(sys.argv[at + 3]))
         return 0
-    results = {"pack_import": pack_import_cost()}
+    if "--memory" in sys.argv:  # the formula alone: seconds, not minutes
+        print(json.dumps({"magicstyle_memory": magicstyle_memory()}, indent=1))
+        return 0
+    results = {"pack_import": pack_import_cost(), "magicstyle_memory": magicstyle_memory()}
     if "--skip-magicstyle" not in sys.argv:
         results["magicstyle_cpu"] = magicstyle()
     if "--skip-patches" not in sys.argv:

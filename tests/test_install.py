@@ -177,3 +177,56 @@ def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):
                     {k: catalogue[model["name"]][k] for k in ("name", "url", "directory")}
                 linked.append(model["name"])
         assert sorted(set(linked)) == sorted(loaded), path.name
+
+
+@pytest.mark.parametrize("installed, plan", [
+    ({}, ["opencv-python-headless"]),
+    ({"opencv-python": "5"}, []),
+    ({"opencv-python-headless": "5"}, []),
+    ({"opencv-contrib-python": "5"}, []),
+    ({"opencv-contrib-python-headless": "5"}, []),
+])
+def test_opencv_plan_keeps_any_build_and_adds_only_the_headless_one(installer, installed, plan):
+    assert installer.opencv_plan(installed) == plan
+
+
+def _host_without_opencv(tmp_path: Path) -> Path:
+    """The host's site-packages, every entry but OpenCV's, as a folder of links: a user's Python
+    with everything ComfyUI and the pack need, and no OpenCV of its own yet."""
+    host_site = Path(next(p for p in sys.path if p.endswith("site-packages")))
+    overlay = tmp_path / "host-site-packages"
+    overlay.mkdir()
+    for entry in host_site.iterdir():
+        if entry.name.lower().startswith(("cv2", "opencv")):
+            continue
+        (overlay / entry.name).symlink_to(entry)
+    return overlay
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flavour", [None, "opencv-python", "opencv-python-headless", "opencv-contrib-python",
+                                     "opencv-contrib-python-headless"])
+def test_manager_install_leaves_exactly_one_opencv(installer, tmp_path, flavour):
+    """A user's Python with one OpenCV build (or none): install.py keeps it (or adds the headless
+    one) and `import cv2` works. A present build is a wheel of that name holding the host's cv2."""
+    env_dir = tmp_path / "user-comfyui-python"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    python = str(env_dir / "bin" / "python")
+    site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "host-packages.pth").write_text(str(_host_without_opencv(tmp_path)) + "\n")
+    if flavour is not None:
+        cv2 = Path(next(p for p in sys.path if p.endswith("site-packages"))) / "cv2"
+        (Path(site) / "cv2").symlink_to(cv2, target_is_directory=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
+                        str(_fake_wheel(tmp_path, flavour, "5.0.0"))], check=True)
+    before = installer.installed_distributions(python)
+    assert [n for n in installer.OPENCV_FLAVOURS if n in before] == ([flavour] if flavour else [])
+
+    run = subprocess.run([python, str(REPO / "install.py")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+    after = installer.installed_distributions(python)
+    assert [n for n in installer.OPENCV_FLAVOURS if n in after] == [flavour or "opencv-python-headless"]
+    check = subprocess.run([python, "-c", "import cv2; print(cv2.__version__)"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
