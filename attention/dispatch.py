@@ -7,6 +7,17 @@ the same layers, so the key gets one :class:`AttentionDispatcher` that
 * keeps whatever was registered on the key before (another pack's replace
   patch included) and runs it as the innermost attention, or ComfyUI's own
   optimized attention when there was none;
+* runs another pack's patch placed later as well: one registered on the
+  2-part key ComfyUI looks up after ours (adopted when sampling starts), or
+  one added through the callback-container protocol other packs use on a key
+  they find occupied (``add(callback, **kwargs)``, ComfyUI_IPAdapter_plus'
+  ``Attn2Replace`` convention: ``out += callback(out, q, k, v, extra_options,
+  **kwargs)`` within ``kwargs``' sigma_start/sigma_end);
+* when a Likeness processor needs an attention mask, which another pack's
+  patch cannot take, computes the masked attention itself and adds what the
+  other patch adds to plain attention on the same q, k, v
+  (``f(q, k, v) − Attn(q, k, v)``): exact for patches that add to the
+  attention output, as IPAdapter_plus, InstantID and PuLID do;
 * runs the Likeness processors around it in a defined order: lower
   ``order`` first, then registration order. Each processor receives the
   projected q/k/v and an ``attend`` continuation, so it can change q/k/v,
@@ -73,38 +84,52 @@ class AttentionDispatcher:
         self.kind = kind
         self.key = key
         self.previous = previous
+        self.later: Callable | None = None  # a patch registered after ours on the 2-part key (this run)
         self.processors: list[AttentionProcessor] = []
-        self._warned_mask = False
+        self.callbacks: list[tuple[Callable, dict]] = []  # other packs' callbacks, added on this key
 
-    def add(self, processor: AttentionProcessor) -> None:
+    def add(self, processor, **kwargs) -> None:
+        """A Likeness processor; or, from another pack that found this key occupied, a callback
+        of the container protocol ``callback(out, q, k, v, extra_options, **kwargs)``."""
+        if kwargs or not hasattr(processor, "order"):
+            self.callbacks.append((processor, kwargs))
+            return
         self.processors.append(processor)
         # sorted() is stable: equal orders keep registration order.
         self.processors = sorted(self.processors, key=lambda p: getattr(p, "order", 100))
 
     def _innermost(self, q, k, v, extra_options, mask=None):
         mask = extra_options.get(ATTENTION_MASK) if mask is None else mask
-        if self.previous is None:
+        foreign = [patch for patch in (self.previous, self.later) if patch is not None]
+        if not foreign:
             return default_attention(q, k, v, extra_options, mask)
-        if mask is not None:
-            # A foreign replace patch takes no mask; the mask is what the
-            # Likeness processor needs, so plain attention runs instead.
-            if not self._warned_mask:
-                log.warning("Likeness: %s %s needs an attention mask; the replace patch another pack "
-                            "placed on this layer is bypassed for those calls", self.kind, self.key)
-                self._warned_mask = True
-            return default_attention(q, k, v, extra_options, mask)
-        return self.previous(q, k, v, extra_options)
+        if mask is None and len(foreign) == 1:
+            return foreign[0](q, k, v, extra_options)
+        # Another pack's patch takes no mask (and two of them cannot both be innermost): the
+        # attention is computed here, and each patch adds what it adds to plain attention.
+        out = default_attention(q, k, v, extra_options, mask)
+        plain = default_attention(q, k, v, extra_options)
+        for patch in foreign:
+            out = out + (patch(q, k, v, extra_options) - plain)
+        return out
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         attend: Attend = self._innermost
         for processor in reversed(self.processors):
             attend = _bind(processor, attend)
-        return attend(q, k, v, extra_options)
+        out = attend(q, k, v, extra_options)
+        if self.callbacks:
+            sigma = float(extra_options["sigmas"].detach().flatten()[0]) if "sigmas" in extra_options else 1e9
+            for callback, kwargs in self.callbacks:
+                if kwargs.get("sigma_end", float("-inf")) <= sigma <= kwargs.get("sigma_start", float("inf")):
+                    out = out + callback(out, q, k, v, extra_options, **kwargs)
+        return out
 
     def to(self, device) -> "AttentionDispatcher":
         # ModelPatcher.model_patches_to moves patches with the model.
-        if hasattr(self.previous, "to"):
-            self.previous = self.previous.to(device)
+        for name in ("previous", "later"):
+            if hasattr(getattr(self, name), "to"):
+                setattr(self, name, getattr(self, name).to(device))
         self.processors = [p.to(device) if hasattr(p, "to") else p for p in self.processors]
         return self
 
@@ -120,11 +145,13 @@ class AttentionDispatcher:
         # of what they hold. A foreign patch is copied as ComfyUI would.
         twin = AttentionDispatcher(self.kind, self.key, copy.deepcopy(self.previous, memo))
         twin.processors = list(self.processors)
+        twin.callbacks = list(self.callbacks)
         return twin
 
     def __repr__(self) -> str:
         names = [type(p).__name__ for p in self.processors]
-        return f"AttentionDispatcher({self.kind}, {self.key}, processors={names}, previous={self.previous!r})"
+        return (f"AttentionDispatcher({self.kind}, {self.key}, processors={names}, previous={self.previous!r}, "
+                f"callbacks={len(self.callbacks)})")
 
 
 def _bind(processor: AttentionProcessor, inner: Attend) -> Attend:
@@ -147,12 +174,27 @@ def dispatchers(model) -> Iterable[AttentionDispatcher]:
                 yield patch
 
 
-def _cleanup_after_sampling(executor, *args, **kwargs):
+def _adopt_later_patches(model_options: dict) -> None:
+    """ComfyUI looks a 3-part key up before the 2-part one, so a patch another pack placed on the
+    2-part key after Likeness took the 3-part one would never run: the dispatcher runs it."""
+    replace = model_options.get("transformer_options", {}).get("patches_replace", {})
+    for kind in ATTENTION_KINDS:
+        patches = replace.get(kind, {})
+        for dispatcher in [p for p in patches.values() if isinstance(p, AttentionDispatcher)]:
+            later = patches.get(tuple(dispatcher.key[:2]))
+            if later is not None and later is not dispatcher.previous and not isinstance(later, AttentionDispatcher):
+                dispatcher.later = later
+
+
+def _run_scope(executor, *args, **kwargs):
+    """OUTER_SAMPLE wrapper: adopt later patches as the run starts, free per-run state as it ends."""
+    guider = executor.class_obj
+    _adopt_later_patches(guider.model_options)
     try:
         return executor(*args, **kwargs)
     finally:
-        guider = executor.class_obj
         for dispatcher in dispatchers(guider.model_options):
+            dispatcher.later = None
             dispatcher.cleanup()
 
 
@@ -189,5 +231,5 @@ def patched_clone(model, placements: Iterable[tuple[str, BlockKey, AttentionProc
     outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
     # One cleanup per model however many Likeness nodes are chained.
     if not clone.get_wrappers(outer, CLEANUP_WRAPPER_KEY):
-        clone.add_wrapper_with_key(outer, CLEANUP_WRAPPER_KEY, _cleanup_after_sampling)
+        clone.add_wrapper_with_key(outer, CLEANUP_WRAPPER_KEY, _run_scope)
     return clone
