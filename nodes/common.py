@@ -28,6 +28,32 @@ def register_model_folders() -> None:
                 [os.path.join(folder_paths.models_dir, name)], extensions)
 
 
+def files_fingerprint(*paths) -> tuple:
+    """What ComfyUI's cache compares (fingerprint_inputs) for nodes that read files: each file's
+    name, size and modification time, every file of a folder included, so adding an image to a
+    training folder or replacing a model file runs the node again. A missing path is part of it."""
+    entries = []
+    for path in paths:
+        if path is None:
+            continue
+        path = Path(path)
+        found = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in found:
+            try:
+                stat = file.stat()
+                entries.append((str(file), stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                entries.append((str(file), "missing"))
+    return tuple(entries)
+
+
+def model_file_fingerprint(folder_name: str, *names: str) -> tuple:
+    """files_fingerprint of files chosen from a models folder ("none" and unknown names skipped)."""
+    import folder_paths
+
+    return files_fingerprint(*(folder_paths.get_full_path(folder_name, name) for name in names if name))
+
+
 def require(condition, name: str, value, accepted: str) -> None:
     """A ValueError that names the input, its value and what would be accepted."""
     if not condition:

@@ -60,6 +60,13 @@ class FaceAnalysis(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, model_name: str, **_) -> tuple:
+        from .common import files_fingerprint
+        from .face_backend import insightface_roots
+
+        return files_fingerprint(*(root / "models" / model_name for root in insightface_roots()))
+
+    @classmethod
     def execute(cls, model_name: str, provider: str) -> io.NodeOutput:
         return io.NodeOutput(load_analysis(model_name, provider))
 

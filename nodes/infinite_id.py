@@ -10,7 +10,7 @@ import os
 
 from comfy_api.latest import io
 
-from .common import model_path, require
+from .common import model_file_fingerprint, model_path, require
 from .face_analysis import FaceAnalysisType
 
 CATEGORY = "likeness/infinite_id"
@@ -85,6 +85,12 @@ class IDAdapterLoader(io.ComfyNode):
             outputs=[IDAdapterType.Output(display_name="id_adapter",
                                           tooltip="The identity adapter, for the Infinite-ID nodes.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> tuple:
+        register_ipadapter_folder()
+        loras = [lora] if lora not in (LORA_FROM_ADAPTER, NO_LORA) else [companion_lora(adapter_name)]
+        return (model_file_fingerprint(IPADAPTER_FOLDER, adapter_name), model_file_fingerprint(LORAS_FOLDER, *loras))
 
     @classmethod
     def execute(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> io.NodeOutput:

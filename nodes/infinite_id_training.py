@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import numbered_path, optimiser_inputs, trainer_outputs, training_progress
+from .common import (dataset_folder, files_fingerprint, image_file_tensor, numbered_path, optimiser_inputs,
+                     trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
-from .common import dataset_folder, image_file_tensor
 from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder
 
 CATEGORY = "likeness/infinite_id"
@@ -43,6 +43,10 @@ class TrainIDAdapter(io.ComfyNode):
             outputs=trainer_outputs("adapter"),
             is_output_node=True,
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, **_) -> tuple:
+        return files_fingerprint(dataset_folder(folder))
 
     @classmethod
     def execute(cls, model, clip, vae, id_adapter, analysis, clip_vision, folder: str, steps: int,

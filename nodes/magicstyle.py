@@ -16,7 +16,7 @@ from ..attention.ffa import PLACEMENTS, FeatureFusion, apply_ffa
 from ..attention.inversion import CAPTURES, invert, inversion_steps
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
-from .common import FEATURES_FOLDER, Features, features_files, features_path, require
+from .common import FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require
 
 CATEGORY = "likeness/magicstyle"
 
@@ -245,6 +245,10 @@ class LoadFeatures(io.ComfyNode):
                      io.Latent.Output(display_name="latent", tooltip="The inverted latent z_T saved with them "
                                       "(the style side of Likeness AdaIN Latent).")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, file: str) -> tuple:
+        return model_file_fingerprint(FEATURES_FOLDER, file)
 
     @classmethod
     def execute(cls, file: str) -> io.NodeOutput:

@@ -12,7 +12,7 @@ from pathlib import Path
 from comfy_api.latest import io
 
 from ..attention.metrics import cosine_matrix
-from .common import OPEN_CLIP_FOLDER, model_path, require
+from .common import OPEN_CLIP_FOLDER, model_file_fingerprint, model_path, require
 
 CATEGORY = "likeness/metrics"
 
@@ -24,9 +24,10 @@ def checkpoint_choices() -> list[str]:
 
 
 @lru_cache(maxsize=2)
-def load_open_clip(path: str, architecture: str):
+def load_open_clip(path: str, architecture: str, stamp: tuple = ()):
     """(model, preprocess, tokenizer). A <checkpoint stem>.json beside the file
-    is an open_clip model config (for architectures open_clip does not list)."""
+    is an open_clip model config (for architectures open_clip does not list).
+    ``stamp`` (the files' fingerprint) makes a replaced file load again."""
     import open_clip
 
     config = Path(path).with_suffix(".json")
@@ -74,11 +75,16 @@ class CLIPScore(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, checkpoint: str, **_) -> tuple:
+        json_config = str(Path(checkpoint).with_suffix(".json"))
+        return model_file_fingerprint(OPEN_CLIP_FOLDER, checkpoint, json_config)
+
+    @classmethod
     def execute(cls, checkpoint: str, architecture: str, images, reference=None, text: str = "") -> io.NodeOutput:
         import torch
 
         path = model_path(OPEN_CLIP_FOLDER, "checkpoint", checkpoint, f"a file in models/{OPEN_CLIP_FOLDER}/")
-        model, preprocess, tokenizer = load_open_clip(path, architecture)
+        model, preprocess, tokenizer = load_open_clip(path, architecture, cls.fingerprint_inputs(checkpoint))
         with torch.no_grad():
             embed = lambda batch: model.encode_image(torch.stack([preprocess(p) for p in _pil_images(batch)]))  # noqa: E731
             image_features = embed(images)
