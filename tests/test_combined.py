@@ -75,3 +75,44 @@ def test_ffa_and_infinite_id_on_one_model_each_contribute_in_either_order(comfy,
         assert differs(both, ffa_only), "Infinite-ID must still contribute beside FFA"
         assert differs(both, identity_only), "FFA must still contribute beside Infinite-ID"
     assert differs(ffa_only, plain) and differs(identity_only, plain)
+
+
+def per_run_state(model) -> dict:
+    """Every run-scoped store of the Likeness patches on ``model`` (device copies of weights,
+    features, LoRA) by name: ComfyUI's memory manager does not see them, so they must be empty
+    between prompts."""
+    found = {}
+    seen = set()
+
+    def visit(obj, path, depth=0):
+        if id(obj) in seen or depth > 3:
+            return
+        seen.add(id(obj))
+        for name, value in vars(obj).items() if hasattr(obj, "__dict__") else ():
+            if name in ("_on_device", "_kv_on_device", "_run"):
+                found[f"{path}.{name}"] = value
+            elif hasattr(value, "__dict__") and type(value).__module__.startswith(PACK_PREFIX):
+                visit(value, f"{path}.{name}", depth + 1)
+
+    replace = model.model_options["transformer_options"].get("patches_replace", {})
+    for kind, patches in replace.items():
+        for key, dispatcher in patches.items():
+            for index, processor in enumerate(getattr(dispatcher, "processors", [])):
+                visit(processor, f"{kind}{key}[{index}]")
+    return found
+
+
+PACK_PREFIX = ""  # set from the loaded pack's module name in the test
+
+
+def test_nothing_likeness_moved_to_the_device_stays_between_prompts(comfy, sd15, features, base_directory):
+    global PACK_PREFIX
+    PACK_PREFIX = comfy.pack_module.__name__
+    model, clip = sd15
+    z_t, bank = features
+    both = with_infinite_id(comfy, with_ffa(comfy, model, bank), base_directory)
+    stores = per_run_state(both)
+    assert {name.rsplit(".", 1)[1] for name in stores} == {"_run", "_kv_on_device", "_on_device"}, stores
+    for _ in range(2):
+        forward(comfy, both, clip, z_t)
+        assert all(not value for value in per_run_state(both).values()), per_run_state(both)
