@@ -1,10 +1,14 @@
 """Feature-preserving portrait editing (Chen et al.): the math of pair
 generation (Eq. 2), mask-guided noise blending (Eq. 3) and editing masks.
 
-Guiders here combine ComfyUI's denoised (x0) predictions. Each combination's
-weights sum to 1 at every pixel (M + (1−M); s'_d + s'_a on the left half and
-s'_d + s'_b on the right with the defaults), and x0 = x − σ·ε is affine in ε,
-so combining x0 predictions is exactly combining the papers' ε predictions.
+The papers combine noise (ε) predictions; ComfyUI's guiders return denoised
+(x0) ones, x0ᵢ = x − σ·εᵢ. The ε combination Σ wᵢ·εᵢ is therefore the x0
+prediction x − σ·Σ wᵢ·εᵢ = Σ wᵢ·x0ᵢ + (1 − Σ wᵢ)·x (``eps_combination``). Where
+the weights sum to 1 at every pixel the last term vanishes and combining x0
+predictions with the same weights is exact: Eq. 3 (M + (1 − M), soft masks
+too) and Eq. 1 (1 − s1 + (s1 − s2) + (s2 − s3) + s3 = 1 for any scales). Eq. 2's
+weights (s'_d + s'_a on the left half, s'_d + s'_b on the right) sum to 1 only
+for some settings, so it goes through ``eps_combination``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,8 @@ def mask_to_latent(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def blend(target: torch.Tensor, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Eq. 3: target·M + source·(1 − M)."""
+    """Eq. 3: target·M + source·(1 − M); the weights sum to 1, so on x0 predictions it is the
+    ε blend exactly, soft masks included."""
     return target * mask + source * (1 - mask)
 
 
@@ -36,10 +41,19 @@ def half_masks(like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return left, 1 - left
 
 
-def pair_combination(shared, source, target, s_d: float, s_a: float, s_b: float) -> torch.Tensor:
-    """Eq. 2: s'_d·ε̃(p) + s'_a·M'_a⊙ε̃(p_a) + s'_b·M'_b⊙ε̃(p_b)."""
+def eps_combination(x: torch.Tensor, weighted: list[tuple[torch.Tensor | float, torch.Tensor]]) -> torch.Tensor:
+    """The x0 prediction of Σ wᵢ·εᵢ, given (wᵢ, x0ᵢ) pairs and the noisy input x:
+    x − σ·Σ wᵢ·(x − x0ᵢ)/σ = Σ wᵢ·x0ᵢ + (1 − Σ wᵢ)·x (no division by σ)."""
+    total = sum(weight for weight, _ in weighted)
+    return sum(weight * denoised for weight, denoised in weighted) + (1 - total) * x
+
+
+def pair_combination(x: torch.Tensor, shared: torch.Tensor, source: torch.Tensor, target: torch.Tensor,
+                     s_d: float, s_a: float, s_b: float) -> torch.Tensor:
+    """Eq. 2, ε̃ = s'_d·ε̃(p) + s'_a·M'_a⊙ε̃(p_a) + s'_b·M'_b⊙ε̃(p_b), as an x0 prediction from
+    the three guided x0 predictions (any weights: they need not sum to 1)."""
     left, right = half_masks(shared)
-    return s_d * shared + s_a * left * source + s_b * right * target
+    return eps_combination(x, [(s_d, shared), (s_a * left, source), (s_b * right, target)])
 
 
 def gaussian_blur(image: torch.Tensor, kernel_size: int) -> torch.Tensor:

@@ -5,6 +5,10 @@ the negative second, so ``cond_or_uncond`` (each row's index in that list)
 marks the negative's rows 1, as every pack reading it expects; the further
 prompts follow.
 
+Each returns a denoised (x0) prediction that is the papers' combination of ε
+predictions (see attention.editing): Eq. 3 and Eq. 1 weigh x0 predictions
+directly (their weights sum to 1), Eq. 2 adds (1 − Σ wᵢ)·x for its weights.
+
 comfy.samplers is imported at the top because the guiders subclass its
 CFGGuider; ComfyUI has loaded it before any pack.
 """
@@ -24,7 +28,15 @@ def _cfg(guider, pair, uncond_index, cond_index, x, timestep, model_options, con
 
 class MaskGuidedCFGGuider(comfy.samplers.CFGGuider):
     """Eq. 3 each step: the target prompt's guided prediction inside the mask,
-    the source prompt's outside (or, in latent mode, the source latent itself)."""
+    the source prompt's outside.
+
+    Latent mode: outside the mask the x0 prediction is the clean source latent s.
+    Started from the noised source (img2img), x − s then follows the ODE of a
+    constant x0 exactly, so outside a hard mask the latent stays s + σᵢ·n (the
+    source noised to each step with the run's noise; ancestral samplers re-draw
+    n) and ends at s. The released pipeline instead blends each step's latent with
+    a reconstruction run's latent (rec_latents), which the model computes and need
+    not end at s."""
 
     def set_edit(self, mask, mode: str, source_latent=None) -> None:
         self.mask, self.mode, self.source_latent = mask, mode, source_latent
@@ -40,7 +52,7 @@ class MaskGuidedCFGGuider(comfy.samplers.CFGGuider):
         target = _cfg(self, out, 1, 0, x, timestep, model_options, conds)
         mask = editing.mask_to_latent(self.mask, x)
         if self.mode == "latent":
-            # The released code's latent blend: outside the mask the result is the source image.
+            # Predicting x0 = s outside keeps the latent there on the noised source's trajectory.
             source = self.inner_model.process_latent_in(self.source_latent.to(x))
         else:
             source = _cfg(self, out, 1, 2, x, timestep, model_options, conds)
@@ -61,12 +73,14 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         conds = [self.conds.get(k) for k in ("positive", "negative", "source", "target")]
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         shared, source, target = (_cfg(self, out, 1, i, x, timestep, model_options, conds) for i in (0, 2, 3))
-        return editing.pair_combination(shared, source, target, self.s_d, self.s_a, self.s_b)
+        return editing.pair_combination(x, shared, source, target, self.s_d, self.s_a, self.s_b)
 
 
 class MCDMCFGGuider(comfy.samplers.CFGGuider):
     """Eq. 1's three scales over the released code's four rows (see attention.mcdm.GuidanceRows);
-    with a source conditioning and a mask, Eq. 3 blends the target and source predictions."""
+    with a source conditioning and a mask, Eq. 3 blends the target and source predictions.
+    Eq. 1's row weights 1 − s1, s1 − s2, s2 − s3, s3 sum to 1 for every choice of scales, so
+    no setting needs Eq. 2's (1 − Σ wᵢ)·x term."""
 
     def set_scales(self, s_image: float, s_spatial: float, s_text: float) -> None:
         self.scales = (s_image, s_spatial, s_text)

@@ -336,8 +336,9 @@ def guidance_rows(positive: list, negative: list) -> GuidanceRows:
 
 def combine(null, full, image_only, image_spatial, s_image: float, s_spatial: float, s_text: float):
     """Eq. 1 as the released code computes it:
-    ε0 + s1(ε2 − ε0) + s2(ε3 − ε2) + s3(ε1 − ε3). The weights sum to one, so the same
-    combination of x0 predictions is the combination of ε predictions."""
+    ε0 + s1(ε2 − ε0) + s2(ε3 − ε2) + s3(ε1 − ε3). The rows' weights (1 − s1, s1 − s2, s2 − s3,
+    s3) sum to 1 whatever the scales, so the same combination of x0 predictions is exactly the
+    combination of ε predictions (x0 = x − σ·ε)."""
     if image_only is None:
         image_only = null
     return (null + s_image * (image_only - null) + s_spatial * (image_spatial - image_only)
