@@ -54,6 +54,41 @@ def model_file_fingerprint(folder_name: str, *names: str) -> tuple:
     return files_fingerprint(*(folder_paths.get_full_path(folder_name, name) for name in names if name))
 
 
+SUPPORTED_MODELS = ("an SD1.5- or SDXL-family model that predicts noise (eps): an SD1.5 or SDXL checkpoint, or one "
+                    "fine-tuned from them")
+
+
+def describe_model(model) -> str:
+    """The model's family and prediction as ComfyUI loaded it, e.g. "SD3 (flow)"."""
+    sampling = model.get_model_object("model_sampling")
+    prediction = next((cls.__name__ for cls in type(sampling).__mro__
+                       if cls.__module__ == "comfy.model_sampling" and cls.__name__.isupper()), type(sampling).__name__)
+    prediction = {"EPS": "noise prediction", "V_PREDICTION": "v-prediction", "CONST": "flow",
+                  "EDM": "EDM v-prediction", "X0": "x0 prediction"}.get(prediction, prediction.lower())
+    config = getattr(model.model, "model_config", None)
+    return f"{type(config).__name__ if config is not None else type(model.model).__name__} ({prediction})"
+
+
+def require_model_family(model, input_name: str = "model", *, image_channels: int | None = None) -> None:
+    """Refuse, by name and before any sampling, a model Likeness' methods are not defined for:
+    another architecture (SD3, Flux, ... have no SD UNet attention layout), another prediction
+    (v-prediction, flow), or an MCDM-only input given a plain model (``image_channels``: the
+    UNet's input channels the node needs)."""
+    import comfy.model_sampling
+    import comfy.supported_models
+
+    config = getattr(model.model, "model_config", None)
+    sampling = model.get_model_object("model_sampling")
+    family_ok = isinstance(config, (comfy.supported_models.SD15, comfy.supported_models.SDXL))
+    eps = isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(
+        sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.IMG_TO_IMG))
+    require(family_ok and eps, input_name, describe_model(model), SUPPORTED_MODELS)
+    if image_channels is not None:
+        channels = model.model.diffusion_model.input_blocks[0][0].in_channels
+        require(channels == image_channels, input_name, f"a UNet taking {channels} input channels",
+                f"a UNet taking {image_channels} (an MCDM from Likeness MCDM Loader: noisy latent + input latent)")
+
+
 def require(condition, name: str, value, accepted: str) -> None:
     """A ValueError that names the input, its value and what would be accepted."""
     if not condition:

@@ -10,7 +10,7 @@ import os
 
 from comfy_api.latest import io
 
-from .common import model_file_fingerprint, model_path, require
+from .common import model_file_fingerprint, model_path, require, require_model_family
 from .face_analysis import FaceAnalysisType
 
 CATEGORY = "likeness/infinite_id"
@@ -188,6 +188,7 @@ class InfiniteID(io.ComfyNode):
         from ..attention.unet_layers import attention_keys, diffusion_model_of
         from .face_analysis import crop_faces
 
+        require_model_family(model)
         keys = attention_keys(diffusion_model_of(model))
         missing = [k for k in keys if k not in id_adapter.kv_weights]
         require(not missing and len(keys) == len(id_adapter.kv_weights), "id_adapter", id_adapter.kind,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .common import (dataset_folder, files_fingerprint, image_file_tensor, numbered_path, optimiser_inputs,
-                     trainer_outputs, training_progress)
+                     require_model_family, trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
 from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder
 
@@ -56,6 +56,7 @@ class TrainIDAdapter(io.ComfyNode):
         from ..attention.id_adapter_training import Pair, train_id_adapter
         from .face_analysis import crop_faces
 
+        require_model_family(model)
         empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         pairs = []
         for example in find_examples(dataset_folder(folder), IDENTITY_SUFFIX):

@@ -16,7 +16,8 @@ from ..attention.ffa import PLACEMENTS, FeatureFusion, apply_ffa
 from ..attention.inversion import CAPTURES, invert, inversion_steps
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
-from .common import FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require
+from .common import (FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require,
+                     require_model_family)
 
 CATEGORY = "likeness/magicstyle"
 
@@ -70,6 +71,7 @@ class Invert(io.ComfyNode):
         import comfy.utils
         import latent_preview
 
+        require_model_family(model)
         keys = select_keys(attention_keys(diffusion_model_of(model)), layers)
         progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
@@ -148,6 +150,7 @@ class FeatureFusionAttention(io.ComfyNode):
     def execute(cls, model, content: FeatureBank, style: FeatureBank, alpha: float, beta: float,
                 temperature: float, layers: str, style_index: int, start_percent: float,
                 end_percent: float) -> io.NodeOutput:
+        require_model_family(model)
         fingerprint = model_fingerprint(model)
         content.check_compatible(fingerprint=fingerprint, what="content features")
         style.check_compatible(fingerprint=fingerprint, latent_hw=tuple(content.latent_shape[-2:]),

@@ -209,3 +209,25 @@ def write_checkpoints(folder: Path) -> dict[str, Path]:
             comfy.utils.save_torch_file(state, str(partial))
             partial.rename(paths[name])
     return paths
+
+
+SD3_FILE = "tiny_sd3.safetensors"  # models/diffusion_models/: another architecture, for the refusal tests
+
+
+def write_sd3(folder: Path) -> Path:
+    """A tiny SD3-shaped MMDiT (depth 2: hidden 128) that ComfyUI's UNETLoader detects as SD3."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    import comfy.ops
+    import comfy.utils
+
+    path = folder / SD3_FILE
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        model = mmdit.MMDiT(input_size=None, patch_size=2, in_channels=16, depth=2, num_patches=64 * 64,
+                            adm_in_channels=2048, out_channels=16, pos_embed_max_size=64,
+                            pos_embed_scaling_factor=None, operations=comfy.ops.disable_weight_init,
+                            context_embedder_config={"target": "torch.nn.Linear",
+                                                     "params": {"in_features": 4096, "out_features": 128}})
+        initialise(model, SEED + 4)
+        comfy.utils.save_torch_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
