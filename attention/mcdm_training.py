@@ -5,7 +5,9 @@ into the target image.
 
 As in the paper: a 4-channel SD1.5 UNet gets zero-initialised extra conv_in
 channels (so step 0 is the base model); 5% of the steps use identity pairs
-(the target is also the input); 20% drop conditions, in four 5% cases: the
+(Sec. 3.3 "we replace c_{p_b} with c_{p_a} and x_B with x_A", and the released
+dataset.py: the source image is both input and target, under the source prompt
+p_a); 20% drop conditions, in four 5% cases: the
 spatial latent only, the image tokens only, the text only, or all three. A
 dropped image is the null image (a black image's tokens, as at inference), a
 dropped latent zeros, a dropped text the empty prompt. The validation losses
@@ -36,13 +38,35 @@ class ImageInputs:
 
 @dataclass
 class Pair:
-    source: ImageInputs
-    target_image: ImageInputs
-    text: list  # CONDITIONING of the target prompt
+    source: ImageInputs  # x_A, the input image
+    target_image: ImageInputs  # x_B, the edited image
+    text: list  # CONDITIONING of the target prompt p_b
+    source_text: list  # CONDITIONING of the source prompt p_a (identity pairs)
 
     @property
     def target(self) -> torch.Tensor:
         return self.target_image.latent
+
+
+@dataclass
+class Draw:
+    """What one training step shows the model: the input image (adapter and c_s), the text,
+    and the latent it learns to denoise."""
+
+    image: ImageInputs  # read by the adapter (the null image when the image is dropped)
+    spatial: torch.Tensor | None  # c_s; None = zeros (dropped)
+    text: list
+    target: torch.Tensor
+
+
+def draw_of(pair: Pair, identity: bool, dropped: str | None, *, empty_text: list, null: ImageInputs) -> Draw:
+    """An identity pair is x_A → x_A under p_a; otherwise x_A → x_B under p_b. Dropout then
+    replaces the image tokens' input, c_s and/or the text, whichever pair was drawn."""
+    target, text = (pair.source.latent, pair.source_text) if identity else (pair.target, pair.text)
+    return Draw(image=null if dropped in ("image", "all") else pair.source,
+                spatial=None if dropped in ("spatial", "all") else pair.source.latent,
+                text=empty_text if dropped in ("text", "all") else text,
+                target=target)
 
 
 def expanded_unet(model) -> mcdm.UNetFile:
@@ -87,13 +111,10 @@ def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: list[Pair], *, empt
 
         def loss_of(pair: Pair, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
             identity, dropped = draw_case(generator) if torch.is_grad_enabled() else (False, None)
-            given = pair.target_image if identity else pair.source
-            seen = null if dropped in ("image", "all") else given
-            tokens = trained_adapter(seen.clip_tokens.to(device), seen.latent.to(device))
-            spatial = None if dropped in ("spatial", "all") else given.latent
-            text = empty_text if dropped in ("text", "all") else pair.text
-            cond = mcdm.with_image(text, tokens, spatial)
-            return diffusion_loss(trained, trained, pair.target, cond, sigma.to(device), noise.to(device))
+            draw = draw_of(pair, identity, dropped, empty_text=empty_text, null=null)
+            tokens = trained_adapter(draw.image.clip_tokens.to(device), draw.image.latent.to(device))
+            cond = mcdm.with_image(draw.text, tokens, draw.spatial)
+            return diffusion_loss(trained, trained, draw.target, cond, sigma.to(device), noise.to(device))
 
         parameters = [*unet.parameters(), *trained_adapter.parameters()]
         before, after = optimise(pairs, loss_of, parameters, model_sampling=model_sampling_of(trained), steps=steps,

@@ -12,6 +12,17 @@ from .pairs import SOURCE_SUFFIX
 CATEGORY = "likeness/editing"
 
 
+def source_prompt(folder: str, source_image) -> str:
+    """p_a from <name>.source.txt beside <name>.source.png. A missing file is an error, not the
+    empty prompt: the 5% identity pairs are trained under p_a (Sec. 3.3), and a silent empty prompt
+    would teach "no text = no change" instead; an empty file is accepted as an empty p_a."""
+    path = source_image.with_suffix(".txt")
+    require(path.is_file(), "folder", folder,
+            f"a source prompt file {path} beside {source_image.name} (Likeness Save Pairs writes it; the identity "
+            f"pairs are trained under the source prompt; an empty file means an empty prompt)")
+    return path.read_text().strip()
+
+
 class TrainMCDM(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -21,8 +32,10 @@ class TrainMCDM(io.ComfyNode):
             category=CATEGORY,
             description="Fine-tunes the whole 8-channel UNet and the embedding adapter on a Likeness Save Pairs "
                         "folder (the paper's recipe: extra conv_in channels start at zero, 5% identity pairs, 20% "
-                        "condition dropout). Writes <prefix>_NNNNN.safetensors (UNet) and "
-                        "<prefix>_NNNNN.adapter.safetensors to models/likeness/ for Likeness MCDM Loader.",
+                        "condition dropout). Each pair is <name>.png (target), <name>.source.png, <name>.txt "
+                        "(target prompt) and <name>.source.txt (source prompt: identity pairs learn source → source "
+                        "under it). Writes <prefix>_NNNNN.safetensors (UNet) and <prefix>_NNNNN.adapter.safetensors "
+                        "to models/likeness/ for Likeness MCDM Loader.",
             inputs=[
                 io.Model.Input("model", tooltip="An MCDM to continue, or the SD1.5 model to start from (its conv_in "
                                "gets 4 zero-initialised channels)."),
@@ -66,7 +79,8 @@ class TrainMCDM(io.ComfyNode):
             target, source = image_file_tensor(example.image), image_file_tensor(example.face)
             require(target.shape == source.shape, "folder", folder,
                     f"pairs of equal size ({example.image.name} and {example.face.name} differ)")
-            pairs.append(Pair(inputs(source), inputs(target), text(example.caption)))
+            pairs.append(Pair(inputs(source), inputs(target), text(example.caption),
+                              text(source_prompt(folder, example.face))))
             black = torch.zeros_like(source) if black is None else black
         null = inputs(black)  # the null image, as MCDM Conditioning makes it
         adapter = mcdm.adapter

@@ -28,7 +28,8 @@ class SavePairs(io.ComfyNode):
                 io.String.Input("prompt", multiline=True, default="",
                                 tooltip="The target prompt p_b: the edit the MCDM learns (its text condition)."),
                 io.String.Input("source_prompt", multiline=True, default="",
-                                tooltip="The source prompt p_a, kept beside each pair for reference."),
+                                tooltip="The source prompt p_a: Likeness Train MCDM's identity pairs (5%) learn "
+                                        "source → source under it."),
                 io.String.Input("folder", default="likeness_pairs",
                                 tooltip="Dataset folder, absolute or inside ComfyUI's input folder (the trainer "
                                         "reads the same name)."),

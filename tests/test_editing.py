@@ -255,16 +255,17 @@ def test_edit_mask_uses_n_different_noises_and_finds_the_change(comfy, sd15, mon
     assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
 
 
-def uncond_contexts(comfy, guider, latent, sigmas) -> tuple[list, list]:
-    """Cross-attention contexts of the rows a sampling step marks uncond (cond_or_uncond 1),
-    and of the other rows, seen by a UNet wrapper on the guider's model."""
+def row_inputs(comfy, guider, latent, sigmas) -> list[tuple[int, torch.Tensor, torch.Tensor | None]]:
+    """(cond_or_uncond label, cross-attention context, concatenated latent or None) of every row
+    the guider's model is called with during sampling, seen by a UNet wrapper."""
     seen = []
 
     def wrapper(apply_model, args):
         labels = args["c"]["transformer_options"]["cond_or_uncond"]
-        context = args["c"]["c_crossattn"]
+        context, concat = args["c"]["c_crossattn"], args["c"].get("c_concat")
         per_label = context.shape[0] // len(labels)
-        seen.extend((label, context[i * per_label]) for i, label in enumerate(labels))
+        seen.extend((label, context[i * per_label], None if concat is None else concat[i * per_label])
+                    for i, label in enumerate(labels))
         return apply_model(args["input"], args["timestep"], **args["c"])
 
     model, options = guider.model_patcher, guider.model_options
@@ -278,7 +279,14 @@ def uncond_contexts(comfy, guider, latent, sigmas) -> tuple[list, list]:
                        latent_image=latent)
     finally:
         guider.model_patcher, guider.model_options = model, options
-    return [c for label, c in seen if label == 1], [c for label, c in seen if label != 1]
+    return seen
+
+
+def uncond_contexts(comfy, guider, latent, sigmas) -> tuple[list, list]:
+    """Cross-attention contexts of the rows a sampling step marks uncond (cond_or_uncond 1),
+    and of the other rows."""
+    seen = row_inputs(comfy, guider, latent, sigmas)
+    return [c for label, c, _ in seen if label == 1], [c for label, c, _ in seen if label != 1]
 
 
 def test_only_the_negative_rows_are_marked_uncond(comfy, sd15):

@@ -1,5 +1,6 @@
-"""The Multi-Conditioned Diffusion Model: released file layouts, the key conversion
-proven against diffusers, the B/32 hidden states, the three-scale guider."""
+"""The Multi-Conditioned Diffusion Model: released file layouts, the key conversion proven
+against diffusers, Eq. 1 and InstructPix2Pix guidance against separately computed rows, the
+negative row's content, the trainer's recipe (identity pairs, dropout) and its untouched inputs."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from safetensors.torch import save_file
 
 import tiny_mcdm
 from harness.sampling import encode
+from test_editing import differs, row_inputs, x0_of
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +41,18 @@ def conditionings(comfy, sd15, mcdm, image, prompt="a man in a suit", negative="
                           negative=encode(comfy, clip, negative), vae=vae, image=image)
 
 
-def write_pairs(folder, seeds: list[tuple[int, int]], prompt: str | None = None) -> None:
-    """pair_NNNNN.png (target) and pair_NNNNN.source.png from (target seed, source seed)."""
+def write_pairs(folder, seeds: list[tuple[int, int]], prompt: str | None = None,
+                source_prompt: str | None = "a man") -> None:
+    """pair_NNNNN.png (target) and pair_NNNNN.source.png from (target seed, source seed), with
+    pair_NNNNN.txt and pair_NNNNN.source.txt where a prompt is given."""
     from PIL import Image
 
     folder.mkdir()
     for index, (target_seed, source_seed) in enumerate(seeds):
-        for suffix, seed in (("", target_seed), (".source", source_seed)):
+        for suffix, seed, text in (("", target_seed, prompt), (".source", source_seed, source_prompt)):
             Image.fromarray((portrait(64, seed)[0] * 255).byte().numpy()).save(folder / f"pair_{index:05d}{suffix}.png")
-        if prompt is not None:
-            (folder / f"pair_{index:05d}.txt").write_text(prompt)
+            if text is not None:
+                (folder / f"pair_{index:05d}{suffix}.txt").write_text(text)
 
 
 def predictions(comfy, model, conds, noisy, sigma):
@@ -162,25 +166,110 @@ def test_scales_of_one_give_the_all_conditions_prediction(comfy, mcdm, small_edi
                           one_step(comfy, plain, latent, sigmas), rtol=1e-5, atol=1e-4)
 
 
-def test_three_scales_follow_eq_1_over_the_released_rows(comfy, mcdm, small_edit):
-    model = mcdm[0]
-    rows_module = comfy.pack("attention.mcdm")
-    positive, negative, _, latent, sigmas = small_edit
-    scales = (3.0, 2.0, 4.0)
-    stepped = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales), latent, sigmas, seed=5)
+def rows_by_hand(positive, negative, source):
+    """The released pipeline's rows, built from the conditionings' tensors (77 text tokens, then the
+    image tokens; c_s in concat_latent_image): 0 (negative text, null image, no c_s), 1 (prompt, image,
+    c_s), 2 (negative text, image, no c_s), 3 (negative text, image, c_s), and row 1 for the source
+    prompt. No c_s: ComfyUI's InstructPix2Pix model concatenates zeros."""
+    text, image = positive[0][0][:, :77], positive[0][0][:, 77:]
+    c_s = positive[0][1]["concat_latent_image"]
+    negative_text, null_image = negative[0][0][:, :77], negative[0][0][:, 77:]
+    row = lambda words, tokens, concat: [[torch.cat([words, tokens], 1), {} if concat is None else
+                                          {"concat_latent_image": concat}]]
+    return {"null": row(negative_text, null_image, None), "full": row(text, image, c_s),
+            "image": row(negative_text, image, None), "image_spatial": row(negative_text, image, c_s),
+            "source": row(source[0][0][:, :77], image, c_s)}
 
-    rows = rows_module.guidance_rows(positive, negative)
-    start = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(5)) * sigmas[0]
+
+SD_SIZED_C_S = 60.0
+
+
+def sd_sized_c_s(cond: list) -> list:
+    """The tiny VAE's latents are ~60× smaller than SD1.5's (|c_s| ≤ 0.014 here, ~1 from a real VAE), so
+    c_s barely moves the tiny UNet (0.2%); scaled to a real VAE's size the spatial term weighs ~10%."""
+    return [[tokens, {**options, "concat_latent_image": options["concat_latent_image"] * SD_SIZED_C_S}]
+            for tokens, options in cond]
+
+
+@pytest.fixture(scope="module")
+def eq1(comfy, sd15, mcdm):
+    """Conditionings of prompts far apart, and each row's x0 prediction on its own (a plain CFGGuider
+    at cfg 1 runs only that conditioning), at one sigma, from the same noisy latent the guider gets."""
+    model = mcdm[0]
+    image = portrait(64)
+    positive, negative, latent = conditionings(comfy, sd15, mcdm, image, prompt="a man in a suit of shining armour")
+    source = conditionings(comfy, sd15, mcdm, image, prompt="a cartoon drawing of an old woman")[0]
+    positive, source = sd_sized_c_s(positive), sd_sized_c_s(source)
+    latent = {"samples": torch.zeros_like(latent["samples"])}
+    sigma = model.model.model_sampling.sigma(torch.tensor([900.0]))[0]
+    rows = {name: x0_of(comfy, comfy.run_node("CFGGuider", model=model, positive=cond, negative=cond, cfg=1.0)[0],
+                        latent, sigma)
+            for name, cond in rows_by_hand(positive, negative, source).items()}
+    return (positive, negative, source, latent), rows, sigma
+
+
+def eq_1(rows, full, s1, s2, s3):
+    """ε = ε(∅) + s1(ε(c_im) − ε(∅)) + s2(ε(c_im, c_s) − ε(c_im)) + s3(ε(c_im, c_s, c_T) − ε(c_im, c_s)),
+    on x0 predictions (x0 = x − σ·ε, and the weights 1 − s1, s1 − s2, s2 − s3, s3 sum to 1)."""
+    return (rows["null"] + s1 * (rows["image"] - rows["null"]) + s2 * (rows["image_spatial"] - rows["image"])
+            + s3 * (rows[full] - rows["image_spatial"]))
+
+
+@pytest.mark.parametrize("scales", [(3.0, 2.0, 4.0), (2.0, 4.0, 3.0)])
+def test_three_scales_are_eq_1_over_separately_computed_rows(comfy, mcdm, eq1, scales):
+    (positive, negative, _, latent), rows, sigma = eq1
+    got = x0_of(comfy, mcdm_guider(comfy, mcdm[0], positive, negative, scales), latent, sigma)
+    expected = eq_1(rows, "full", *scales)
+    # rows batched differently: float32 rounding ~1e-6 of the largest value
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (got - expected).abs().max()
+    # each difference Eq. 1 scales is over 1% of the prediction, so a wrong weight of 0.01 already fails
+    for a, b in (("image", "null"), ("image_spatial", "image"), ("full", "image_spatial")):
+        assert differs(rows[a], rows[b]), (a, b)
+
+
+def test_a_soft_mask_blends_eq_1_for_the_target_and_the_source_prompt(comfy, mcdm, eq1):
+    """Eq. 3 at M = 0.3 over Eq. 1 for each prompt. Text scale 10: the tiny CLIP's two prompts
+    differ by ~0.4% of a row, so s3 = 10 makes each side's share over 1% of the prediction."""
+    model = mcdm[0]
+    (positive, negative, source, latent), rows, sigma = eq1
+    scales = (2.0, 4.0, 10.0)
+    guider = mcdm_guider(comfy, model, positive, negative, scales, source=source, mask=torch.full((64, 64), 0.3))
+    got = x0_of(comfy, guider, latent, sigma)
+    target, kept = eq_1(rows, "full", *scales), eq_1(rows, "source", *scales)
+    expected = 0.3 * target + 0.7 * kept
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (got - expected).abs().max()
+    assert differs(got, target) and differs(got, kept)
+
+
+def test_the_negative_row_is_the_null_image_without_c_s(comfy, sd15, mcdm, small_edit):
+    """Row 0 holds the negative text and the null image's tokens, adapter(CLIP(black), VAE(black)),
+    computed here with the reference tower and the released adapter (at 512×512, the adapter's own
+    size); the model gets it with zeros for c_s."""
+    _, clip, vae = sd15
+    model = mcdm[0]
+    positive, negative, latent = conditionings(comfy, sd15, mcdm, portrait(), negative="")
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    black_pixels = ((0 - mean) / std).expand(1, 3, 224, 224)  # CLIP preprocessing of a black image
     with torch.no_grad():
-        full, null, image_only, image_spatial = predictions(
-            comfy, model, [rows.full, rows.null, rows.image_only, rows.image_spatial], start, sigmas[:1])
-    denoised = rows_module.combine(null, full, image_only, image_spatial, *scales)
-    expected = model.model.process_latent_out(start + (start - denoised) / sigmas[0] * (sigmas[1] - sigmas[0]))
-    assert torch.allclose(stepped, expected, rtol=1e-5, atol=1e-3)
-    # the rows really differ: each scale changes the result
-    for changed in ((1.0, 2.0, 4.0), (3.0, 1.0, 4.0), (3.0, 2.0, 1.0)):
-        other = one_step(comfy, mcdm_guider(comfy, model, positive, negative, changed), latent, sigmas)
-        assert not torch.allclose(other, stepped, atol=1e-4), changed
+        clip_tokens = tiny_mcdm.clip_b32(stored_as=torch.float16)(pixel_values=black_pixels).last_hidden_state
+        black_latent = vae.encode(torch.zeros(1, 512, 512, 3)) * 0.18215
+        null_tokens = tiny_mcdm.released_adapter()(clip_tokens, black_latent)
+        image_tokens = positive[0][0][:, 77:]
+    assert torch.equal(negative[0][0][:, :77], encode(comfy, clip, "")[0][0])
+    assert (negative[0][0][:, 77:] - null_tokens).abs().max() <= 1e-5 * null_tokens.abs().max()
+    assert differs(null_tokens, image_tokens)
+    assert "concat_latent_image" not in negative[0][1]
+    positive, negative, _, empty, sigmas = small_edit  # what the model receives, on a smaller image
+    guider = mcdm_guider(comfy, model, positive, negative, (3, 2, 4))
+    seen = row_inputs(comfy, guider, empty, sigmas)
+    uncond = [(context, concat) for label, context, concat in seen if label == 1]
+    assert len(uncond) == 1 and len(seen) == 4
+    context, concat = uncond[0]
+    assert torch.equal(context, negative[0][0][0]) and torch.equal(concat, torch.zeros_like(concat))
+    c_s = positive[0][1]["concat_latent_image"][0]
+    with_c_s = [c for label, _, c in seen if label != 1 and c.abs().max() > 0]
+    assert len(with_c_s) == 2 and all(torch.equal(c, c_s) for c in with_c_s)
 
 
 def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, mcdm, small_edit):
@@ -189,7 +278,7 @@ def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, m
     scales = (3.0, 2.0, 4.0)
     target_only = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales), latent, sigmas)
     source_only = one_step(comfy, mcdm_guider(comfy, model, source, negative, scales), latent, sigmas)
-    assert not torch.allclose(target_only, source_only, atol=1e-4)
+    assert differs(target_only, source_only)
     for mask, expected in ((torch.ones(64, 64), target_only), (torch.zeros(64, 64), source_only)):
         blended = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales, source=source, mask=mask),
                            latent, sigmas)
@@ -206,27 +295,51 @@ def test_edit_mask_runs_on_an_mcdm(comfy, mcdm, small_edit):
     assert 0 < mask.mean() < 1
 
 
-def test_instruct_pix2pix_checkpoint_loads_as_an_mcdm_without_adapter(comfy, base_directory, sd15, tiny_checkpoints):
+@pytest.fixture(scope="module")
+def ip2p(comfy, base_directory, tiny_checkpoints):
+    """An InstructPix2Pix checkpoint: the tiny SD1.5 with 4 more conv_in channels, loaded as an MCDM."""
     from safetensors.torch import load_file
 
     checkpoint = load_file(str(base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"]))
     conv_in = checkpoint["model.diffusion_model.input_blocks.0.0.weight"]
     checkpoint["model.diffusion_model.input_blocks.0.0.weight"] = torch.cat(
-        [conv_in, torch.randn_like(conv_in) * 0.1], dim=1)
+        [conv_in, torch.randn(conv_in.shape, generator=torch.Generator().manual_seed(12)) * 0.1], dim=1)
     save_file(checkpoint, str(base_directory / "models" / "likeness" / "tiny_ip2p.safetensors"))
-    model, state = comfy.run_node("LikenessMCDMLoader", unet_name="tiny_ip2p.safetensors", adapter_name="none",
-                                  clip_vision_name="none")
+    return comfy.run_node("LikenessMCDMLoader", unet_name="tiny_ip2p.safetensors", adapter_name="none",
+                          clip_vision_name="none")
+
+
+def test_instruct_pix2pix_checkpoint_loads_as_an_mcdm_without_adapter(comfy, sd15, ip2p):
+    model, state = ip2p
     assert state.adapter is None and not state.scaled_concat
     image = portrait(64)
     positive, negative, latent = conditionings(comfy, sd15, (model, state), image)
     assert positive[0][0].shape[1] == 77
     assert torch.equal(positive[0][1]["concat_latent_image"], latent["samples"])  # InstructPix2Pix: unscaled
-    rows = comfy.pack("attention.mcdm").guidance_rows(positive, negative)
-    assert rows.image_only is None  # row 2 is row 0 without image tokens
-    sigmas = model.model.model_sampling.sigma(torch.tensor([900.0, 600.0]))
+    assert "concat_latent_image" not in negative[0][1] and torch.equal(negative[0][0], encode(comfy, sd15[1], "")[0][0])
+
+
+def test_instruct_pix2pix_guidance_is_its_own_formula(comfy, sd15, ip2p):
+    """Brooks et al.'s guidance, ε(∅,∅) + s_I(ε(c_I,∅) − ε(∅,∅)) + s_T(ε(c_I,c_T) − ε(c_I,∅)), with the
+    spatial scale as s_I and the text scale as s_T, from three separately run rows; the image scale
+    has nothing to act on (no image tokens)."""
+    model, state = ip2p
+    positive, negative, latent = conditionings(comfy, sd15, (model, state), portrait(64),
+                                               prompt="a man in a suit of shining armour")
+    positive = sd_sized_c_s(positive)  # raw SD latents reach ~±4; the tiny VAE's ~0.08
+    c_i, text, no_text = positive[0][1]["concat_latent_image"], positive[0][0], negative[0][0]
+    rows = {"none": [[no_text, {}]], "image": [[no_text, {"concat_latent_image": c_i}]],
+            "image_text": [[text, {"concat_latent_image": c_i}]]}
     empty = {"samples": torch.zeros_like(latent["samples"])}
-    stepped = one_step(comfy, mcdm_guider(comfy, model, positive, negative, (3.0, 1.5, 7.5)), empty, sigmas)
-    assert torch.isfinite(stepped).all()
+    sigma = model.model.model_sampling.sigma(torch.tensor([900.0]))[0]
+    eps = {name: x0_of(comfy, comfy.run_node("CFGGuider", model=model, positive=cond, negative=cond, cfg=1.0)[0],
+                       empty, sigma) for name, cond in rows.items()}
+    s_i, s_t = 1.5, 7.5
+    expected = eps["none"] + s_i * (eps["image"] - eps["none"]) + s_t * (eps["image_text"] - eps["image"])
+    got = x0_of(comfy, mcdm_guider(comfy, model, positive, negative, (3.0, s_i, s_t)), empty, sigma)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max(), (got - expected).abs().max()
+    assert differs(eps["image"], eps["none"]) and differs(eps["image_text"], eps["image"])
+    assert torch.equal(x0_of(comfy, mcdm_guider(comfy, model, positive, negative, (0.5, s_i, s_t)), empty, sigma), got)
 
 
 def test_save_pairs_writes_a_training_folder_and_numbers_on(comfy, base_directory):
@@ -264,20 +377,34 @@ def test_a_4_channel_model_starts_as_itself(comfy, sd15):
     assert torch.allclose(base, grown, atol=1e-5)
 
 
-def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15, mcdm, files):
+def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15, mcdm, files, small_edit):
     model, clip, vae = sd15
     write_pairs(base_directory / "input" / "pairs_training", [(10, 20), (11, 21)], prompt="a man in a suit")
+    # each start model's output before training: one fixed x0 prediction (plain cfg-1 run)
+    positive, _, _, edit_latent, _ = small_edit
+    text = encode(comfy, clip, "a portrait")
+    plain_latent = {"samples": torch.zeros(1, 4, 8, 8)}
+
+    def outputs():
+        sigma = model.model.model_sampling.sigma(torch.tensor([500.0]))[0]
+        return [x0_of(comfy, comfy.run_node("CFGGuider", model=start, positive=cond, negative=cond, cfg=1.0)[0],
+                      latent, sigma)
+                for start, cond, latent in ((mcdm[0], positive, edit_latent), (model, text, plain_latent))]
+
+    before_training = outputs()
     for start in (mcdm[0], model):  # continue an MCDM; grow a 4-channel SD1.5
         name, before, after = comfy.run_node(
             "LikenessTrainMCDM", model=start, mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_training", steps=8,
             learning_rate=1e-4, seed=0, filename_prefix="tiny_trained")
-        assert after < before, (before, after)
+        assert after < 0.98 * before, (before, after)  # 6% and 9% lower after 8 steps
         loaded, state = comfy.run_node("LikenessMCDMLoader", unet_name=name,
                                        adapter_name=name.replace(".safetensors", ".adapter.safetensors"),
                                        clip_vision_name=files["clip_vision"])
         assert loaded.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 8
-        assert not torch.equal(state.adapter.vae2clip.weight, mcdm[1].adapter.vae2clip.weight)
-    # the input models are untouched
+        assert differs(state.adapter.vae2clip.weight, mcdm[1].adapter.vae2clip.weight)
+    # the input models are untouched: the same outputs, bit for bit, and the same weights
+    for after_training, before in zip(outputs(), before_training):
+        assert torch.equal(after_training, before)
     fresh = comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name=files["adapter"],
                            clip_vision_name=files["clip_vision"])
     for (key, value), fresh_value in zip(mcdm[0].model.diffusion_model.state_dict().items(),
@@ -295,6 +422,55 @@ def test_dropout_cases_and_identity_pairs_come_at_the_papers_rates(comfy):
     for case in training.DROPOUT_CASES:
         assert abs(sum(d == case for _, d in draws) / len(draws) - 0.05) < 0.01, case
     assert abs(sum(d is None for _, d in draws) / len(draws) - 0.80) < 0.015
+
+
+def test_identity_pairs_learn_the_source_under_the_source_prompt(comfy, base_directory, sd15, mcdm, monkeypatch):
+    """Sec. 3.3 and the released dataset.py: an identity draw is x_A → x_A under p_a; any other
+    draw x_A → x_B under p_b. Spied on what the loss receives: step 0 an identity draw, step 1 not."""
+    import numpy as np
+    from PIL import Image
+
+    model, clip, vae = sd15
+    folder = base_directory / "input" / "pairs_identity"
+    write_pairs(folder, [(50, 51)], prompt="a man in a suit of shining armour",
+                source_prompt="a cartoon drawing of an old woman")
+    training = comfy.pack("attention.mcdm_training")
+    seen, real_loss, draws = [], training.diffusion_loss, iter([(True, None), (False, None)])
+
+    def spy(base, patched, target, cond, sigma, noise):
+        if torch.is_grad_enabled():  # training steps (the validation loss runs without gradients)
+            seen.append((target.detach().cpu().clone(), cond[0][0].detach().cpu().clone(),
+                         cond[0][1]["concat_latent_image"].detach().cpu().clone()))
+        return real_loss(base, patched, target, cond, sigma, noise)
+
+    monkeypatch.setattr(training, "diffusion_loss", spy)
+    monkeypatch.setattr(training, "draw_case", lambda generator: next(draws))
+    comfy.run_node("LikenessTrainMCDM", model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder=folder.name, steps=2,
+                   learning_rate=1e-4, seed=0, filename_prefix="identity_spy")
+
+    def latent_of(path):
+        pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()[None] / 255
+        with torch.inference_mode():
+            return vae.encode(pixels) * 0.18215
+
+    source, target = latent_of(folder / "pair_00000.source.png"), latent_of(folder / "pair_00000.png")
+    source_prompt, target_prompt = (encode(comfy, clip, t)[0][0] for t in ("a cartoon drawing of an old woman",
+                                                                            "a man in a suit of shining armour"))
+    assert differs(target, source, floor=0.1) and differs(target_prompt, source_prompt, floor=0.1)
+    assert len(seen) == 2
+    for (learnt, tokens, c_s), expected, prompt in zip(seen, (source, target), (source_prompt, target_prompt)):
+        assert torch.equal(learnt, expected)
+        assert torch.equal(tokens[:, :77], prompt)
+        assert torch.equal(c_s, source)  # the input is x_A either way
+
+
+def test_a_pair_without_its_source_prompt_is_refused_by_name(comfy, base_directory, sd15, mcdm):
+    _, clip, vae = sd15
+    write_pairs(base_directory / "input" / "pairs_no_source_prompt", [(60, 61)], prompt="a man in a suit",
+                source_prompt=None)
+    with pytest.raises(ValueError, match=r"folder='pairs_no_source_prompt'.*pair_00000\.source\.txt"):
+        comfy.run_node("LikenessTrainMCDM", model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae,
+                       folder="pairs_no_source_prompt", steps=1, learning_rate=1e-4, seed=0, filename_prefix="never")
 
 
 def test_bf16_mcdm_follows_the_fp32_one(comfy, base_directory, files, mcdm, small_edit):
