@@ -7,12 +7,20 @@ V_f = Linear_vf(h_f) that are concatenated to the text's:
 
     K' = [K_text; K_f1; …; K_fn],  V' = [V_text; V_f1; …; V_fn]   (Eq. 3, 6)
 
-Several people: a query inside person j's mask gets −inf on every other
-person's face keys (Eq. 7); queries outside all masks see every face.
+Several people (Eq. 7): a face key of person i gets −inf from every query
+inside another person's mask M_j (j ≠ i), also where M_i overlaps M_j, so
+an overlap sees the text only; queries outside all masks see every face.
 
 The face rows run as a separate UNet call just before each model call
 rather than as extra rows of the same batch, so that other packs' patches
 still see the batch ComfyUI built (rows = chunks of ``cond_or_uncond``).
+What that call receives is built by :func:`face_input` alone, for sampling
+and for training alike: the face noised to the step's sigma with a fixed
+noise per reference, or (``clean``) the latent itself at the model's
+smallest timestep. It reads the positive prompt in every call, also a call
+that holds only uncond rows (ComfyUI splits cond and uncond when memory is
+short): a CALC_COND_BATCH wrapper hands the positive's encoding over.
+
 Linear_kf / Linear_vf are the layer's own self-attention to_k / to_v by
 default (training-free: same input width), or trained weights from a file.
 The weight enters as log(weight) added to that person's face logits: 1 is
@@ -27,6 +35,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from .dispatch import ATTENTION_MASK
+from .infinite_id import AUXILIARY_PASS, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
 from .masks import mask_to_tokens
 from .rows import COND, UNCOND, row_mask, rows_of
 from .schedule import SigmaRange, current_sigma
@@ -34,9 +44,17 @@ from .unet_layers import BlockKey, transformer_block
 
 FACE_PASS = "likeness_face_pass"  # face call: dict the capture fills with h_f per layer
 FACE_STATES = "likeness_face_states"  # main call: the h_f of every active reference, per layer
+POSITIVE = "likeness_face_positive"  # the positive prompt's model conds (c_crossattn, y), for the face pass
 UNET = "likeness_unet"
 ORDER = 150  # after FFA-style self-attention changes; cross-attention keys are added late
 WRAPPER_KEY = "likeness_face_fusion"
+# Per-call state of the image's own streams (Infinite-ID's): the face pass is not one of them.
+IMAGE_STREAM_KEYS = (TEXT_STREAM, IDENTITY_STREAM, LORA_STATE)
+
+
+def reference_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The fixed noise of one person's references: drawn once, reused at every step."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed)))
 
 
 @dataclass(frozen=True)
@@ -49,7 +67,7 @@ class Identity:
     sigma_range: SigmaRange
     mask: torch.Tensor | None = None  # (H, W) region of this person in the image, any size
     kv: dict[BlockKey, tuple[torch.Tensor, torch.Tensor]] | None = None  # trained W_kf, W_vf per layer
-    clean: bool = False  # pass the face latent un-noised at every step
+    clean: bool = False  # the face latent as it is, at the model's smallest timestep
     uncond: bool = True  # uncond rows see the face too
 
     def active(self, sigma: float | None) -> bool:
@@ -71,14 +89,58 @@ class FaceFusion:
         return replace(self, identities=[*self.identities, identity])
 
 
-def _face_batch(fusion: FaceFusion, active: list[Identity], sigma: float, like: torch.Tensor) -> torch.Tensor:
-    """The references of the active people, noised to ``sigma`` and scaled as the UNet's input."""
-    noisy = []
+def face_input(model_sampling, latent: torch.Tensor, noise: torch.Tensor, sigma: float,
+               clean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, timesteps) the face pass gives the UNet for one person's references at the step of ``sigma``.
+
+    The one rule for sampling and training: noised, the latent is noised to sigma with its fixed
+    noise by the model's own rule and scaled as the UNet's input of that step, at the step's
+    timestep (so Linear_kf/Linear_vf meet at inference the h_f they were trained on); clean, it is
+    the latent itself at the model's smallest sigma's timestep (0 for SD), as a clean input is.
+    Computed in float32 like the sampler's own input; the caller casts to the model's dtype.
+    """
+    latent, count = latent.float(), latent.shape[0]
+    if clean:
+        smallest = torch.as_tensor(model_sampling.sigma_min).float().reshape(1)
+        return latent, model_sampling.timestep(smallest).float().to(latent.device).expand(count)
+    sigmas = torch.full((count,), float(sigma), device=latent.device, dtype=torch.float32)
+    noisy = model_sampling.noise_scaling(sigmas, noise.to(latent), latent)
+    return model_sampling.calculate_input(sigmas, noisy), model_sampling.timestep(sigmas).float()
+
+
+def _face_groups(active: list[Identity]) -> list[list[Identity]]:
+    """People whose references have one latent shape share a face call."""
+    groups: dict[tuple[int, ...], list[Identity]] = {}
     for identity in active:
-        latent = identity.latent.to(like)
-        noisy.append(latent if identity.clean else latent + identity.noise.to(like) * sigma)
-    sigma_tensor = torch.full((1,), sigma, device=like.device, dtype=like.dtype)
-    return fusion.model_sampling.calculate_input(sigma_tensor, torch.cat(noisy))
+        groups.setdefault(tuple(identity.latent.shape[1:]), []).append(identity)
+    return list(groups.values())
+
+
+def positive_prompt(positive: list[dict] | None, sigma: torch.Tensor) -> dict | None:
+    """The model conds (c_crossattn and, for SDXL, y) of the first positive conditioning that acts
+    at ``sigma``, as the sampler processed them; None when there is none."""
+    step = sigma.detach().flatten()[0]
+    for entry in positive or []:
+        # The same rule as comfy.samplers.get_area_and_mult (the bounds are sigmas).
+        if ("timestep_start" in entry and step > entry["timestep_start"]
+                or "timestep_end" in entry and step < entry["timestep_end"]):
+            continue
+        model_conds = entry.get("model_conds", {})
+        if "c_crossattn" in model_conds:
+            found = {"c_crossattn": model_conds["c_crossattn"].cond}
+            if "y" in model_conds:
+                found["y"] = model_conds["y"].cond
+            return found
+    return None
+
+
+def hand_over_positive(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper: every model call of this step carries the positive prompt."""
+    found = positive_prompt(conds[0] if conds else None, timestep)
+    if found is not None:
+        model_options = {**model_options,
+                         "transformer_options": {**model_options.get("transformer_options", {}), POSITIVE: found}}
+    return executor(model, conds, x_in, timestep, model_options)
 
 
 def _rows_like(tensor: torch.Tensor | None, row: int, count: int) -> torch.Tensor | None:
@@ -88,7 +150,7 @@ def _rows_like(tensor: torch.Tensor | None, row: int, count: int) -> torch.Tenso
 
 
 class FaceFusionWrapper:
-    """DIFFUSION_MODEL wrapper: the face call, then the model call that uses it."""
+    """DIFFUSION_MODEL wrapper: the face call(s), then the model call that uses them."""
 
     def __init__(self, fusion: FaceFusion) -> None:
         self.fusion = fusion
@@ -101,18 +163,37 @@ class FaceFusionWrapper:
         active = [i for i in self.fusion.identities if i.active(sigma)]
         if not active or sigma is None:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        faces = _face_batch(self.fusion, active, sigma, x)
-        count = faces.shape[0]
-        cond_or_uncond = transformer_options.get("cond_or_uncond", [COND])
-        cond = rows_of(COND, cond_or_uncond, x.shape[0])
-        text_row = cond[0] if cond else 0  # the face is read under the prompt, as in training
-        captured: dict = {}
-        face_options = {**transformer_options, FACE_PASS: captured, "cond_or_uncond": [COND],
-                        UNET: executor.class_obj}
-        executor(faces, _rows_like(timesteps, 0, count), _rows_like(context, text_row, count),
-                 _rows_like(y, text_row, count), None, face_options, **kwargs)
-        main_options = {**transformer_options, FACE_STATES: (active, captured), UNET: executor.class_obj}
+        context_f, y_f = self._prompt(context, y, transformer_options, x.shape[0])
+        face_options = {key: value for key, value in transformer_options.items() if key not in IMAGE_STREAM_KEYS}
+        face_options.update({"cond_or_uncond": [COND], UNET: executor.class_obj, AUXILIARY_PASS: True})
+        states = []
+        for group in _face_groups(active):
+            inputs = [face_input(self.fusion.model_sampling, i.latent.to(x.device), i.noise.to(x.device), sigma,
+                                 i.clean) for i in group]
+            faces = torch.cat([face for face, _ in inputs]).to(x.dtype)
+            count = faces.shape[0]
+            captured: dict = {}
+            executor(faces, torch.cat([t for _, t in inputs]).to(timesteps), _rows_like(context_f, 0, count),
+                     _rows_like(y_f, 0, count), None, {**face_options, FACE_PASS: captured}, **kwargs)
+            start = 0
+            for identity in group:
+                states.append((identity, captured, start))
+                start += identity.latent.shape[0]
+        main_options = {**transformer_options, FACE_STATES: states, UNET: executor.class_obj}
         return executor(x, timesteps, context, y, control, main_options, **kwargs)
+
+    @staticmethod
+    def _prompt(context, y, transformer_options: dict, batch: int):
+        """The face is read under the positive prompt (as in training), whichever rows this call holds."""
+        positive = transformer_options.get(POSITIVE)
+        if positive is not None:
+            context_f = positive["c_crossattn"][:1].to(context)
+            y_f = positive["y"][:1].to(y) if y is not None and "y" in positive else _rows_like(y, 0, 1)
+            return context_f, y_f
+        # Called outside a sampler's calc_cond_batch: a cond row of this call, if it has one.
+        cond = rows_of(COND, transformer_options.get("cond_or_uncond", [COND]), batch)
+        row = cond[0] if cond else 0
+        return _rows_like(context, row, 1), _rows_like(y, row, 1)
 
 
 class FaceCapture:
@@ -162,16 +243,29 @@ def fusion_bias(identities: list[Identity], face_tokens: list[int], text_tokens:
         start += tokens
         if identity.weight != 1.0:
             bias[:, :, columns] += math.log(identity.weight)
-        # Eq. 7: inside another person's region this person's face keys are off.
+        # Eq. 7: a query inside any other person's region M_j (j != i) never sees this face,
+        # also where it lies in this person's own region too (an overlap sees the text only).
         others = [m for j, m in enumerate(query_masks) if j != index and m is not None]
         if others:
-            inside_other = torch.stack(others).any(0)
-            if query_masks[index] is not None:
-                inside_other = inside_other & ~query_masks[index]
-            bias[:, inside_other, columns] = float("-inf")
+            bias[:, torch.stack(others).any(0), columns] = float("-inf")
         if not identity.uncond:
             bias[uncond_rows, :, columns] = float("-inf")
     return bias
+
+
+def _needs_bias(active: list[Identity]) -> bool:
+    masked = len(active) > 1 and any(i.mask is not None for i in active)
+    return masked or any(i.weight != 1.0 or not i.uncond for i in active)
+
+
+def _widened(mask: torch.Tensor, face_columns: int, bias: torch.Tensor | None) -> torch.Tensor:
+    """Another processor's mask over the text keys, with zeros on the face keys, plus our bias."""
+    widened = F.pad(mask.float(), (0, face_columns))
+    if bias is None:
+        return widened
+    if widened.dim() == 4:  # (rows, heads, queries, keys)
+        bias = bias.unsqueeze(1)
+    return widened + bias
 
 
 class FaceFusionProcessor:
@@ -186,35 +280,38 @@ class FaceFusionProcessor:
         return self
 
     def __call__(self, q, k, v, extra_options, attend):
-        state = extra_options.get(FACE_STATES)
+        states = extra_options.get(FACE_STATES)
         block = extra_options.get("block")
-        if state is None or block is None:
+        if not states or block is None:
             return attend(q, k, v, extra_options)
         key = (block[0], block[1], extra_options.get("block_index", 0))
-        active, captured = state
-        if key not in captured:
+        if any(key not in captured for _, captured, _ in states):
             return attend(q, k, v, extra_options)
-        h_all = captured[key]
         text_tokens = k.shape[1]
-        keys, values, face_tokens, start = [k], [v], [], 0
-        for identity in active:
-            count = identity.latent.shape[0]
-            k_f, v_f = face_keys_values(identity, h_all[start:start + count], key, extra_options[UNET])
-            start += count
+        keys, values, face_tokens = [k], [v], []
+        for identity, captured, start in states:
+            h_f = captured[key][start:start + identity.latent.shape[0]]
+            k_f, v_f = face_keys_values(identity, h_f, key, extra_options[UNET])
             keys.append(k_f.expand(q.shape[0], -1, -1).to(k.dtype))
             values.append(v_f.expand(q.shape[0], -1, -1).to(v.dtype))
             face_tokens.append(k_f.shape[1])
         k, v = torch.cat(keys, 1), torch.cat(values, 1)
-        if all(i.weight == 1.0 and i.uncond for i in active) and (len(active) == 1 or
-                                                               all(i.mask is None for i in active)):
+        active = [identity for identity, _, _ in states]
+        bias = None
+        if _needs_bias(active):
+            # The layer's own grid (odd sizes round up at each stride-2 step, down to 1x1).
+            grid = extra_options.get("activations_shape", extra_options["original_shape"])
+            query_masks = [None if i.mask is None else
+                           mask_to_tokens(i.mask, grid, q.shape[1], device=q.device)[0] > 0.5 for i in active]
+            uncond = row_mask(UNCOND, extra_options["cond_or_uncond"], q.shape[0], device=q.device)
+            bias = fusion_bias(active, face_tokens, text_tokens, q.shape[1], query_masks, uncond)
+        incoming = extra_options.get(ATTENTION_MASK)
+        if incoming is not None:
+            bias = _widened(incoming.to(q.device), sum(face_tokens), bias)
+        if bias is None:
             # Nothing to mask: keep ComfyUI's unmasked (flash/memory-efficient) attention.
             return attend(q, k, v, extra_options)
-        query_masks = [None if i.mask is None else
-                       mask_to_tokens(i.mask, extra_options["original_shape"], q.shape[1], device=q.device)[0] > 0.5
-                       for i in active]
-        uncond = row_mask(UNCOND, extra_options["cond_or_uncond"], q.shape[0], device=q.device)
-        bias = fusion_bias(active, face_tokens, text_tokens, q.shape[1], query_masks, uncond).to(q.dtype)
-        return attend(q, k, v, extra_options, mask=bias)
+        return attend(q, k, v, extra_options, mask=bias.to(q.dtype))
 
 
 def apply_face_fusion(model, identity: Identity, layers: list[BlockKey]):
@@ -242,5 +339,7 @@ def apply_face_fusion(model, identity: Identity, layers: list[BlockKey]):
     else:
         patched = patched_clone(model, [("attn2", key, FaceFusionProcessor(fusion)) for key in sorted(fusion.layers)])
         patched.set_model_attn2_patch(FaceCapture(fusion))
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
+                                     hand_over_positive)
     patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, FaceFusionWrapper(fusion))
     return patched

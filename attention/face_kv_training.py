@@ -5,17 +5,22 @@ target image while its face crop goes through the fused cross-attention.
 The UNet stays frozen; gradients reach only the per-layer projections,
 which start from the layers' self-attention to_k / to_v (the training-free
 default), so step 0 is exactly the untrained behaviour.
+
+The face pass is the one sampling runs (attention/face_fusion.py's
+``face_input``): each example's face is noised to the step's sigma with its
+own fixed noise, drawn from ``face_noise_seed(seed, index)``, so the trained
+projections see the h_f they will see at inference and a run reproduces.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from .face_fusion import Identity, apply_face_fusion
+from .face_fusion import Identity, apply_face_fusion, reference_noise
 from .schedule import SigmaRange, model_sampling_of
 from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
 from .unet_layers import BlockKey, attention_keys, diffusion_model_of, transformer_block
@@ -66,15 +71,22 @@ class Batch:
     target: torch.Tensor  # model-space latent of the target image
     face: torch.Tensor  # model-space latent of its face crop
     cond: list  # ComfyUI CONDITIONING of the caption
+    face_noise: torch.Tensor | None = None  # the face's fixed noise (set by train_face_kv)
+
+
+def face_noise_seed(seed: int, index: int) -> int:
+    """The seed of example ``index``'s face noise in a run seeded ``seed`` (the Face Fusion node's
+    noise_seed of the same value draws the same noise)."""
+    return (int(seed) + 1 + index) % 2 ** 64
 
 
 def _copied(batch: Batch) -> Batch:
-    return Batch(normal_copy(batch.target), normal_copy(batch.face), normal_copy(batch.cond))
+    return normal_copy(batch)
 
 
 def _loss(model, weights, batch: Batch, sigma: torch.Tensor, noise: torch.Tensor, layers) -> torch.Tensor:
     device = model.load_device
-    identity = Identity(latent=batch.face.to(device), noise=torch.zeros_like(batch.face, device=device), weight=1.0,
+    identity = Identity(latent=batch.face.to(device), noise=batch.face_noise.to(device), weight=1.0,
                         sigma_range=SigmaRange.always(), kv=weights, clean=False)
     return diffusion_loss(model, apply_face_fusion(model, identity, layers), batch.target, batch.cond, sigma, noise)
 
@@ -87,6 +99,8 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
     comfy.model_management.load_model_gpu(model)
     device = model.load_device
     layers = attention_keys(diffusion_model_of(model))
+    batches = [replace(batch, face_noise=reference_noise(batch.face.shape, face_noise_seed(seed, index)))
+               for index, batch in enumerate(batches)]
     with torch.inference_mode(False), torch.enable_grad():
         leave_inference_mode(diffusion_model_of(model))
         weights = {k: (torch.nn.Parameter(w_k.to(device)), torch.nn.Parameter(w_v.to(device)))

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
-from ..attention.face_fusion import Identity, apply_face_fusion
+from ..attention.face_fusion import Identity, apply_face_fusion, reference_noise
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import attention_keys, diffusion_model_of
 from .common import LIKENESS_FOLDER, model_path, require
@@ -47,10 +46,13 @@ class FaceFusion(io.ComfyNode):
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="The face acts until this point of the schedule (1 = last step)."),
                 io.Combo.Input("face_noise", options=["noised", "clean"], default="noised",
-                               tooltip="noised: the face latent is noised to each step's sigma with fixed noise, "
-                                       "like the image; clean: passed as it is at every step."),
+                               tooltip="noised: the face latent is noised to each step's sigma with fixed noise "
+                                       "and read at that step's timestep, as Likeness Train Face KV trains it; "
+                                       "clean: the latent as it is, read at the model's smallest timestep "
+                                       "(0 for SD) at every step."),
                 io.Int.Input("noise_seed", default=0, min=0, max=0xFFFFFFFF,
-                             tooltip="Seed of the fixed noise added to the face latent."),
+                             tooltip="Seed of the fixed noise added to the face latent (a trainer run with "
+                                     "seed s drew its n-th example's face noise with seed s+1+n)."),
                 io.Boolean.Input("uncond", default=True,
                                  tooltip="Let the negative (uncond) rows see the face too. Off: the face only "
                                          "guides the positive prediction, so CFG pushes towards it harder."),
@@ -68,8 +70,7 @@ class FaceFusion(io.ComfyNode):
         require(samples.dim() == 4 and samples.shape[0] >= 1, "face", tuple(samples.shape),
                 "a LATENT of one or more encoded face crops")
         latent = model.model.process_latent_in(samples.float())
-        generator = torch.Generator().manual_seed(noise_seed)
-        noise = torch.randn(latent.shape, generator=generator)
+        noise = reference_noise(latent.shape, noise_seed)
         if mask is not None:
             require(mask.dim() in (2, 3) and (mask.dim() == 2 or mask.shape[0] == 1), "mask", tuple(mask.shape),
                     "one MASK (this person's region)")
