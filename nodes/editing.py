@@ -19,8 +19,9 @@ class MaskGuidedGuider(io.ComfyNode):
             display_name="Likeness Mask-Guided Guider",
             category=CATEGORY,
             description="Mask-guided noise blending (Eq. 3): inside the mask the target prompt's guided "
-                        "prediction, outside the source prompt's, every step; or the released code's latent "
-                        "blend. Use with SamplerCustomAdvanced on the noised input (img2img).",
+                        "prediction, outside the source prompt's, every step; or a latent blend that keeps the "
+                        "source image outside the mask. Use with SamplerCustomAdvanced on the noised input "
+                        "(img2img).",
             inputs=[
                 io.Model.Input("model", tooltip="Any SD1.5/SDXL model (an MCDM too)."),
                 io.Conditioning.Input("target", tooltip="The edit's prompt p_b (applied inside the mask)."),
@@ -30,8 +31,10 @@ class MaskGuidedGuider(io.ComfyNode):
                 io.Mask.Input("mask", tooltip="Where to edit (1) and where to keep (0): Likeness Edit Mask, or "
                               "drawn by hand."),
                 io.Combo.Input("mode", options=["noise", "latent"], default="noise",
-                               tooltip="noise: blend the two predictions (the paper); latent: keep the source "
-                                       "latent outside the mask (the released code)."),
+                               tooltip="noise: blend the two predictions (the paper's Eq. 3). latent: outside "
+                                       "the mask the prediction is the source latent, so the latent there stays the "
+                                       "source noised to each step and ends as the source exactly (the released "
+                                       "code blends with a reconstruction run's latents instead)."),
                 io.Latent.Input("source_latent", optional=True,
                                 tooltip="The input image's latent; needed by the latent mode."),
             ],
@@ -60,7 +63,8 @@ class PairGuider(io.ComfyNode):
             category=CATEGORY,
             description="Pair generation (Eq. 2, Composable Diffusion on a double-width canvas): the left half "
                         "follows the source prompt, the right half the target prompt, both tied together by a "
-                        "shared prompt. Use an EmptyLatentImage twice as wide as tall.",
+                        "shared prompt; the weighted sum is over the terms' guided noise predictions, so the "
+                        "weights need not sum to 1. Use an EmptyLatentImage twice as wide as tall.",
             inputs=[
                 io.Model.Input("model", tooltip="The model (with this pack's identity patches, if any)."),
                 io.Conditioning.Input("shared", tooltip="Prompt p for the whole canvas (what both share)."),
