@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .feature_bank import FORMAT_VERSION, FeatureBank, StoredStates
 
 METADATA_KEY = "likeness_features"
@@ -29,10 +30,8 @@ def save_bank(bank: FeatureBank, path: Path) -> None:
             tensors[_tensor_name(t, layer) + SCALE_SUFFIX] = stored.scale.contiguous().cpu()
     if bank.latent is not None:
         tensors[LATENT_TENSOR] = bank.latent.contiguous().cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(bank.metadata())})
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata={METADATA_KEY: json.dumps(bank.metadata())})
 
 
 def load_bank(path: Path, device: torch.device | str = "cpu") -> FeatureBank:

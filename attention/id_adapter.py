@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .atomic import atomic_path
 from .unet_layers import BlockKey
 
 IMAGE_PROJ = "image_proj."
@@ -402,7 +403,5 @@ def save_id_adapter(adapter: IDAdapter, path: str | Path) -> None:
 
     path = Path(path)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    save_file(tensors, str(partial), metadata={"format": "pt", "likeness_id_adapter": adapter.kind})
-    partial.replace(path)
+    with atomic_path(path) as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt", "likeness_id_adapter": adapter.kind})
