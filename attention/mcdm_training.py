@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from . import mcdm
+from .atomic import atomic_path
 from .schedule import model_sampling_of
 from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
 
@@ -129,6 +130,9 @@ def save(model, adapter: mcdm.EmbeddingAdapter, unet_path, adapter_path, metadat
     from safetensors.torch import save_file
 
     text = {k: str(v) for k, v in metadata.items()}
-    save_file(mcdm.model_unet_weights(model), str(unet_path), metadata={**text, "likeness": "mcdm_unet"})
-    save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(adapter_path),
-              metadata={**text, "likeness": "mcdm_adapter"})
+    # The adapter first: the loader lists the UNet file, so a pair is only offered once both are whole.
+    with atomic_path(adapter_path) as partial:
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(partial),
+                  metadata={**text, "likeness": "mcdm_adapter"})
+    with atomic_path(unet_path) as partial:
+        save_file(mcdm.model_unet_weights(model), str(partial), metadata={**text, "likeness": "mcdm_unet"})

@@ -89,6 +89,12 @@ def require_model_family(model, input_name: str = "model", *, image_channels: in
                 f"a UNet taking {image_channels} (an MCDM from Likeness MCDM Loader: noisy latent + input latent)")
 
 
+def require_mask(mask, input_name: str = "mask", purpose: str = "where to edit") -> None:
+    """A MASK that marks something: (H, W) or (B, H, W), not all zeros."""
+    require(mask.dim() in (2, 3), input_name, f"a tensor of shape {tuple(mask.shape)}", "a MASK, (H, W) or (B, H, W)")
+    require(bool((mask > 0).any()), input_name, "a mask of all 0", f"a mask with 1 {purpose}")
+
+
 def require(condition, name: str, value, accepted: str) -> None:
     """A ValueError that names the input, its value and what would be accepted."""
     if not condition:

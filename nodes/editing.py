@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ..attention.editing import NORMALISATIONS
 from ..attention.guiders import MaskGuidedCFGGuider, PairCFGGuider
+from .common import require_mask, require_model_family
 
 CATEGORY = "likeness/editing"
 
@@ -44,6 +45,8 @@ class MaskGuidedGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, target, source, negative, cfg: float, mask, mode: str,
                 source_latent=None) -> io.NodeOutput:
+        require_model_family(model)
+        require_mask(mask)
         if mode == "latent" and source_latent is None:
             raise ValueError("mode='latent' needs source_latent: connect the input image's latent "
                              "(or use mode='noise')")
@@ -85,6 +88,7 @@ class PairGuider(io.ComfyNode):
     @classmethod
     def execute(cls, model, shared, source, target, negative, s_d: float, s_a: float, s_b: float,
                 cfg: float) -> io.NodeOutput:
+        require_model_family(model)
         guider = PairCFGGuider(model)
         guider.set_conds(shared, source, target, negative)
         guider.set_cfg(cfg)
@@ -146,6 +150,7 @@ class EditMask(io.ComfyNode):
                 normalisation: str, seed: int) -> io.NodeOutput:
         from ..attention.editing import edit_mask, noise_differences, to_image_mask
 
+        require_model_family(model)
         differences, _ = noise_differences(model, latent["samples"], source, target, seeds=seeds, strength=strength,
                                            seed=seed)
         mask = edit_mask(differences, normalisation=normalisation, blur=blur, threshold=threshold)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import LIKENESS_FOLDER, model_path, require
+from .common import (LIKENESS_FOLDER, model_file_fingerprint, model_path, require, require_mask,
+                     require_model_family)
 
 CATEGORY = "likeness/editing"
 NONE = "none"
@@ -57,6 +58,11 @@ class MCDMLoader(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The 8-channel UNet, for the MCDM guider, Edit Mask and samplers."),
                      MCDMType.Output(display_name="mcdm", tooltip="Adapter and image tower, for MCDM Conditioning.")],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> tuple:
+        return (model_file_fingerprint(LIKENESS_FOLDER, unet_name, adapter_name),
+                model_file_fingerprint(CLIP_VISION_FOLDER, clip_vision_name))
 
     @classmethod
     def execute(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> io.NodeOutput:
@@ -174,8 +180,11 @@ class MCDMGuider(io.ComfyNode):
                 source=None, mask=None) -> io.NodeOutput:
         from ..attention.guiders import MCDMCFGGuider
 
+        require_model_family(model, image_channels=8)
         require((source is None) == (mask is None), "mask", "given" if mask is not None else None,
                 "both source and mask (mask-guided) or neither")
+        if mask is not None:
+            require_mask(mask)
         guider = MCDMCFGGuider(model)
         try:
             guider.set_conds(positive, negative, source, mask)

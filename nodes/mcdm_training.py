@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import (LIKENESS_FOLDER, dataset_folder, image_file_tensor, numbered_path, optimiser_inputs, require,
-                     trainer_outputs, training_progress)
+from .common import (LIKENESS_FOLDER, dataset_folder, files_fingerprint, image_file_tensor, numbered_path,
+                     optimiser_inputs, require, require_model_family, trainer_outputs, training_progress)
 from .mcdm import MCDMType
 from .pairs import SOURCE_SUFFIX
 
@@ -54,6 +54,10 @@ class TrainMCDM(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder: str, **_) -> tuple:
+        return files_fingerprint(dataset_folder(folder))
+
+    @classmethod
     def execute(cls, model, mcdm, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
                 filename_prefix: str) -> io.NodeOutput:
         import comfy.latent_formats
@@ -63,6 +67,7 @@ class TrainMCDM(io.ComfyNode):
         from ..attention.mcdm import EmbeddingAdapter
         from ..attention.mcdm_training import ImageInputs, Pair, save, train_mcdm
 
+        require_model_family(model)
         encoder = mcdm.image_encoder
         require(encoder is not None, "mcdm", mcdm.names.get("clip_vision"),
                 "an MCDM loaded with a CLIP ViT-B/32 (clip_vision_name) for the adapter's image tokens")

@@ -6,6 +6,7 @@ import re
 
 from comfy_api.latest import io
 
+from ..attention.atomic import atomic_path
 from .common import dataset_folder, require
 
 CATEGORY = "likeness/editing"
@@ -57,10 +58,13 @@ class SavePairs(io.ComfyNode):
         names = []
         for index in range(source.shape[0]):
             stem = f"{filename_prefix}_{counter + index:05d}"
-            for suffix, image, text in (("", target, prompt), (SOURCE_SUFFIX, source, source_prompt)):
+            # Each file whole; the target .png last: a trainer sees a pair only once all four exist.
+            for suffix, image, text in ((SOURCE_SUFFIX, source, source_prompt), ("", target, prompt)):
+                with atomic_path(path / f"{stem}{suffix}.txt") as partial:
+                    partial.write_text(text)
                 pixels = (image[index, ..., :3].clamp(0, 1) * 255).round().byte()
-                Image.fromarray(np.asarray(pixels.cpu())).save(path / f"{stem}{suffix}.png")
-                (path / f"{stem}{suffix}.txt").write_text(text)
+                with atomic_path(path / f"{stem}{suffix}.png") as partial:
+                    Image.fromarray(np.asarray(pixels.cpu())).save(partial, format="PNG")
             names.append(stem)
         return io.NodeOutput(str(path), ui={"text": [f"{len(names)} pairs in {path}: {', '.join(names)}"]})
 

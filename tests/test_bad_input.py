@@ -61,6 +61,18 @@ def ffa(content, style, model=("1", 0)):
         **preview_latent("22", ("21", 0))}
 
 
+def sample_with(guider) -> dict:
+    return {"30": {"class_type": "RandomNoise", "inputs": {"noise_seed": 0}},
+            "31": {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}},
+            "32": {"class_type": "BasicScheduler", "inputs": {"model": ["1", 0], "scheduler": "normal", "steps": 1,
+                                                             "denoise": 1.0}},
+            **latent("33"),
+            "34": {"class_type": "SamplerCustomAdvanced", "inputs": {
+                "noise": ["30", 0], "guider": list(guider), "sampler": ["31", 0], "sigmas": ["32", 0],
+                "latent_image": ["33", 0]}},
+            **preview_latent("35", ("34", 0))}
+
+
 # (case, prompt, node type expected to fail (None: refused at validation), words the message names)
 CASES = [
     ("v-prediction model into Invert",
@@ -157,6 +169,19 @@ CASES = [
           "clip_vision": ["6", 0], "folder": "bad_one_file", "steps": 1, "learning_rate": 1e-4, "seed": 0,
           "shortcut_scale": 1.0, "filename_prefix": "bad"}}},
      "LikenessTrainIDAdapter", ["lonely.png", "lonely.id.png"]),
+    ("a 4-channel model into the MCDM guider",
+     {**checkpoint(), **encode("2"),
+      "7": {"class_type": "LikenessMCDMGuider", "inputs": {
+          "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 0], "image_scale": 3.0, "spatial_scale": 2.0,
+          "text_scale": 4.0}}, **sample_with(("7", 0))},
+     "LikenessMCDMGuider", ["model", "4 input channels", "MCDM"]),
+    ("a mask of all 0 into the mask-guided guider",
+     {**checkpoint(), **encode("2"), **encode("3", "a cartoon"),
+      "4": {"class_type": "SolidMask", "inputs": {"value": 0.0, "width": 64, "height": 64}},
+      "7": {"class_type": "LikenessMaskGuidedGuider", "inputs": {
+          "model": ["1", 0], "target": ["3", 0], "source": ["2", 0], "negative": ["2", 0], "cfg": 5.0,
+          "mask": ["4", 0], "mode": "noise"}}, **sample_with(("7", 0))},
+     "LikenessMaskGuidedGuider", ["mask", "all 0", "1 where to edit"]),
     ("a features file that is not one",
      {"4": {"class_type": "LikenessLoadFeatures", "inputs": {"file": "bad_not_features.safetensors"}},
       **preview_latent("5", ("4", 1))},

@@ -50,8 +50,14 @@ def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, s
     assert differs(target_only, source_only)
     assert torch.allclose(sample(comfy, mask_guided(comfy, model, target, source, negative, ones), latent,
                                  denoise=0.5), target_only, atol=1e-5)
-    assert torch.allclose(sample(comfy, mask_guided(comfy, model, target, source, negative, zeros), latent,
-                                 denoise=0.5), source_only, atol=1e-5)
+    # The node refuses a mask of all 0 (it edits nothing); the guider it builds still blends as Eq. 3 says.
+    with pytest.raises(ValueError, match="mask='a mask of all 0'.*expected a mask with 1 where to edit"):
+        mask_guided(comfy, model, target, source, negative, zeros)
+    guider = comfy.pack("attention.guiders").MaskGuidedCFGGuider(model)
+    guider.set_conds(target, source, negative)
+    guider.set_cfg(7.5)
+    guider.set_edit(zeros, "noise")
+    assert torch.allclose(sample(comfy, guider, latent, denoise=0.5), source_only, atol=1e-5)
 
 
 def test_half_mask_edits_only_its_half(comfy, sd15):

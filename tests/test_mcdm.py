@@ -279,9 +279,14 @@ def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, m
     target_only = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales), latent, sigmas)
     source_only = one_step(comfy, mcdm_guider(comfy, model, source, negative, scales), latent, sigmas)
     assert differs(target_only, source_only)
+    with pytest.raises(ValueError, match="mask='a mask of all 0'"):
+        mcdm_guider(comfy, model, positive, negative, scales, source=source, mask=torch.zeros(64, 64))
     for mask, expected in ((torch.ones(64, 64), target_only), (torch.zeros(64, 64), source_only)):
-        blended = one_step(comfy, mcdm_guider(comfy, model, positive, negative, scales, source=source, mask=mask),
-                           latent, sigmas)
+        # the guider itself (the node refuses an all-0 mask: it would edit nothing)
+        guider = comfy.pack("attention.guiders").MCDMCFGGuider(model)
+        guider.set_conds(positive, negative, source, mask)
+        guider.set_scales(*scales)
+        blended = one_step(comfy, guider, latent, sigmas)
         # rows batched differently: float32 noise on values of order 100
         assert torch.allclose(blended, expected, rtol=1e-5, atol=1e-3), (blended - expected).abs().max()
 
