@@ -149,21 +149,37 @@ def optimiser_inputs(each_step: str) -> list:
 def trainer_outputs(what: str) -> list:
     return [io.String.Output(display_name="file", tooltip=f"The {what} file written."),
             io.Float.Output(display_name="loss_before", tooltip="Validation loss before training."),
-            io.Float.Output(display_name="loss_after", tooltip="Validation loss after training.")]
+            io.Float.Output(display_name="loss_after", tooltip="Validation loss after training."),
+            io.Image.Output(display_name="loss_curve", tooltip="The training loss of every step, and the "
+                            "validation loss before and after, as a plot.")]
 
 
-def training_progress(steps: int):
-    """on_step for the trainers: ComfyUI's progress bar, and its interrupt between steps."""
-    import comfy.model_management
-    import comfy.utils
+class TrainingProgress:
+    """on_step for the trainers: ComfyUI's progress bar, its interrupt between steps, and each
+    step's loss for the loss curve."""
 
-    progress = comfy.utils.ProgressBar(steps)
+    def __init__(self, steps: int) -> None:
+        import comfy.utils
 
-    def on_step(step: int, loss: float) -> None:
+        self.steps = steps
+        self.losses: list[float] = []
+        self._bar = comfy.utils.ProgressBar(steps)
+
+    def __call__(self, step: int, loss: float) -> None:
+        import comfy.model_management
+
         comfy.model_management.throw_exception_if_processing_interrupted()
-        progress.update_absolute(step + 1, steps)
+        self.losses.append(float(loss))
+        self._bar.update_absolute(step + 1, self.steps)
 
-    return on_step
+    def curve(self, before: float, after: float, title: str):
+        from .plots import loss_curve
+
+        return loss_curve(self.losses, before, after, title)
+
+
+def training_progress(steps: int) -> TrainingProgress:
+    return TrainingProgress(steps)
 
 
 def image_file_tensor(path: Path):

@@ -141,20 +141,26 @@ class EditMask(io.ComfyNode):
                 io.Combo.Input("normalisation", options=list(NORMALISATIONS), default="min-max",
                                tooltip="min-max (the paper) or clamp at 3× the mean (the released code)."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="First of the seeds."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The picture the latent was encoded from, for the overlay output."),
             ],
-            outputs=[io.Mask.Output(display_name="mask", tooltip="1 where to edit, at the image's size.")],
+            outputs=[io.Mask.Output(display_name="mask", tooltip="1 where to edit, at the image's size."),
+                     io.Image.Output(display_name="overlay", tooltip="The mask in red over the image (over grey "
+                                     "without one): check it before editing.")],
         )
 
     @classmethod
     def execute(cls, model, latent: dict, source, target, seeds: int, strength: float, blur: int, threshold: float,
-                normalisation: str, seed: int) -> io.NodeOutput:
+                normalisation: str, seed: int, image=None) -> io.NodeOutput:
         from ..attention.editing import edit_mask, noise_differences, to_image_mask
+        from .plots import mask_overlay
 
         require_model_family(model)
         differences, _ = noise_differences(model, latent["samples"], source, target, seeds=seeds, strength=strength,
                                            seed=seed)
-        mask = edit_mask(differences, normalisation=normalisation, blur=blur, threshold=threshold)
-        return io.NodeOutput(to_image_mask(mask, latent["samples"]))
+        mask = to_image_mask(edit_mask(differences, normalisation=normalisation, blur=blur, threshold=threshold),
+                             latent["samples"])
+        return io.NodeOutput(mask, mask_overlay(mask, image))
 
 
 NODES = [MaskGuidedGuider, PairGuider, SplitPair, EditMask]

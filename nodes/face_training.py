@@ -48,13 +48,15 @@ class TrainFaceKV(io.ComfyNode):
             face = model.model.process_latent_in(vae.encode(image_file_tensor(example.face)))
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(example.caption))
             batches.append(Batch(target, face, cond))
+        progress = training_progress(steps)
         weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,
-                                               seed=seed, on_step=training_progress(steps))
+                                               seed=seed, on_step=progress)
         path = numbered_path(LIKENESS_FOLDER, filename_prefix)
         save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "examples": len(examples),
                                      "loss_before": before, "loss_after": after,
                                      "model_fingerprint": model_fingerprint(model)})
-        return io.NodeOutput(path.name, before, after, ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+        return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"Face K/V training: {path.name}"),
+                             ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
 
 
 NODES = [TrainFaceKV]

@@ -64,12 +64,14 @@ class TrainIDAdapter(io.ComfyNode):
             hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
             target = model.model.process_latent_in(vae.encode(image_file_tensor(example.image)))
             pairs.append(Pair(target, embeddings, hidden, empty))
+        progress = training_progress(steps)
         trained, before, after = train_id_adapter(model, id_adapter, pairs, steps=steps, learning_rate=learning_rate,
-                                                  seed=seed, scale=shortcut_scale, on_step=training_progress(steps))
+                                                  seed=seed, scale=shortcut_scale, on_step=progress)
         register_ipadapter_folder()
         path = numbered_path(IPADAPTER_FOLDER, filename_prefix)
         save_id_adapter(trained, path)
-        return io.NodeOutput(path.name, before, after, ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+        return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"ID adapter training: {path.name}"),
+                             ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
 
 
 NODES = [TrainIDAdapter]

@@ -92,15 +92,17 @@ class TrainMCDM(io.ComfyNode):
         if adapter is None:
             width = model.model.model_config.unet_config["context_dim"]
             adapter = EmbeddingAdapter(width, 1024, null.clip_tokens.shape[1])
+        progress = training_progress(steps)
         trained, trained_adapter, before, after = train_mcdm(
             model, adapter, pairs, empty_text=text(""), null=null, steps=steps, learning_rate=learning_rate,
-            seed=seed, on_step=training_progress(steps))
+            seed=seed, on_step=progress)
         unet_path = numbered_path(LIKENESS_FOLDER, filename_prefix)
         adapter_path = unet_path.with_name(unet_path.stem + ".adapter.safetensors")
         save(trained, trained_adapter, unet_path, adapter_path,
              {"steps": steps, "learning_rate": learning_rate, "pairs": len(pairs), "loss_before": before,
               "loss_after": after})
-        return io.NodeOutput(unet_path.name, before, after, ui={"text": [
+        return io.NodeOutput(unet_path.name, before, after, progress.curve(before, after, f"MCDM training: {unet_path.name}"),
+                             ui={"text": [
             f"{unet_path.name} + {adapter_path.name}: loss {before:.4f} → {after:.4f}"]})
 
 

@@ -255,7 +255,7 @@ def test_edit_mask_uses_n_different_noises_and_finds_the_change(comfy, sd15, mon
         assert expected.max() > 1e-3 * eps
     same, _ = editing.noise_differences(model, latent, source, source, seeds=2, strength=0.5)
     assert same.abs().max() == 0, "the same prompt on both sides changes nothing"
-    (mask,) = comfy.run_node("LikenessEditMask", model=model, latent={"samples": latent}, source=source,
+    mask, _ = comfy.run_node("LikenessEditMask", model=model, latent={"samples": latent}, source=source,
                              target=target, seeds=4, strength=0.5, blur=5, threshold=0.2, normalisation="min-max",
                              seed=0)
     assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
@@ -315,10 +315,29 @@ def test_edit_mask_and_mask_guided_guider_work_on_sdxl(comfy, tiny_checkpoints):
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sdxl"])
     left, right, negative = (encode(comfy, clip, t) for t in ("a man in a suit", "a man in armour", "blurry"))
     latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(6))}
-    (mask,) = comfy.run_node("LikenessEditMask", model=model, latent=latent, source=left, target=right, seeds=3,
+    mask, _ = comfy.run_node("LikenessEditMask", model=model, latent=latent, source=left, target=right, seeds=3,
                              strength=0.5, blur=5, threshold=0.2, normalisation="clamp-3x-mean", seed=0)
     assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
     target_only = sample(comfy, cfg_guider(comfy, model, right, negative, cfg=5.0), latent, denoise=0.5)
     edited = sample(comfy, mask_guided(comfy, model, right, left, negative, torch.ones(64, 64), cfg=5.0), latent,
                     denoise=0.5)
     assert torch.allclose(edited, target_only, rtol=1e-5, atol=1e-3)
+
+
+def test_edit_mask_overlay_tints_exactly_the_masked_pixels(comfy, sd15):
+    model, clip, _ = sd15
+    source, target = encode(comfy, clip, "a photo portrait"), encode(comfy, clip, "a cartoon portrait")
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    picture = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(5))
+    mask, overlay = comfy.run_node("LikenessEditMask", model=model, latent={"samples": latent}, source=source,
+                                   target=target, seeds=2, strength=0.5, blur=5, threshold=0.2,
+                                   normalisation="min-max", seed=0, image=picture)
+    assert overlay.shape == (1, 64, 64, 3) and 0 < mask.mean() < 1
+    inside, outside = mask[0] > 0.5, mask[0] < 0.5
+    assert torch.equal(overlay[0][outside], picture[0][outside])
+    red = torch.tensor([1.0, 0.15, 0.1])
+    torch.testing.assert_close(overlay[0][inside], picture[0][inside] * 0.5 + red * 0.5)
+    _, alone = comfy.run_node("LikenessEditMask", model=model, latent={"samples": latent}, source=source,
+                              target=target, seeds=2, strength=0.5, blur=5, threshold=0.2, normalisation="min-max",
+                              seed=0)
+    assert alone.shape == (1, 64, 64, 3)

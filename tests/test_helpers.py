@@ -77,3 +77,18 @@ def test_layer_selection_names_the_sets(helpers):
     assert layers.select_keys(keys, "all") == keys
     with pytest.raises(ValueError, match="expected one of"):
         layers.select_keys(keys, "everything")
+
+
+def test_a_line_plot_puts_each_point_where_its_value_is(comfy):
+    plots = comfy.pack("nodes.plots")
+    values = [(0, 3.0), (1, 2.0), (2, 2.5), (3, 1.0)]
+    image, drawn = plots.line_plot({"loss": values}, title="t", x_label="step", y_label="loss", size=(400, 300))
+    assert image.shape == (1, 300, 400, 3)
+    (pixels,) = drawn.values()
+    xs, ys = [x for x, _ in pixels], [y for _, y in pixels]
+    assert xs == sorted(xs) and len(set(xs)) == 4  # steps left to right, evenly
+    assert abs((xs[1] - xs[0]) - (xs[3] - xs[2])) < 1e-6
+    assert ys[3] > ys[1] > ys[2] > ys[0]  # higher values higher up (smaller pixel rows)
+    # the drawn colour is there at each point
+    for x, y in pixels:
+        assert image[0, round(y), round(x)].tolist() != [1.0, 1.0, 1.0]

@@ -89,11 +89,13 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
     write_pairs(base_directory / "input" / "id_pairs")
     analysis, clip_vision, _ = parts
     before_training = txt2img_latent(comfy, model, clip)
-    name, before, after = comfy.run_node(
+    name, before, after, curve = comfy.run_node(
         "LikenessTrainIDAdapter", model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis,
         clip_vision=clip_vision, folder="id_pairs", steps=8, learning_rate=1e-3, seed=0, shortcut_scale=1.0,
         filename_prefix="trained_id")
     assert after < before, (before, after)
+    assert curve.shape == (1, 512, 768, 3) and 0 <= curve.min() and curve.max() <= 1
+    assert (curve < 0.9).any(axis=-1).float().mean() > 0.01, "the plot draws axes, text and the curve"
     (trained,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=name)
     assert trained.kind == "sd15" and trained.layer_count == 16
     moved = max(float((trained.kv_weights[k][0].float() - adapter.kv_weights[k][0].float()).abs().max()

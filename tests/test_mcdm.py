@@ -294,7 +294,7 @@ def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, m
 def test_edit_mask_runs_on_an_mcdm(comfy, mcdm, small_edit):
     positive, _, source, _, _ = small_edit
     latent = {"samples": source[0][1]["concat_latent_image"] / 0.18215}
-    (mask,) = comfy.run_node("LikenessEditMask", model=mcdm[0], latent=latent, source=source, target=positive,
+    mask, _ = comfy.run_node("LikenessEditMask", model=mcdm[0], latent=latent, source=source, target=positive,
                              seeds=2, strength=0.5, blur=5, threshold=0.2, normalisation="min-max", seed=0)
     assert mask.shape == (1, 64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
     assert 0 < mask.mean() < 1
@@ -398,7 +398,7 @@ def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15,
 
     before_training = outputs()
     for start in (mcdm[0], model):  # continue an MCDM; grow a 4-channel SD1.5
-        name, before, after = comfy.run_node(
+        name, before, after, _ = comfy.run_node(
             "LikenessTrainMCDM", model=start, mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_training", steps=8,
             learning_rate=1e-4, seed=0, filename_prefix="tiny_trained")
         assert after < 0.98 * before, (before, after)  # 6% and 9% lower after 8 steps

@@ -1,0 +1,118 @@
+"""Pictures of numbers for the graph: line plots (loss curves, a metric against a swept value)
+and labelled grids, as ComfyUI IMAGEs.
+
+Drawn with Pillow, which ComfyUI itself depends on (no plotting library to install), with the
+font Pillow ships (``ImageFont.load_default``, a scalable TrueType font where FreeType is there).
+"""
+
+from __future__ import annotations
+
+import math
+
+BACKGROUND, AXES, GRID, TEXT = (255, 255, 255), (60, 60, 60), (225, 225, 225), (20, 20, 20)
+COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 103, 189), (140, 86, 75))
+
+
+def font(size: int = 14):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    if high <= low:
+        return [low]
+    step = 10 ** math.floor(math.log10((high - low) / count))
+    for factor in (1, 2, 5, 10):
+        if (high - low) / (step * factor) <= count:
+            step *= factor
+            break
+    first = math.ceil(low / step) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
+
+
+def _label(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, x_label: str, y_label: str,
+              size: tuple[int, int] = (768, 512)):
+    """A ComfyUI IMAGE (1, H, W, 3) of each series' points joined by lines, with axes, ticks and a
+    legend; returns it and the drawn points' pixel positions ({name: [(x, y)]}) for tests."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    left, right, top, bottom = 80, 24, 48, 64
+    image = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    points = [p for values in series.values() for p in values if all(math.isfinite(v) for v in p)]
+    xs, ys = [p[0] for p in points] or [0.0, 1.0], [p[1] for p in points] or [0.0, 1.0]
+    x_low, x_high = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y_low, y_high = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+    pad = (y_high - y_low) * 0.05
+    y_low, y_high = y_low - pad, y_high + pad
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x_low) / (x_high - x_low) * (width - left - right),
+                height - bottom - (y - y_low) / (y_high - y_low) * (height - top - bottom))
+
+    for tick in _ticks(y_low, y_high):
+        _, y = at(x_low, tick)
+        draw.line([(left, y), (width - right, y)], fill=GRID)
+        draw.text((left - 8, y), _label(tick), fill=TEXT, font=font(12), anchor="rm")
+    for tick in _ticks(x_low, x_high):
+        x, _ = at(tick, y_low)
+        draw.line([(x, top), (x, height - bottom)], fill=GRID)
+        draw.text((x, height - bottom + 8), _label(tick), fill=TEXT, font=font(12), anchor="mt")
+    draw.rectangle([left, top, width - right, height - bottom], outline=AXES)
+    draw.text((width / 2, 16), title, fill=TEXT, font=font(16), anchor="mt")
+    draw.text((width / 2, height - 20), x_label, fill=TEXT, font=font(13), anchor="mm")
+    draw.text((16, top - 24), y_label, fill=TEXT, font=font(13), anchor="lm")
+    drawn = {}
+    for index, (name, values) in enumerate(series.items()):
+        colour = COLOURS[index % len(COLOURS)]
+        pixels = [at(x, y) for x, y in values if math.isfinite(x) and math.isfinite(y)]
+        if len(pixels) > 1:
+            draw.line(pixels, fill=colour, width=2)
+        for x, y in pixels:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        draw.text((left + 12, top + 8 + 18 * index), f"— {name}", fill=colour, font=font(13), anchor="lt")
+        drawn[name] = pixels
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None], drawn
+
+
+def loss_curve(losses: list[float], before: float, after: float, title: str):
+    """A trainer's loss per step, with the validation loss before and after as two points."""
+    steps = len(losses)
+    image, _ = line_plot({"training loss": list(enumerate(losses)),
+                          "validation loss": [(0, before), (max(steps - 1, 0), after)]},
+                         title=title, x_label="step", y_label="loss")
+    return image
+
+
+OVERLAY_COLOUR = (1.0, 0.15, 0.1)  # red: where the edit mask says to edit
+
+
+def mask_overlay(mask, image=None, opacity: float = 0.5):
+    """The mask (B, H, W) over the image (B, H, W, 3; resized to the mask), tinted where it is 1;
+    without an image, the mask alone in grey and red."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = mask.float().clamp(0, 1)
+    if image is None:
+        base = torch.full((*mask.shape, 3), 0.5)
+    else:
+        base = image[..., :3].float()
+        if base.shape[1:3] != mask.shape[1:]:
+            base = F.interpolate(base.movedim(-1, 1), size=mask.shape[1:], mode="bilinear",
+                                 align_corners=False).movedim(1, -1)
+        base = base.expand(mask.shape[0], -1, -1, -1) if base.shape[0] == 1 else base
+    tint = torch.tensor(OVERLAY_COLOUR).view(1, 1, 1, 3)
+    alpha = (mask * opacity).unsqueeze(-1)
+    return (base * (1 - alpha) + tint * alpha).clamp(0, 1)
