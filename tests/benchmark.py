@@ -162,6 +162,30 @@ def magicstyle_memory(steps: int = 30) -> dict:
     return table
 
 
+def soak_figures(prompts: int = 300) -> dict:
+    """Issue 12's soak: resident memory of one server before and after hundreds of mixed prompts."""
+    _attention_modules(("unet_layers",))  # ComfyUI importable, on the CPU
+    import tiny_models
+    from harness.server import ComfyServer
+    from harness.soak import soak
+    from harness.workflows import place_tiny_models
+    from harness.paths import cache_root
+
+    with tempfile.TemporaryDirectory() as folder:
+        base = make_base_directory(Path(folder) / "base")
+        load_installer().copy_examples(base / "input")
+        tiny_models.register()
+        checkpoints = tiny_models.write_checkpoints(cache_root() / f"tiny-{tiny_models.recipe_digest()}")
+        place_tiny_models(base / "models", checkpoints)
+        server = ComfyServer(Path(sys.executable), host_root_comfyui(), base, base / "server.log")
+        try:
+            server.wait_ready()
+            figures = soak(server, prompts=prompts, first={"magicstyle_style_library": ["7"]})
+        finally:
+            server.stop()
+    return figures.as_dict()
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -170,6 +194,9 @@ def main() -> int:
     if "--worker" in sys.argv:
         at = sys.argv.index("--worker")
         patch_worker(sys.argv[at + 1], int(sys.argv[at + 2]), int(sys.argv[at + 3]))
+        return 0
+    if "--soak" in sys.argv:
+        print(json.dumps({"soak": soak_figures()}, indent=1))
         return 0
     if "--memory" in sys.argv:  # the formula alone: seconds, not minutes
         print(json.dumps({"magicstyle_memory": magicstyle_memory()}, indent=1))
