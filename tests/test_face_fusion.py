@@ -215,6 +215,27 @@ def test_beside_infinite_id_the_face_pass_is_one_plain_call(comfy, tiny_checkpoi
         "Infinite-ID must still contribute beside the face"
 
 
+def test_bf16_model_two_people_of_different_face_sizes(comfy, tiny_checkpoints, base_directory, monkeypatch):
+    import comfy.sd as comfy_sd
+
+    path = base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"]
+    model, clip, _, _ = comfy_sd.load_checkpoint_guess_config(str(path), model_options={"dtype": torch.bfloat16})
+    assert model.model.diffusion_model.input_blocks[1][1].transformer_blocks[0].attn2.to_q.weight.dtype == \
+        torch.bfloat16
+    left, right = torch.zeros(64, 64), torch.zeros(64, 64)
+    left[:, :36], right[:, 28:] = 1.0, 1.0
+    fused = fuse(comfy, model, face_latent(seed=1, size=8), mask=left, weight=0.5, face_noise="clean")
+    fused = fuse(comfy, fused, face_latent(seed=2, size=6), mask=right, weight=2.0)
+    spy = UNetCalls(comfy.pack("attention.face_fusion").FACE_PASS).install(monkeypatch, model)
+    out = txt2img_latent(comfy, fused, clip, steps=2)
+    # One face pass per face size, in the dtype ComfyUI runs the model in, the clean one at timestep 0.
+    assert sorted(tuple(c["x"].shape[-2:]) for c in spy.faces) == [(6, 6), (6, 6), (8, 8), (8, 8)]
+    assert {c["x"].dtype for c in spy.calls} == {spy.images[0]["x"].dtype}
+    assert all((c["timesteps"] == 0).all() for c in spy.faces if c["x"].shape[-1] == 8)
+    assert torch.isfinite(out).all()
+    assert relative_difference(out, txt2img_latent(comfy, model, clip, steps=2)) > FLOOR
+
+
 def write_dataset(folder, count=2):
     import skimage.data
     from PIL import Image
