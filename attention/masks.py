@@ -15,7 +15,7 @@ def token_grid(original_shape: list[int] | tuple[int, ...], tokens: int) -> tupl
     """
     height, width = int(original_shape[-2]), int(original_shape[-1])
     grid_h, grid_w = height, width
-    while grid_h * grid_w > tokens and grid_h > 1 and grid_w > 1:
+    while grid_h * grid_w > tokens and (grid_h > 1 or grid_w > 1):
         grid_h, grid_w = (grid_h + 1) // 2, (grid_w + 1) // 2
     if grid_h * grid_w != tokens:
         raise ValueError(f"{tokens} tokens do not match any downsampling of a {height}x{width} latent")

@@ -7,7 +7,8 @@ from comfy_api.latest import io
 from ..attention.face_fusion import Identity, apply_face_fusion, reference_noise
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import attention_keys, diffusion_model_of
-from .common import LIKENESS_FOLDER, model_path, require
+from .common import (LIKENESS_FOLDER, model_file_fingerprint, model_path, require, require_mask,
+                     require_model_family)
 
 CATEGORY = "likeness/face"
 TRAINING_FREE = "self-attention to_k/to_v (training-free)"
@@ -64,8 +65,13 @@ class FaceFusion(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, kv: str = TRAINING_FREE, **_) -> tuple:
+        return model_file_fingerprint(LIKENESS_FOLDER, kv) if kv != TRAINING_FREE else ()
+
+    @classmethod
     def execute(cls, model, face: dict, weight: float, kv: str, start_percent: float, end_percent: float,
                 face_noise: str, noise_seed: int, uncond: bool, mask=None) -> io.NodeOutput:
+        require_model_family(model)
         samples = face["samples"]
         require(samples.dim() == 4 and samples.shape[0] >= 1, "face", tuple(samples.shape),
                 "a LATENT of one or more encoded face crops")
@@ -74,6 +80,7 @@ class FaceFusion(io.ComfyNode):
         if mask is not None:
             require(mask.dim() in (2, 3) and (mask.dim() == 2 or mask.shape[0] == 1), "mask", tuple(mask.shape),
                     "one MASK (this person's region)")
+            require_mask(mask, purpose="where this person is")
             mask = mask.reshape(mask.shape[-2:]).float()
         sampling = model_sampling_of(model)
         identity = Identity(latent=latent, noise=noise, weight=weight,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import (LIKENESS_FOLDER, dataset_folder, image_file_tensor, numbered_path, optimiser_inputs,
-                     trainer_outputs, training_progress)
+from .common import (LIKENESS_FOLDER, dataset_folder, files_fingerprint, image_file_tensor, numbered_path,
+                     optimiser_inputs, require_model_family, trainer_outputs, training_progress)
 
 CATEGORY = "likeness/face"
 
@@ -35,12 +35,17 @@ class TrainFaceKV(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, folder: str, **_) -> tuple:
+        return files_fingerprint(dataset_folder(folder))
+
+    @classmethod
     def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
                 filename_prefix: str) -> io.NodeOutput:
         from ..attention.face_kv import save_face_kv
         from ..attention.face_kv_training import Batch, find_examples, train_face_kv
         from ..attention.feature_bank import model_fingerprint
 
+        require_model_family(model)
         examples = find_examples(dataset_folder(folder))
         batches = []
         for example in examples:

@@ -32,6 +32,7 @@ def test_rows_refuse_a_batch_that_does_not_split(helpers):
 @pytest.mark.parametrize("latent_hw,tokens,grid", [
     ((64, 64), 64 * 64, (64, 64)), ((64, 64), 32 * 32, (32, 32)), ((64, 64), 8 * 8, (8, 8)),
     ((96, 64), 48 * 32, (48, 32)), ((75, 51), 38 * 26, (38, 26)), ((75, 51), 10 * 7, (10, 7)),
+    ((2, 1), 1, (1, 1)), ((5, 3), 2, (2, 1)), ((5, 3), 1, (1, 1)),
 ])
 def test_token_grid_follows_the_unet_downsampling(helpers, latent_hw, tokens, grid):
     assert helpers["masks"].token_grid([1, 4, *latent_hw], tokens) == grid
