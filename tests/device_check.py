@@ -109,10 +109,10 @@ def invariants(attention, kind: str) -> dict:
         "styled_finite": bool(torch.isfinite(styled).all()),
         "unpatched_bit_identical": bool(torch.equal(before, after)),
         "face_fusion_finite": bool(torch.isfinite(with_face).all()),
-        "face_fusion_changes_output": bool(not torch.equal(with_face, before)),
+        "face_fusion_changes_output": bool((with_face - before).abs().max() > 1e-2 * before.abs().max()),
         "face_weight_0_bit_identical": bool(torch.equal(no_face, before)),
         "infinite_id_finite": bool(torch.isfinite(two_streams).all()),
-        "infinite_id_changes_output": bool(not torch.equal(two_streams, before)),
+        "infinite_id_changes_output": bool((two_streams - before).abs().max() > 1e-2 * before.abs().max()),
     }
 
 
