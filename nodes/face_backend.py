@@ -116,6 +116,19 @@ class FaceAnalyzer:
                 return sorted(faces, key=lambda f: -f.area), tried
         return [], tried
 
+    def gender(self, image_bgr, face: Face) -> str:
+        """"man" or "woman", by the pack's gender-age model (genderage.onnx, in antelopev2 and buffalo_l)."""
+        import numpy as np
+        from insightface.app.common import Face as InsightFace
+
+        model = self.app.models.get("genderage")
+        if model is None:
+            raise ValueError(f"model_name={self.name!r}: the pack in {self.folder} has no gender-age model "
+                             "(genderage.onnx, part of antelopev2 and buffalo_l): unzip the whole pack there")
+        found = InsightFace(bbox=np.asarray(face.bbox), kps=np.asarray(face.kps))
+        gender, _ = model.get(image_bgr, found)
+        return "man" if int(gender) == 1 else "woman"
+
     def recognition_size(self) -> int:
         return int(self.recogniser.input_size[0])
 
@@ -145,7 +158,7 @@ def load_analysis(name: str, provider: str) -> FaceAnalyzer:
     try:
         # An absolute folder as the name: insightface uses it as is and never downloads.
         app = FaceAnalysis(name=str(folder.resolve()), root=str(folder.parent.parent),
-                           allowed_modules=["detection", "recognition"], providers=providers)
+                           allowed_modules=["detection", "recognition", "genderage"], providers=providers)
     except AssertionError:
         raise ValueError(f"model_name={name!r}: no face detector among the files in {folder} ({files}); "
                          f"expected {detector} there. Get it from {WHERE_TO_GET.format(name=name)}.") from None

@@ -1,4 +1,5 @@
-"""LikenessSavePairs: generated pairs as a training folder for LikenessTrainMCDM."""
+"""Pair generation's prompts (the portrait-editing supplement's recipe) and Save Pairs, the training
+folder LikenessTrainMCDM reads."""
 
 from __future__ import annotations
 
@@ -11,6 +12,60 @@ from .common import dataset_folder, require
 
 CATEGORY = "likeness/editing"
 SOURCE_SUFFIX = ".source"  # <name>.source.png beside the target <name>.png
+# The supplement's prompts: [X] man/woman from the identity photo, [Y] the source domain, [Z] the target.
+SHARED_TEMPLATE = "the same [X] on the left and right"
+SOURCE_TEMPLATE = "a [X], [Y]"
+TARGET_TEMPLATE = "a [X], [Z]"
+
+
+def fill_template(template: str, gender: str, source_domain: str, target_domain: str) -> str:
+    return template.replace("[X]", gender).replace("[Y]", source_domain).replace("[Z]", target_domain)
+
+
+class PairPrompts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from .face_analysis import FaceAnalysisType
+
+        return io.Schema(
+            node_id="LikenessPairPrompts",
+            display_name="Likeness Pair Prompts",
+            category=CATEGORY,
+            description="The portrait-editing paper's three prompts for a pair: 'the same [X] on the left and "
+                        "right', 'a [X], [Y]', 'a [X], [Z]', with [X] man or woman as insightface's gender-age "
+                        "model reads the identity photo, [Y] the source domain and [Z] the target domain.",
+            inputs=[
+                FaceAnalysisType.Input("analysis", tooltip="From Likeness Face Analysis (its pack's genderage.onnx "
+                                       "reads the gender)."),
+                io.Image.Input("image", tooltip="The identity photo; its largest face is read."),
+                io.String.Input("source_domain", default="normal costume",
+                                tooltip="[Y]: the source domain, e.g. 'normal costume' or 'neutral expression'."),
+                io.String.Input("target_domain", default="Santa Claus costume",
+                                tooltip="[Z]: the edit, e.g. 'Santa Claus costume', 'laughing'."),
+                io.String.Input("shared_template", default=SHARED_TEMPLATE, optional=True,
+                                tooltip="The shared prompt p ([X], [Y], [Z] are filled in)."),
+                io.String.Input("source_template", default=SOURCE_TEMPLATE, optional=True,
+                                tooltip="The source prompt p_a."),
+                io.String.Input("target_template", default=TARGET_TEMPLATE, optional=True,
+                                tooltip="The target prompt p_b."),
+            ],
+            outputs=[io.String.Output(display_name="shared", tooltip="p, for the whole canvas."),
+                     io.String.Output(display_name="source", tooltip="p_a, the left image's prompt."),
+                     io.String.Output(display_name="target", tooltip="p_b, the right image's prompt."),
+                     io.String.Output(display_name="gender", tooltip="[X]: 'man' or 'woman'.")],
+        )
+
+    @classmethod
+    def execute(cls, analysis, image, source_domain: str, target_domain: str, shared_template: str = SHARED_TEMPLATE,
+                source_template: str = SOURCE_TEMPLATE, target_template: str = TARGET_TEMPLATE) -> io.NodeOutput:
+        from .face_analysis import _largest_faces
+
+        require(image.shape[0] == 1, "image", f"a batch of {image.shape[0]}", "one identity photo")
+        ((pixels, faces),) = _largest_faces(analysis, image, "image")
+        gender = analysis.gender(pixels, faces[0])
+        prompts = [fill_template(t, gender, source_domain, target_domain)
+                   for t in (shared_template, source_template, target_template)]
+        return io.NodeOutput(*prompts, gender, ui={"text": [f"[X] = {gender}", *prompts]})
 
 
 class SavePairs(io.ComfyNode):
@@ -69,4 +124,4 @@ class SavePairs(io.ComfyNode):
         return io.NodeOutput(str(path), ui={"text": [f"{len(names)} pairs in {path}: {', '.join(names)}"]})
 
 
-NODES = [SavePairs]
+NODES = [PairPrompts, SavePairs]

@@ -69,7 +69,7 @@ def pixels(box) -> np.ndarray:
 def test_analysis_loads_the_pack_from_the_models_folder(analysis, pack, astronaut, comfy):
     backend = comfy.pack("nodes.face_backend")
     assert analysis.folder == pack
-    assert set(analysis.app.models) == {"detection", "recognition"}
+    assert set(analysis.app.models) == {"detection", "recognition", "genderage"}
     faces, tried = analysis.detect(backend.to_bgr_uint8(astronaut[0]))
     assert tried == [(640, 640)]
     assert len(faces) == 2
@@ -170,7 +170,7 @@ def test_nested_unzip_is_named(comfy, registered_root):
 
 def test_registered_folder_is_used(comfy, registered_root, astronaut):
     folder = tiny.write_pack(registered_root, "antelopev2")
-    assert {p.name for p in folder.iterdir()} == {"scrfd_10g_bnkps.onnx", "glintr100.onnx"}
+    assert {p.name for p in folder.iterdir()} == {"scrfd_10g_bnkps.onnx", "glintr100.onnx", "genderage.onnx"}
     loaded = comfy.run_node("LikenessFaceAnalysis", model_name="antelopev2", provider="CPU")[0]
     assert loaded.folder == folder
     assert crop(comfy, loaded, astronaut)[3].shape == (1, 512)
@@ -278,3 +278,29 @@ def test_alignment_agrees_with_an_independent_detector(comfy, size, padding):
     original = np.array(recogniser.compute_face_descriptor(photo, landmarks5(photo, face)))
     ours = np.array(recogniser.compute_face_descriptor(aligned, landmarks5(aligned, found)))
     assert np.linalg.norm(original - ours) < 0.2
+
+
+def test_pair_prompts_read_the_gender_from_the_identity_photo(comfy, analysis, astronaut):
+    """The supplement's recipe: [X] from insightface's gender-age model (here the tiny one, whose
+    answer the test works out from insightface's own crop), [Y] and [Z] as given."""
+    genders = []
+    # the photo, and the photo with red and blue swapped: the tiny model reads one as each gender
+    for photo in (astronaut, astronaut.flip(-1)):
+        shared, source, target, gender = comfy.run_node(
+            "LikenessPairPrompts", analysis=analysis, image=photo, source_domain="normal costume",
+            target_domain="Santa Claus costume")
+        pixels = (photo[0].numpy() * 255).round().astype(np.uint8)
+        expected = tiny.expected_gender(pixels, tiny.TinyFace())
+        assert gender == expected
+        assert (shared, source, target) == (f"the same {expected} on the left and right",
+                                             f"a {expected}, normal costume", f"a {expected}, Santa Claus costume")
+        genders.append(gender)
+    assert sorted(genders) == ["man", "woman"]
+
+
+def test_a_pack_without_its_gender_age_model_is_named(comfy, registered_root, astronaut):
+    tiny.write_pack(registered_root, "antelopev2", genderage=False)
+    (analysis,) = comfy.run_node("LikenessFaceAnalysis", model_name="antelopev2", provider="CPU")
+    with pytest.raises(ValueError, match="genderage.onnx"):
+        comfy.run_node("LikenessPairPrompts", analysis=analysis, image=astronaut, source_domain="a",
+                       target_domain="b")

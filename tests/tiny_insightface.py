@@ -179,6 +179,44 @@ def recognition_model(seed: int = SEED):
     return _finish(graph)
 
 
+GENDERAGE_FILE = "genderage.onnx"  # the same name in antelopev2 and buffalo_l
+GENDERAGE_AGE = 0.3  # insightface reads age as round(output · 100)
+
+
+def genderage_model():
+    """insightface's gender-age model's shape: (1, 3, 96, 96) → (1, 3) = [female, male, age/100].
+    Tiny rule: the input's mean red channel above its mean blue one reads as male (the blob is RGB)."""
+    from onnx import TensorProto, helper
+
+    weights = np.array([[-1, 1, 0], [0, 0, 0], [1, -1, 0]], dtype=np.float32)  # rows r, g, b → female, male, age
+    bias = np.array([0, 0, GENDERAGE_AGE], dtype=np.float32)
+    # Names must not start with Sub/Mul (insightface would read an mxnet model's normalisation).
+    nodes = [helper.make_node("ReduceMean", ["data"], ["means"], name="channel_means", axes=[2, 3], keepdims=0),
+             helper.make_node("MatMul", ["means", "weights"], ["scores"], name="project"),
+             helper.make_node("Add", ["scores", "bias"], ["fc1"], name="offset")]
+    graph = helper.make_graph(
+        nodes, "tiny_genderage",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 96, 96])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, 3])],
+        initializer=[helper.make_tensor("weights", TensorProto.FLOAT, weights.shape, weights.ravel().tolist()),
+                     helper.make_tensor("bias", TensorProto.FLOAT, bias.shape, bias.tolist())])
+    return _finish(graph)
+
+
+def expected_gender(image_rgb, face: TinyFace) -> str:
+    """What the tiny gender-age model says of ``face`` in an (H, W, 3) uint8 RGB image, worked out
+    here from insightface's own crop (its Attribute model's transform) and the rule above."""
+    from insightface.utils import face_align
+
+    height, width = image_rgb.shape[:2]
+    x1, y1, x2, y2 = (face.box[0] * width, face.box[1] * height, face.box[2] * width, face.box[3] * height)
+    scale = 96 / (max(x2 - x1, y2 - y1) * 1.5)
+    crop, _ = face_align.transform(image_rgb[..., ::-1].copy(), ((x1 + x2) / 2, (y1 + y2) / 2), 96, scale, 0)
+    blob = (crop[..., ::-1].astype(np.float32) - 127.5) / 128.0  # back to RGB, insightface's normalisation
+    red, blue = blob[..., 0].mean(), blob[..., 2].mean()
+    return "man" if red > blue else "woman"
+
+
 def _finish(graph):
     import onnx
     from onnx import helper
@@ -190,20 +228,21 @@ def _finish(graph):
 
 
 def write_pack(root: Path, name: str, faces: tuple[TinyFace, ...] = (TinyFace(),), *,
-               detector: bool = True, recognition: bool = True, max_input: int | None = None) -> Path:
-    """Write ``<root>/models/<name>/`` with a tiny detector and recogniser; returns the folder."""
-    return _write_files(Path(root) / "models" / name, name, faces, detector, recognition, max_input)
+               detector: bool = True, recognition: bool = True, max_input: int | None = None,
+               genderage: bool = True) -> Path:
+    """Write ``<root>/models/<name>/`` with a tiny detector, recogniser and gender-age model."""
+    return _write_files(Path(root) / "models" / name, name, faces, detector, recognition, max_input, genderage)
 
 
 def write_nested_pack(root: Path, name: str) -> Path:
     """The usual unzip mistake, ``<root>/models/<name>/<name>/*.onnx``; returns the outer folder."""
     outer = Path(root) / "models" / name
-    _write_files(outer / name, name, (TinyFace(),), True, True, None)
+    _write_files(outer / name, name, (TinyFace(),), True, True, None, True)
     return outer
 
 
 def _write_files(folder: Path, name: str, faces: tuple[TinyFace, ...], detector: bool, recognition: bool,
-                 max_input: int | None) -> Path:
+                 max_input: int | None, genderage: bool) -> Path:
     import onnx
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -212,4 +251,6 @@ def _write_files(folder: Path, name: str, faces: tuple[TinyFace, ...], detector:
         onnx.save(detector_model(faces, max_input), str(folder / det_file))
     if recognition:
         onnx.save(recognition_model(), str(folder / rec_file))
+    if genderage:
+        onnx.save(genderage_model(), str(folder / GENDERAGE_FILE))
     return folder
