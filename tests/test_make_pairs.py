@@ -1,0 +1,149 @@
+"""jobs/make_pairs.py against two real ComfyUI servers on 127.0.0.1 with the tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.base import make_base_directory
+from harness.paths import REPO, load_installer
+from harness.server import ComfyServer
+from harness.workflows import place_tiny_models
+
+pytestmark = pytest.mark.slow
+
+JOB = REPO / "jobs" / "make_pairs.py"
+
+
+@pytest.fixture(scope="module")
+def job_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("likeness_make_pairs", JOB)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def start_server(host, root: Path, checkpoints: dict[str, Path], name: str, artifacts: Path) -> ComfyServer:
+    base = make_base_directory(root / name)
+    load_installer().copy_examples(base / "input")
+    place_tiny_models(base / "models", checkpoints)
+    server = ComfyServer(Path(sys.executable), host.comfyui, base, artifacts / f"pairs-{name}.log")
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """Two identity photos and a pose bank of two poses, from the example pictures."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("pair-job-inputs")
+    examples = load_installer().EXAMPLES_DIR
+    identities, poses = root / "identities", root / "poses"
+    identities.mkdir()
+    poses.mkdir()
+    for name in ("likeness_portrait.png", "likeness_portrait_2.png"):
+        shutil.copyfile(examples / name, identities / name)
+    with Image.open(examples / "likeness_pose_pair.png") as pair:
+        left = pair.crop((0, 0, pair.width // 2, pair.height))
+        left.save(poses / "pose_a.png")
+        left.transpose(Image.FLIP_LEFT_RIGHT).save(poses / "pose_b.png")
+    return identities, poses
+
+
+def job_command(inputs, output: Path, pairs: int, servers) -> list[str]:
+    identities, poses = inputs
+    command = [sys.executable, str(JOB), "--identities", str(identities), "--poses", str(poses),
+               "--source", "normal costume", "--target", "Santa Claus costume", "--target", "cute flower costume",
+               "--pairs", str(pairs), "--output", str(output), "--size", "128", "64", "--steps", "2", "--seed", "5"]
+    for server in servers:
+        command += ["--server", server.url]
+    return command
+
+
+def done_stems(output: Path) -> list[str]:
+    return sorted(p.stem for p in output.glob("pair_*.json") if (output / f"{p.stem}.png").exists())
+
+
+def check_pairs(job_module, inputs, output: Path, count: int) -> None:
+    """Every pair once, in the Save Pairs layout, matching its manifest and the job's recipe."""
+    from PIL import Image
+
+    identities, poses = inputs
+    expected = [f"pair_{i:05d}" for i in range(1, count + 1)]
+    assert done_stems(output) == expected
+    names = sorted(p.name for p in output.iterdir())
+    assert names == sorted(f"{stem}{suffix}" for stem in expected
+                           for suffix in (".png", ".source.png", ".txt", ".source.txt", ".json"))
+    for index, stem in enumerate(expected, 1):
+        manifest = json.loads((output / f"{stem}.json").read_text())
+        plan = job_module.plan(index, 5, sorted(p.name for p in identities.iterdir()),
+                               sorted(p.name for p in poses.iterdir()), "normal costume",
+                               ["Santa Claus costume", "cute flower costume"])
+        assert {k: manifest[k] for k in ("index", "seed", "identity", "pose", "source_domain", "target_domain")} \
+            == {"index": plan.index, "seed": plan.seed, "identity": plan.identity, "pose": plan.pose,
+                "source_domain": plan.source_domain, "target_domain": plan.target_domain}
+        gender = manifest["gender"]
+        assert manifest["prompts"] == {"shared": f"the same {gender} on the left and right",
+                                       "source": f"a {gender}, normal costume",
+                                       "target": f"a {gender}, {plan.target_domain}"}
+        assert (output / f"{stem}.txt").read_text() == manifest["prompts"]["target"]
+        assert (output / f"{stem}.source.txt").read_text() == manifest["prompts"]["source"]
+        for suffix in (".png", ".source.png"):
+            with Image.open(output / f"{stem}{suffix}") as image:
+                assert image.size == (64, 64)
+
+
+def test_pairs_on_two_servers_survive_a_server_dying_and_a_restarted_client(host, tiny_checkpoints, base_directory,
+                                                                            artifacts, inputs, job_module,
+                                                                            tmp_path):
+    checkpoints = {kind: base_directory / "models" / "checkpoints" / name for kind, name in tiny_checkpoints.items()}
+    first = start_server(host, tmp_path, checkpoints, "a", artifacts)
+    second = start_server(host, tmp_path, checkpoints, "b", artifacts)
+    try:
+        # 12 pairs on both servers; the second dies once two pairs exist.
+        output = tmp_path / "pairs"
+        job = subprocess.Popen(job_command(inputs, output, 12, [first, second]), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 600
+        while len(done_stems(output)) < 2:
+            assert job.poll() is None and time.monotonic() < deadline, (job.stdout.read() + job.stderr.read()
+                                                                        if job.poll() is not None else "slow")
+            time.sleep(0.2)
+        os.kill(second.process.pid, signal.SIGKILL)
+        out, err = job.communicate(timeout=900)
+        assert job.returncode == 0, err[-4000:]
+        result = json.loads(out)
+        assert result["made"] == 12 and not result["failed"] and not result["servers"][second.url]["alive"]
+        check_pairs(job_module, inputs, output, 12)
+
+        # A client killed mid-run, run again: the pairs it made are kept as they were, the rest made.
+        resumed = tmp_path / "resumed"
+        job = subprocess.Popen(job_command(inputs, resumed, 8, [first]), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        while len(done_stems(resumed)) < 3:
+            assert job.poll() is None and time.monotonic() < deadline + 600, job.stderr.read()
+            time.sleep(0.1)
+        job.kill()
+        job.wait()
+        kept = {p.name: p.stat().st_mtime_ns for p in resumed.iterdir()
+                if p.stem.split(".")[0] in done_stems(resumed)}
+        again = subprocess.run(job_command(inputs, resumed, 8, [first]), capture_output=True, text=True, timeout=900)
+        assert again.returncode == 0, again.stderr[-4000:]
+        assert json.loads(again.stdout)["kept"] == len({name.split(".")[0] for name in kept})
+        assert {name: (resumed / name).stat().st_mtime_ns for name in kept} == kept, "nothing made twice"
+        check_pairs(job_module, inputs, resumed, 8)
+    finally:
+        first.stop()
+        second.stop()
