@@ -41,3 +41,23 @@ def mask_to_tokens(mask: torch.Tensor, original_shape, tokens: int, *, device=No
                             **({} if shrinking else {"align_corners": False}))
     resized = resized.reshape(mask.shape[0], grid_h * grid_w)
     return resized.to(device=device or mask.device, dtype=dtype or torch.float32)
+
+
+OVERLAY_COLOUR = (1.0, 0.15, 0.1)  # red: where the edit mask says to edit
+
+
+def mask_overlay(mask: torch.Tensor, image: torch.Tensor | None = None, opacity: float = 0.5) -> torch.Tensor:
+    """The mask (B, H, W) over the image (B, H, W, 3; resized to the mask), tinted where it is 1;
+    without an image, the mask alone in grey and red."""
+    mask = mask.float().clamp(0, 1)
+    if image is None:
+        base = torch.full((*mask.shape, 3), 0.5)
+    else:
+        base = image[..., :3].float()
+        if base.shape[1:3] != mask.shape[1:]:
+            base = F.interpolate(base.movedim(-1, 1), size=mask.shape[1:], mode="bilinear",
+                                 align_corners=False).movedim(1, -1)
+        base = base.expand(mask.shape[0], -1, -1, -1) if base.shape[0] == 1 else base
+    tint = torch.tensor(OVERLAY_COLOUR).view(1, 1, 1, 3)
+    alpha = (mask * opacity).unsqueeze(-1)
+    return (base * (1 - alpha) + tint * alpha).clamp(0, 1)

@@ -153,7 +153,7 @@ class EditMask(io.ComfyNode):
     def execute(cls, model, latent: dict, source, target, seeds: int, strength: float, blur: int, threshold: float,
                 normalisation: str, seed: int, image=None) -> io.NodeOutput:
         from ..attention.editing import edit_mask, noise_differences, to_image_mask
-        from .plots import mask_overlay
+        from ..attention.masks import mask_overlay
 
         require_model_family(model)
         differences, _ = noise_differences(model, latent["samples"], source, target, seeds=seeds, strength=strength,

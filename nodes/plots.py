@@ -93,26 +93,3 @@ def loss_curve(losses: list[float], before: float, after: float, title: str):
                           "validation loss": [(0, before), (max(steps - 1, 0), after)]},
                          title=title, x_label="step", y_label="loss")
     return image
-
-
-OVERLAY_COLOUR = (1.0, 0.15, 0.1)  # red: where the edit mask says to edit
-
-
-def mask_overlay(mask, image=None, opacity: float = 0.5):
-    """The mask (B, H, W) over the image (B, H, W, 3; resized to the mask), tinted where it is 1;
-    without an image, the mask alone in grey and red."""
-    import torch
-    import torch.nn.functional as F
-
-    mask = mask.float().clamp(0, 1)
-    if image is None:
-        base = torch.full((*mask.shape, 3), 0.5)
-    else:
-        base = image[..., :3].float()
-        if base.shape[1:3] != mask.shape[1:]:
-            base = F.interpolate(base.movedim(-1, 1), size=mask.shape[1:], mode="bilinear",
-                                 align_corners=False).movedim(1, -1)
-        base = base.expand(mask.shape[0], -1, -1, -1) if base.shape[0] == 1 else base
-    tint = torch.tensor(OVERLAY_COLOUR).view(1, 1, 1, 3)
-    alpha = (mask * opacity).unsqueeze(-1)
-    return (base * (1 - alpha) + tint * alpha).clamp(0, 1)

@@ -42,14 +42,21 @@ def analysis(comfy, pack):
 
 
 @pytest.fixture
-def registered_root(comfy, tmp_path, monkeypatch):
-    """An "insightface" folder registered with ComfyUI (as extra_model_paths.yaml does)."""
+def registered_root(comfy, base_directory, tmp_path, monkeypatch):
+    """An "insightface" folder registered with ComfyUI (as extra_model_paths.yaml does), with the
+    shipped workflows' pack (which other tests place in the models folder) set aside meanwhile."""
     import folder_paths
 
+    shipped = base_directory / "models" / "insightface" / "models" / "antelopev2"
+    aside = shipped.with_name("antelopev2.aside")
+    if shipped.exists():
+        shipped.rename(aside)
     root = tmp_path / "insightface"
     root.mkdir()
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "insightface", ([str(root)], set()))
-    return root
+    yield root
+    if aside.exists():
+        aside.rename(shipped)
 
 
 def crop(comfy, analysis, image, index=0, crop_size=512, padding=0.0):

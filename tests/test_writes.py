@@ -138,38 +138,59 @@ def test_interrupting_a_patched_run_leaves_the_model_bit_identical(comfy, sd15, 
     assert torch.equal(txt2img_latent(comfy, model, clip, steps=10, sampler="euler"), before)
 
 
+# Loaded into the server by PYTHONPATH: when a "killed*" file is about to be renamed into place,
+# cut the written file to half (as a kill mid-write leaves it) and SIGKILL the server right there.
+KILL_BEFORE_RENAME = """
+import os, signal
+_replace = os.replace
+def replace(source, destination, *args, **kwargs):
+    name = os.path.basename(str(destination))
+    if name.startswith("killed") and str(source).endswith(".partial"):
+        with open(source, "r+b") as partial:
+            partial.truncate(os.path.getsize(source) // 2)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _replace(source, destination, *args, **kwargs)
+os.replace = replace
+"""
+
+
 @pytest.mark.slow
-def test_a_server_killed_while_saving_leaves_no_truncated_file(host, base_directory, tiny_checkpoints, artifacts):
-    """SIGKILL the server while Save Features writes a large cache (its .partial file exists), start
-    it again: every features file there loads; the prompt runs to the end the second time."""
+def test_a_server_killed_while_saving_leaves_no_truncated_file(host, base_directory, tiny_checkpoints, artifacts,
+                                                               tmp_path):
+    """SIGKILL the server inside Save Features' write (its .partial file half written), start it
+    again: no features file exists under a real name until the prompt runs to the end the second
+    time, and that file loads."""
     import sys
     from pathlib import Path
 
     from harness.server import ComfyServer
 
     folder = base_directory / "models" / "likeness_features"
+    for earlier in folder.glob("killed*"):
+        earlier.unlink()
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": tiny_checkpoints["sd15"]}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": ""}},
-        # ~30 MB of features (2 images, 100 steps, fp16): a save the kill can land in
         "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 128, "height": 128, "batch_size": 2}},
         "4": {"class_type": "LikenessInvert", "inputs": {
-            "model": ["1", 0], "conditioning": ["2", 0], "latent": ["3", 0], "steps": 100, "capture": "qkv",
+            "model": ["1", 0], "conditioning": ["2", 0], "latent": ["3", 0], "steps": 20, "capture": "qkv",
             "layers": "all", "cache_on": "auto", "precision": "fp16"}},
         "5": {"class_type": "LikenessSaveFeatures", "inputs": {"features": ["4", 1], "filename_prefix": "killed"}},
     }
-    server = ComfyServer(Path(sys.executable), host.comfyui, base_directory, artifacts / "killed-server.log")
+    hook = tmp_path / "kill_hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_BEFORE_RENAME)
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))}
+    server = ComfyServer(Path(sys.executable), host.comfyui, base_directory, artifacts / "killed-server.log",
+                         env=environment)
     try:
         server.wait_ready()
         server.post("/prompt", {"prompt": prompt, "client_id": "kill-test"})
-        deadline = time.monotonic() + 300
-        while not list(folder.glob("killed*.partial")):
-            assert time.monotonic() < deadline, server.log_tail()
-            time.sleep(0.005)
-        os.kill(server.process.pid, signal.SIGKILL)
-        server.process.wait()
+        assert server.process.wait(timeout=300) == -signal.SIGKILL, server.log_tail()
     finally:
         server.stop()
+    (partial,) = folder.glob("killed*.partial")
+    assert partial.stat().st_size > 0
     assert not [p for p in folder.glob("killed*.safetensors")], "no file under its real name: it was not finished"
     again = ComfyServer(Path(sys.executable), host.comfyui, base_directory, artifacts / "restarted-server.log")
     try:

@@ -41,7 +41,8 @@ class PromptRejected(Exception):
 
 
 class ComfyServer:
-    def __init__(self, python: Path, comfyui: Path, base_directory: Path, log_path: Path) -> None:
+    def __init__(self, python: Path, comfyui: Path, base_directory: Path, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.base_directory = base_directory
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,7 +53,7 @@ class ComfyServer:
         command = [str(python), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                    "--base-directory", str(base_directory), "--disable-api-nodes",
                    "--database-url", "sqlite:///:memory:"]
-        self.process = subprocess.Popen(command, cwd=comfyui, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(command, cwd=comfyui, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
