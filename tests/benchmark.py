@@ -186,6 +186,18 @@ def soak_figures(prompts: int = 300) -> dict:
     return figures.as_dict()
 
 
+def pair_figures() -> dict:
+    """Issue 13: jobs/make_pairs.py's pairs per minute with one and with two servers."""
+    _attention_modules(("unet_layers",))
+    import tiny_models
+    from harness.pairs_bench import pair_throughput
+    from harness.paths import cache_root
+
+    tiny_models.register()
+    checkpoints = tiny_models.write_checkpoints(cache_root() / f"tiny-{tiny_models.recipe_digest()}")
+    return pair_throughput(host_root_comfyui(), checkpoints)
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -197,6 +209,9 @@ def main() -> int:
         return 0
     if "--soak" in sys.argv:
         print(json.dumps({"soak": soak_figures()}, indent=1))
+        return 0
+    if "--pairs" in sys.argv:
+        print(json.dumps({"pairs": pair_figures()}, indent=1))
         return 0
     if "--memory" in sys.argv:  # the formula alone: seconds, not minutes
         print(json.dumps({"magicstyle_memory": magicstyle_memory()}, indent=1))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from harness.base import make_base_directory
-from harness.paths import REPO, load_installer
+from harness.pairs_bench import JOB, job_command, pair_job_inputs, start_pair_server
 from harness.server import ComfyServer
-from harness.workflows import place_tiny_models
 
 pytestmark = pytest.mark.slow
-
-JOB = REPO / "jobs" / "make_pairs.py"
-
 
 @pytest.fixture(scope="module")
 def job_module():
@@ -35,41 +29,12 @@ def job_module():
 
 
 def start_server(host, root: Path, checkpoints: dict[str, Path], name: str, artifacts: Path) -> ComfyServer:
-    base = make_base_directory(root / name)
-    load_installer().copy_examples(base / "input")
-    place_tiny_models(base / "models", checkpoints)
-    server = ComfyServer(Path(sys.executable), host.comfyui, base, artifacts / f"pairs-{name}.log")
-    server.wait_ready()
-    return server
+    return start_pair_server(host.comfyui, root, checkpoints, name, artifacts)
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """Two identity photos and a pose bank of two poses, from the example pictures."""
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("pair-job-inputs")
-    examples = load_installer().EXAMPLES_DIR
-    identities, poses = root / "identities", root / "poses"
-    identities.mkdir()
-    poses.mkdir()
-    for name in ("likeness_portrait.png", "likeness_portrait_2.png"):
-        shutil.copyfile(examples / name, identities / name)
-    with Image.open(examples / "likeness_pose_pair.png") as pair:
-        left = pair.crop((0, 0, pair.width // 2, pair.height))
-        left.save(poses / "pose_a.png")
-        left.transpose(Image.FLIP_LEFT_RIGHT).save(poses / "pose_b.png")
-    return identities, poses
-
-
-def job_command(inputs, output: Path, pairs: int, servers) -> list[str]:
-    identities, poses = inputs
-    command = [sys.executable, str(JOB), "--identities", str(identities), "--poses", str(poses),
-               "--source", "normal costume", "--target", "Santa Claus costume", "--target", "cute flower costume",
-               "--pairs", str(pairs), "--output", str(output), "--size", "128", "64", "--steps", "2", "--seed", "5"]
-    for server in servers:
-        command += ["--server", server.url]
-    return command
+    return pair_job_inputs(tmp_path_factory.mktemp("pair-job-inputs"))
 
 
 def done_stems(output: Path) -> list[str]:
@@ -114,7 +79,7 @@ def test_pairs_on_two_servers_survive_a_server_dying_and_a_restarted_client(host
     try:
         # 12 pairs on both servers; the second dies once two pairs exist.
         output = tmp_path / "pairs"
-        job = subprocess.Popen(job_command(inputs, output, 12, [first, second]), stdout=subprocess.PIPE,
+        job = subprocess.Popen(job_command(inputs, output, 12, [first.url, second.url]), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 600
         while len(done_stems(output)) < 2:
@@ -130,7 +95,7 @@ def test_pairs_on_two_servers_survive_a_server_dying_and_a_restarted_client(host
 
         # A client killed mid-run, run again: the pairs it made are kept as they were, the rest made.
         resumed = tmp_path / "resumed"
-        job = subprocess.Popen(job_command(inputs, resumed, 8, [first]), stdout=subprocess.PIPE,
+        job = subprocess.Popen(job_command(inputs, resumed, 8, [first.url]), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
         while len(done_stems(resumed)) < 3:
             assert job.poll() is None and time.monotonic() < deadline + 600, job.stderr.read()
@@ -139,7 +104,7 @@ def test_pairs_on_two_servers_survive_a_server_dying_and_a_restarted_client(host
         job.wait()
         kept = {p.name: p.stat().st_mtime_ns for p in resumed.iterdir()
                 if p.stem.split(".")[0] in done_stems(resumed)}
-        again = subprocess.run(job_command(inputs, resumed, 8, [first]), capture_output=True, text=True, timeout=900)
+        again = subprocess.run(job_command(inputs, resumed, 8, [first.url]), capture_output=True, text=True, timeout=900)
         assert again.returncode == 0, again.stderr[-4000:]
         assert json.loads(again.stdout)["kept"] == len({name.split(".")[0] for name in kept})
         assert {name: (resumed / name).stat().st_mtime_ns for name in kept} == kept, "nothing made twice"
