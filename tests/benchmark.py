@@ -198,6 +198,16 @@ def pair_figures() -> dict:
     return pair_throughput(host_root_comfyui(), checkpoints)
 
 
+def scale_figures() -> dict:
+    """Issue 13: one pair and one training step of a full-size SD1.5 UNet, for the paper-scale arithmetic."""
+    _attention_modules(("unet_layers",))
+    import tiny_models
+    from harness.magicstyle_bench import full_sd15
+    from harness.scale_bench import paper_scale
+
+    return paper_scale(full_sd15(tiny_models.initialise), full_sd15(tiny_models.initialise, in_channels=8))
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -212,6 +222,9 @@ def main() -> int:
         return 0
     if "--pairs" in sys.argv:
         print(json.dumps({"pairs": pair_figures()}, indent=1))
+        return 0
+    if "--scale" in sys.argv:
+        print(json.dumps({"scale": scale_figures()}, indent=1))
         return 0
     if "--memory" in sys.argv:  # the formula alone: seconds, not minutes
         print(json.dumps({"magicstyle_memory": magicstyle_memory()}, indent=1))
