@@ -106,7 +106,7 @@ def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: flo
         weights = {k: (torch.nn.Parameter(w_k.to(device)), torch.nn.Parameter(w_v.to(device)))
                    for k, (w_k, w_v) in initial_projections(model, layers).items()}
 
-        def loss_of(batch: Batch, sigma, noise) -> torch.Tensor:
+        def loss_of(batch: Batch, sigma, noise, generator=None) -> torch.Tensor:  # draws nothing of its own
             return _loss(model, weights, _copied(batch), sigma.to(device), noise.to(device), layers)
 
         before, after = optimise(batches, loss_of, [p for pair in weights.values() for p in pair],

@@ -73,7 +73,7 @@ def train_id_adapter(model, adapter, pairs: list[Pair], *, steps: int, learning_
         patched = patched_clone(model, [("attn2", key, IdentityOnlyCrossAttention(current, trained.kv_weights))
                                         for key in keys])
 
-        def loss_of(pair: Pair, sigma, noise) -> torch.Tensor:
+        def loss_of(pair: Pair, sigma, noise, generator=None) -> torch.Tensor:  # draws nothing of its own
             current["tokens"] = trained.projection(normal_copy(pair.face_embed).to(device),
                                                    normal_copy(pair.clip_hidden).to(device), scale)
             return diffusion_loss(model, patched, normal_copy(pair.target), normal_copy(pair.cond),

@@ -17,14 +17,15 @@ dropped latent zeros, a dropped text the empty prompt. The validation losses
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from . import mcdm
 from .atomic import atomic_path
 from .schedule import model_sampling_of
-from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
+from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
+                       unwrapped)
 
 IDENTITY_PAIRS = 0.05
 DROPOUT_CASES = ("spatial", "image", "text", "all")  # each 5%: 20% in all
@@ -87,11 +88,31 @@ def draw_case(generator: torch.Generator) -> tuple[bool, str | None]:
     return identity, DROPOUT_CASES[index] if index < len(DROPOUT_CASES) else None
 
 
-def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: list[Pair], *, empty_text: list, null: ImageInputs,
+class NormalCopies(Sequence):
+    """``pairs`` (a list, or a sequence that reads and encodes each pair when first asked, as
+    jobs/train.py's is) as copies autograd can use, each made once, when first drawn."""
+
+    def __init__(self, pairs: Sequence):
+        self.pairs, self.copies = pairs, {}
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int):
+        if index not in self.copies:
+            self.copies[index] = normal_copy(self.pairs[index])
+        return self.copies[index]
+
+
+def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[Pair], *, empty_text: list, null: ImageInputs,
                steps: int, learning_rate: float, seed: int,
-               on_step: Callable[[int, float], None] | None = None):
+               on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
+               world: World = World(), resume: Resume | None = None, on_checkpoint=None,
+               validation: int | None = None):
     """(trained ModelPatcher, trained adapter, validation loss before, after). ``model`` and
-    ``adapter`` are copied, never changed. ``on_step`` may raise to interrupt."""
+    ``adapter`` are copied, never changed. ``on_step`` may raise to interrupt. Under torchrun
+    (``world``) the UNet and adapter train as DistributedDataParallel; ``on_checkpoint(steps_done,
+    unet, adapter, optimizer)`` sees the plain modules after every step (see training.optimise)."""
     import comfy.model_management
 
     with torch.inference_mode(False), torch.enable_grad():
@@ -106,20 +127,33 @@ def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: list[Pair], *, empt
                                                 adapter.image_tokens)
         trained_adapter.load_state_dict({k: v.detach().float().clone() for k, v in adapter.state_dict().items()})
         trained_adapter = trained_adapter.to(device).requires_grad_(True)
-        pairs = [normal_copy(pair) for pair in pairs]
+        pairs = NormalCopies(pairs)
         empty_text, null = normal_copy(empty_text), normal_copy(null)
-        generator = torch.Generator().manual_seed(seed + 1)
+        shared_unet, shared_adapter = shared(unet, world), shared(trained_adapter, world)
+        trained.model.diffusion_model = shared_unet  # what ComfyUI's apply_model calls
 
-        def loss_of(pair: Pair, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-            identity, dropped = draw_case(generator) if torch.is_grad_enabled() else (False, None)
+        def loss_of(pair: Pair, sigma: torch.Tensor, noise: torch.Tensor, generator) -> torch.Tensor:
+            identity, dropped = draw_case(generator) if generator is not None else (False, None)
             draw = draw_of(pair, identity, dropped, empty_text=empty_text, null=null)
-            tokens = trained_adapter(draw.image.clip_tokens.to(device), draw.image.latent.to(device))
+            tokens = shared_adapter(draw.image.clip_tokens.to(device), draw.image.latent.to(device))
             cond = mcdm.with_image(draw.text, tokens, draw.spatial)
             return diffusion_loss(trained, trained, draw.target, cond, sigma.to(device), noise.to(device))
 
+        checkpoint = None
+        if on_checkpoint is not None:
+            def checkpoint(done: int, optimizer) -> None:
+                on_checkpoint(done, unet, trained_adapter, optimizer)
+
         parameters = [*unet.parameters(), *trained_adapter.parameters()]
-        before, after = optimise(pairs, loss_of, parameters, model_sampling=model_sampling_of(trained), steps=steps,
-                                 learning_rate=learning_rate, seed=seed, on_step=on_step)
+        try:
+            before, after = optimise(
+                pairs, loss_of, parameters, model_sampling=model_sampling_of(trained), steps=steps,
+                learning_rate=learning_rate, seed=seed, on_step=on_step,
+                synced=[m for m in (shared_unet, shared_adapter) if m is not unet and m is not trained_adapter],
+                batching=batching, world=world, device=device, resume=resume, on_checkpoint=checkpoint,
+                validation=validation)
+        finally:
+            trained.model.diffusion_model = unwrapped(shared_unet)
         unet.requires_grad_(False)
         trained_adapter.requires_grad_(False)
     return trained, trained_adapter.cpu().eval(), before, after
@@ -127,12 +161,19 @@ def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: list[Pair], *, empt
 
 def save(model, adapter: mcdm.EmbeddingAdapter, unet_path, adapter_path, metadata: dict) -> None:
     """The UNet in ComfyUI's LDM layout and the adapter in the released four-key layout."""
+    save_weights(mcdm.model_unet_weights(model), adapter.state_dict(), unet_path, adapter_path, metadata)
+
+
+def save_weights(unet: dict[str, torch.Tensor], adapter: dict[str, torch.Tensor], unet_path, adapter_path,
+                 metadata: dict) -> None:
+    """``save`` from state dicts (LDM UNet keys; the adapter's four keys): what checkpoints write."""
     from safetensors.torch import save_file
 
     text = {k: str(v) for k, v in metadata.items()}
     # The adapter first: the loader lists the UNet file, so a pair is only offered once both are whole.
     with atomic_path(adapter_path) as partial:
-        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}, str(partial),
+        save_file({k: v.detach().cpu().contiguous() for k, v in adapter.items()}, str(partial),
                   metadata={**text, "likeness": "mcdm_adapter"})
     with atomic_path(unet_path) as partial:
-        save_file(mcdm.model_unet_weights(model), str(partial), metadata={**text, "likeness": "mcdm_unet"})
+        save_file({k: v.detach().cpu().contiguous() for k, v in unet.items()}, str(partial),
+                  metadata={**text, "likeness": "mcdm_unet"})

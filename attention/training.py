@@ -1,9 +1,22 @@
 """What Likeness' trainers share: the diffusion loss through a patched model,
-run the way ComfyUI's samplers run it, on weights autograd can use."""
+run the way ComfyUI's samplers run it, on weights autograd can use; and the
+optimisation loop, which runs in one process (the trainer nodes) or in many
+under torchrun (jobs/train.py): DistributedDataParallel, gradient accumulation,
+mixed precision where the device has it, checkpoints and resume.
+
+Every random draw of a step (which example, sigma, noise, and what the trainer
+draws from the generator it is given) comes from a generator seeded by (seed,
+step, position in the step's global batch), so N processes with a local batch
+of b compute exactly the examples one process with a batch of N·b computes,
+and a resumed run draws what the uninterrupted one would have."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
+import os
+from typing import Callable, Sequence
 
 import torch
 
@@ -72,31 +85,162 @@ def diffusion_loss(base_model, patched, target: torch.Tensor, cond: list, sigma:
     return torch.nn.functional.mse_loss(predicted_noise.float(), noise.float())
 
 
-def optimise(examples: list, loss_of, parameters: list[torch.nn.Parameter], *, model_sampling, steps: int,
-             learning_rate: float, seed: int, on_step=None) -> tuple[float, float]:
-    """AdamW over ``parameters`` on ``loss_of(example, sigma, noise)``; each step takes
-    a random example, timestep and noise. Returns the loss of a fixed validation
-    set (one sigma and noise per example, drawn first) before and after.
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place among torchrun's: rank 0 of 1 outside torchrun."""
 
-    Call inside ``torch.inference_mode(False)`` with grad enabled. ``on_step(step,
-    loss)`` may raise to interrupt (ComfyUI's interrupt)."""
-    generator = torch.Generator().manual_seed(seed)
-    validation = [(example, model_sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float()),
-                   torch.randn(example.target.shape, generator=generator)) for example in examples]
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world_from_environment(device: torch.device | None = None) -> World:
+    """torchrun's RANK, WORLD_SIZE, LOCAL_RANK (multi-node too: torchrun sets them per node),
+    with the default process group started on first call: nccl on CUDA, gloo otherwise."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    world = World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+    if world.distributed and not torch.distributed.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend)
+    return world
+
+
+class SharedModule(torch.nn.parallel.DistributedDataParallel):
+    """DistributedDataParallel that still answers for the module it wraps: ComfyUI calls
+    ``model.diffusion_model(...)`` and also reads attributes such as ``.dtype`` from it."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.module, name)
+
+
+def shared(module: torch.nn.Module, world: World) -> torch.nn.Module:
+    """``module`` itself in one process; under torchrun a DDP wrapper that averages its
+    gradients over the processes (its weights start as rank 0's)."""
+    if not world.distributed:
+        return module
+    device = next(module.parameters()).device
+    # broadcast_buffers off: buffers never train here, and a validation forward on one rank
+    # must not wait for the others.
+    return SharedModule(module, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
+
+
+def unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def mixed_precision(device: torch.device):
+    """bfloat16 autocast where the device computes it natively (CUDA with bf16), otherwise
+    full float32 (CPU): the weights and the optimiser stay float32 either way."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def draw_generator(seed: int, step: int, position: int) -> torch.Generator:
+    """The generator of one (step, position): independent of how positions are spread over
+    processes and micro-steps. Step -1 holds the validation draws."""
+    digest = hashlib.sha256(f"likeness-train:{seed}:{step}:{position}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    """``batch`` examples per process per micro-step, ``accumulate`` micro-steps per optimiser
+    step: a step sees world size × batch × accumulate examples, and averages their losses."""
+
+    batch: int = 1
+    accumulate: int = 1
+
+    def __post_init__(self):
+        for name in ("batch", "accumulate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} is not usable; expected 1 or more")
+
+
+@dataclasses.dataclass
+class Resume:
+    """Where a checkpoint left off: the next step and the optimiser's state (the trained
+    weights are loaded by the caller)."""
+
+    step: int
+    optimizer: dict
+
+
+def positions(step_batching: Batching, world: World) -> list[int]:
+    """This process's positions in a step's global batch, micro-step by micro-step:
+    micro-step m, process r, local index i is m·(world·batch) + r·batch + i."""
+    per_micro = world.size * step_batching.batch
+    return [micro * per_micro + world.rank * step_batching.batch + i
+            for micro in range(step_batching.accumulate) for i in range(step_batching.batch)]
+
+
+def optimise(examples: Sequence, loss_of, parameters: list[torch.nn.Parameter], *, model_sampling, steps: int,
+             learning_rate: float, seed: int, on_step: Callable[[int, float], None] | None = None,
+             synced: Sequence[torch.nn.Module] = (), batching: Batching = Batching(), world: World = World(),
+             device: torch.device | None = None, resume: Resume | None = None,
+             on_checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
+             validation: int | None = None) -> tuple[float, float]:
+    """AdamW over ``parameters`` on ``loss_of(example, sigma, noise, generator)``; each example
+    of a step is a random example, timestep and noise from ``draw_generator(seed, step,
+    position)``, and ``generator`` is that same generator for the trainer's own draws (None
+    for the validation set: full conditions). Returns the mean loss of a fixed validation set
+    (the first ``validation`` examples, all when None; one sigma and noise each) before and after.
+
+    ``synced``: the DDP-wrapped modules (see ``shared``), kept from averaging gradients on all
+    but the last backward of a step. ``on_step(step, loss)`` gets the step's mean loss over
+    all processes and may raise to interrupt (ComfyUI's interrupt). ``on_checkpoint(steps_done,
+    optimizer)`` runs after every step. ``resume`` starts at its step with its optimiser state.
+    Call inside ``torch.inference_mode(False)`` with grad enabled."""
+    count = len(examples) if validation is None else min(validation, len(examples))
+    validation_set = []
+    for index in range(count):
+        generator = draw_generator(seed, -1, index)
+        example = examples[index]
+        sigma = model_sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float())
+        validation_set.append((example, sigma, torch.randn(example.target.shape, generator=generator)))
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    if resume is not None:
+        optimizer.load_state_dict(resume.optimizer)
+    precision = mixed_precision(device) if device is not None else contextlib.nullcontext()
 
     def validation_loss() -> float:
-        with torch.no_grad():
-            return float(torch.stack([loss_of(e, s, n) for e, s, n in validation]).mean())
+        with torch.no_grad(), precision:
+            return float(torch.stack([loss_of(e, s, n, None).float() for e, s, n in validation_set]).mean())
 
-    before = validation_loss()
-    for step in range(steps):
-        example = examples[int(torch.randint(len(examples), (1,), generator=generator))]
-        sigma = model_sampling.sigma(torch.randint(0, 1000, (1,), generator=generator).float())
-        loss = loss_of(example, sigma, torch.randn(example.target.shape, generator=generator))
+    before = validation_loss() if validation_set else float("nan")
+    mine = positions(batching, world)
+    for step in range(0 if resume is None else resume.step, steps):
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        total = torch.zeros(())
+        for index, position in enumerate(mine):
+            generator = draw_generator(seed, step, position)
+            example = examples[int(torch.randint(len(examples), (1,), generator=generator))]
+            sigma = model_sampling.sigma(torch.randint(0, 1000, (1,), generator=generator).float())
+            noise = torch.randn(example.target.shape, generator=generator)
+            last = index == len(mine) - 1
+            with contextlib.ExitStack() as stack:
+                if not last:  # gradients are averaged over processes once per step, on its last backward
+                    for module in synced:
+                        stack.enter_context(module.no_sync())
+                with precision:
+                    loss = loss_of(example, sigma, noise, generator).float() / len(mine)
+                loss.backward()
+            total += loss.detach().cpu()
         optimizer.step()
+        if world.distributed:  # the step's loss over the whole global batch, for progress
+            reduced = total.to(device if device is not None and device.type == "cuda" else "cpu")
+            torch.distributed.all_reduce(reduced)
+            total = reduced.cpu() / world.size
         if on_step is not None:
-            on_step(step, loss.item())
-    return before, validation_loss()
+            on_step(step, float(total))
+        if on_checkpoint is not None:
+            on_checkpoint(step + 1, optimizer)
+    return before, validation_loss() if validation_set else float("nan")

@@ -23,6 +23,58 @@ def source_prompt(folder: str, source_image) -> str:
     return path.read_text().strip()
 
 
+class PairReader:
+    """A Save Pairs folder as training pairs, each read and encoded (VAE latent, B/32 tokens,
+    prompts) when first asked: the node asks for all of them, jobs/train.py only for those its
+    process draws. ``name`` is the folder as the user gave it, for errors."""
+
+    def __init__(self, name: str, folder, clip, vae, encoder):
+        from ..attention.face_kv_training import find_examples
+
+        self.name, self.clip, self.vae, self.encoder = name, clip, vae, encoder
+        self.examples = find_examples(folder, SOURCE_SUFFIX)
+        self.source_prompts = [source_prompt(name, example.face) for example in self.examples]  # refused up front
+        self.shape = None
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def inputs(self, pixels):
+        import comfy.latent_formats
+
+        from ..attention.mcdm_training import ImageInputs
+
+        return ImageInputs(comfy.latent_formats.SD15().process_in(self.vae.encode(pixels)), self.encoder.tokens(pixels))
+
+    def text(self, prompt: str) -> list:
+        return self.clip.encode_from_tokens_scheduled(self.clip.tokenize(prompt))
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from ..attention.mcdm_training import Pair
+
+        with torch.no_grad():  # jobs/train.py reads pairs inside the training loop: no graph through the encoders
+            return self._read(index, Pair)
+
+    def _read(self, index: int, Pair):
+        example = self.examples[index]
+        target, source = image_file_tensor(example.image), image_file_tensor(example.face)
+        require(target.shape == source.shape, "folder", self.name,
+                f"pairs of equal size ({example.image.name} and {example.face.name} differ)")
+        self.shape = self.shape or source.shape
+        return Pair(self.inputs(source), self.inputs(target), self.text(example.caption),
+                    self.text(self.source_prompts[index]))
+
+    def null(self):
+        """The null image (a black image's tokens), as MCDM Conditioning makes it, at the first pair's size."""
+        import torch
+
+        if self.shape is None:
+            self.shape = image_file_tensor(self.examples[0].face).shape
+        return self.inputs(torch.zeros(self.shape))
+
+
 class TrainMCDM(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -60,41 +112,23 @@ class TrainMCDM(io.ComfyNode):
     @classmethod
     def execute(cls, model, mcdm, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
                 filename_prefix: str) -> io.NodeOutput:
-        import comfy.latent_formats
-        import torch
-
-        from ..attention.face_kv_training import find_examples
         from ..attention.mcdm import EmbeddingAdapter
-        from ..attention.mcdm_training import ImageInputs, Pair, save, train_mcdm
+        from ..attention.mcdm_training import save, train_mcdm
 
         require_model_family(model)
         encoder = mcdm.image_encoder
         require(encoder is not None, "mcdm", mcdm.names.get("clip_vision"),
                 "an MCDM loaded with a CLIP ViT-B/32 (clip_vision_name) for the adapter's image tokens")
-        latent_format = comfy.latent_formats.SD15()
-
-        def inputs(pixels) -> ImageInputs:
-            return ImageInputs(latent_format.process_in(vae.encode(pixels)), encoder.tokens(pixels))
-
-        def text(prompt: str) -> list:
-            return clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-
-        pairs, black = [], None
-        for example in find_examples(dataset_folder(folder), SOURCE_SUFFIX):
-            target, source = image_file_tensor(example.image), image_file_tensor(example.face)
-            require(target.shape == source.shape, "folder", folder,
-                    f"pairs of equal size ({example.image.name} and {example.face.name} differ)")
-            pairs.append(Pair(inputs(source), inputs(target), text(example.caption),
-                              text(source_prompt(folder, example.face))))
-            black = torch.zeros_like(source) if black is None else black
-        null = inputs(black)  # the null image, as MCDM Conditioning makes it
+        reader = PairReader(folder, dataset_folder(folder), clip, vae, encoder)
+        pairs = [reader[index] for index in range(len(reader))]
+        null = reader.null()
         adapter = mcdm.adapter
         if adapter is None:
             width = model.model.model_config.unet_config["context_dim"]
             adapter = EmbeddingAdapter(width, 1024, null.clip_tokens.shape[1])
         progress = training_progress(steps)
         trained, trained_adapter, before, after = train_mcdm(
-            model, adapter, pairs, empty_text=text(""), null=null, steps=steps, learning_rate=learning_rate,
+            model, adapter, pairs, empty_text=reader.text(""), null=null, steps=steps, learning_rate=learning_rate,
             seed=seed, on_step=progress)
         unet_path = numbered_path(LIKENESS_FOLDER, filename_prefix)
         adapter_path = unet_path.with_name(unet_path.stem + ".adapter.safetensors")
