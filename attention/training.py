@@ -125,11 +125,15 @@ def shared(module: torch.nn.Module, world: World) -> torch.nn.Module:
     gradients over the processes (its weights start as rank 0's)."""
     if not world.distributed:
         return module
+    import warnings
+
     device = next(module.parameters()).device
     # broadcast_buffers off: buffers never train here, and a validation forward on one rank
-    # must not wait for the others.
-    return SharedModule(module, device_ids=[device.index] if device.type == "cuda" else None,
-                        broadcast_buffers=False)
+    # must not wait for the others (newer torch calls the flag deprecated but keeps its meaning).
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return SharedModule(module, device_ids=[device.index] if device.type == "cuda" else None,
+                            broadcast_buffers=False)
 
 
 def unwrapped(module: torch.nn.Module) -> torch.nn.Module:

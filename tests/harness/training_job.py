@@ -1,0 +1,91 @@
+"""jobs/train.py's inputs and commands, for its tests and for the throughput figures of the README's
+"At scale" (tests/benchmark.py --training): a pairs folder of smooth random images, the tiny SD1.5
+checkpoint, the tiny B/32 tower and MCDM adapter."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .paths import REPO
+
+JOB = REPO / "jobs" / "train.py"
+TINY_JOB = Path(__file__).resolve().parent / "tiny_train_job.py"  # JOB, with the tiny model configs registered
+
+
+def write_pairs(folder: Path, count: int, size: int = 64) -> Path:
+    """pair_NNNNN.png / .source.png / .txt / .source.txt, each image a different smooth random one."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        for suffix, seed, text in (("", 2 * index, "a man in a suit"), (".source", 2 * index + 1, "a man")):
+            coarse = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+            image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear")[0].movedim(0, -1)
+            Image.fromarray((image * 255).byte().numpy()).save(folder / f"pair_{index:05d}{suffix}.png")
+            (folder / f"pair_{index:05d}{suffix}.txt").write_text(text)
+    return folder
+
+
+def training_inputs(root: Path, sd15_checkpoint: Path, pairs: int = 6) -> dict[str, Path]:
+    """Everything jobs/train.py mcdm reads, under ``root``."""
+    import tiny_mcdm
+
+    files = tiny_mcdm.write(root / "models")
+    return {"checkpoint": Path(sd15_checkpoint), "clip_vision": root / "models" / "clip_vision" / files["clip_vision"],
+            "adapter": root / "models" / "likeness" / files["adapter"], "folder": write_pairs(root / "pairs", pairs)}
+
+
+def job_command(comfyui: Path, inputs: dict[str, Path], output: Path, *, processes: int, steps: int, batch: int = 1,
+                accumulate: int = 1, checkpoint_every: int = 1, learning_rate: float = 1e-3, seed: int = 7,
+                validation: int = 2, resume: bool = False) -> list[str]:
+    """torchrun with ``processes`` processes on this machine; 0: plain python, no torchrun."""
+    launcher = [sys.executable] if processes == 0 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command = [*launcher, str(TINY_JOB), "mcdm", "--comfyui", str(comfyui), "--checkpoint", str(inputs["checkpoint"]),
+               "--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
+               "--folder", str(inputs["folder"]), "--steps", str(steps), "--batch", str(batch),
+               "--accumulate", str(accumulate), "--checkpoint-every", str(checkpoint_every),
+               "--learning-rate", str(learning_rate), "--seed", str(seed), "--validation", str(validation),
+               "--output", str(output)]
+    return command + (["--resume"] if resume else [])
+
+
+def one_thread_each() -> dict[str, str]:
+    """Each process held to one CPU thread, as each would hold one GPU."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def run_job(command: list[str], timeout: float = 900, env: dict | None = None) -> str:
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env or one_thread_each())
+    if done.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-4000:]}\n"
+                             f"{done.stderr[-8000:]}")
+    return done.stdout
+
+
+def step_losses(output: Path) -> dict[int, float]:
+    """The global batch loss of each checkpointed step (rank 0's .json files)."""
+    return {json.loads(path.read_text())["step"]: json.loads(path.read_text())["loss"]
+            for path in sorted((output / "checkpoints").glob("step_*.json"))}
+
+
+def steps_per_second(comfyui: Path, inputs: dict[str, Path], root: Path, processes: int, steps: int = 12,
+                     batch: int = 1) -> float:
+    """Optimiser steps per second of one job (a global batch of processes × batch pairs), from rank
+    0's own progress lines: the loading before step 1 and the first step (pairs read, first calls)
+    are not counted."""
+    output = root / f"rate-{processes}-{batch}-{time.monotonic_ns()}"
+    stdout = run_job(job_command(comfyui, inputs, output, processes=processes, steps=steps, batch=batch,
+                                 checkpoint_every=steps, validation=0))
+    # "step k/N loss L m s/step": m is the mean since the loop began, so k·m is the time at step k
+    at = {int(line.split()[1].split("/")[0]): float(line.split()[4]) for line in stdout.splitlines()
+          if line.startswith("step ")}
+    at = {k: k * mean for k, mean in at.items()}
+    return (steps - 2) / (at[steps] - at[2])

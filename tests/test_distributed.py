@@ -1,0 +1,127 @@
+"""jobs/train.py under torchrun (CPU, gloo, two processes) against itself in one process: the same
+step on a split global batch, the same end after an interruption and --resume, and files that
+Likeness MCDM Loader reads. The expected weights come from another run of the job, never from
+the loop's own arithmetic: what is proven is that splitting and resuming change nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import tiny_mcdm
+from harness.training_job import job_command, one_thread_each, run_job, step_losses, training_inputs
+
+pytestmark = pytest.mark.slow  # each job starts ComfyUI in every process: seconds, not milliseconds
+
+LEARNING_RATE = 1e-3
+
+
+@pytest.fixture(scope="module")
+def inputs(base_directory, tiny_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("training-job")
+    return training_inputs(root, base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"])
+
+
+@pytest.fixture(scope="module")
+def comfyui(host):
+    return host.comfyui
+
+
+@pytest.fixture(scope="module")
+def one_step_runs(comfyui, inputs, tmp_path_factory):
+    """One step of: two processes with a batch of 1; one process with a batch of 2 (the combined
+    global batch); one process with a batch of 1 (position 0 alone)."""
+    root = tmp_path_factory.mktemp("one-step")
+    runs = {"two_processes": (2, 1), "one_process_batch_2": (0, 2), "position_0_alone": (0, 1)}
+    for name, (processes, batch) in runs.items():
+        run_job(job_command(comfyui, inputs, root / name, processes=processes, steps=1, batch=batch,
+                            learning_rate=LEARNING_RATE))
+    return {name: root / name for name in runs}
+
+
+def weights(output, name="mcdm"):
+    return {**load_file(str(output / f"{name}.safetensors")),
+            **{f"adapter.{k}": v for k, v in load_file(str(output / f"{name}.adapter.safetensors")).items()}}
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def test_one_step_on_two_processes_equals_one_process_on_the_combined_batch(one_step_runs):
+    two, combined, alone = (weights(one_step_runs[name]) for name in
+                            ("two_processes", "one_process_batch_2", "position_0_alone"))
+    # AdamW's first step moves a weight by about lr·sign(gradient): the split run must agree far
+    # below that, and the run without rank 1's example must not.
+    assert largest_difference(two, combined) < 1e-3 * LEARNING_RATE
+    assert largest_difference(two, alone) > 0.5 * LEARNING_RATE
+    # the loss rank 0 reports is the mean over the whole global batch, not its own half
+    losses = {name: step_losses(output)[1] for name, output in one_step_runs.items()}
+    assert losses["two_processes"] == pytest.approx(losses["one_process_batch_2"], rel=1e-6)
+
+
+def test_an_interrupted_and_resumed_run_ends_where_an_uninterrupted_one_does(comfyui, inputs, tmp_path):
+    steps = 6
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    run_job(job_command(comfyui, inputs, whole, processes=2, steps=steps, checkpoint_every=3))
+    # stopped (SIGTERM to torchrun and its workers) once the step-2 checkpoint is whole
+    command = job_command(comfyui, inputs, broken, processes=2, steps=steps, checkpoint_every=1)
+    running = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=one_thread_each(),
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (broken / "checkpoints" / "step_00000002.json").exists():
+            assert running.poll() is None, "the run ended before its step-2 checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(running.pid, signal.SIGTERM)
+        running.wait(timeout=120)
+    finally:
+        if running.poll() is None:
+            os.killpg(running.pid, signal.SIGKILL)
+    assert not (broken / "mcdm.safetensors").exists(), "the run finished before it was stopped"
+    stopped_at = max(step_losses(broken))
+    assert 2 <= stopped_at < steps
+    # a resume must keep the global batch: refused by name, before any training
+    refused = subprocess.run(job_command(comfyui, inputs, broken, processes=0, steps=steps, batch=3, resume=True),
+                             capture_output=True, text=True, timeout=300, env=one_thread_each())
+    assert refused.returncode != 0 and "global_batch was 2, now 3" in refused.stderr
+    stdout = run_job(job_command(comfyui, inputs, broken, processes=2, steps=steps, checkpoint_every=1, resume=True))
+    assert f"steps {stopped_at}..{steps}" in stdout  # it continued, it did not start again
+    resumed, uninterrupted = weights(broken), weights(whole)
+    start = weights(broken / "checkpoints", f"step_{stopped_at:08d}")
+    assert largest_difference(resumed, start) > 0.5 * LEARNING_RATE  # the resumed steps did train
+    for key in uninterrupted:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert step_losses(broken)[steps] == step_losses(whole)[steps]
+    optimiser = torch.load(broken / "checkpoints" / f"step_{steps:08d}.optimizer.pt", weights_only=True)
+    assert len(optimiser["state"]) == len(uninterrupted)  # one AdamW state per trained tensor (UNet + adapter)
+
+
+def test_the_written_files_load_in_the_mcdm_loader(comfy, base_directory, one_step_runs):
+    files = tiny_mcdm.write(base_directory / "models")  # the B/32 tower in models/clip_vision/
+    likeness = base_directory / "models" / "likeness"
+    output = one_step_runs["two_processes"]
+    for source, name in ((output / "mcdm", "distributed_final"),
+                         (output / "checkpoints" / "step_00000001", "distributed_step_1")):
+        for suffix in (".safetensors", ".adapter.safetensors"):
+            link = likeness / f"{name}{suffix}"
+            if not link.exists():
+                link.symlink_to(f"{source}{suffix}")
+        model, state = comfy.run_node("LikenessMCDMLoader", unet_name=f"{name}.safetensors",
+                                      adapter_name=f"{name}.adapter.safetensors",
+                                      clip_vision_name=files["clip_vision"])
+        written = weights(output) if name == "distributed_final" else weights(output / "checkpoints", "step_00000001")
+        loaded = model.model.diffusion_model.state_dict()
+        assert loaded["input_blocks.0.0.weight"].shape[1] == 8
+        for key, value in loaded.items():
+            assert torch.equal(value.float(), written[key]), key
+        for key, value in state.adapter.state_dict().items():
+            assert torch.equal(value.float(), written[f"adapter.{key}"]), key
