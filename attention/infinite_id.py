@@ -24,6 +24,16 @@ the tokens instead is kept as an option.
 
 The result is ε_text + weight·(ε_id − ε_text): weight 1 is the identity
 stream's prediction (the paper), 0 the text-only model exactly.
+
+Identities in regions: an identity with a mask M is confined to it. Its
+prediction is blended in by M resized to the latent, ε_text + weight·M·(ε_id −
+ε_text), and in its stream the image cross-attention is restricted to the
+queries inside M on each layer's token grid (M > 0.5 there): a query outside
+gives its image tokens exactly zero weight (it attends to one null key of
+value 0 instead) and reads the text cross-attention only. Chained nodes add
+identities to one patch: one text stream, then one identity stream per person
+(each reads only its own tokens), ε_text + Σ_i weight_i·M_i·(ε_id,i − ε_text);
+with complementary masks each region is its own person's stream exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ import torch.nn.functional as F
 
 from .adain import adain_mean
 from .faceid_lora import FaceIDLoRA
+from .masks import mask_to_tokens
 from .rows import UNCOND, row_mask
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
@@ -43,6 +54,8 @@ from .unet_layers import BlockKey
 # transformer_options keys: which stream a UNet call is, and the text stream's K_t/V_t per layer.
 TEXT_STREAM = "likeness_infinite_id_text_stream"
 IDENTITY_STREAM = "likeness_infinite_id_identity_stream"
+# Which identity (its InfiniteID settings) the identity stream of this call runs for.
+ACTIVE_IDENTITY = "likeness_infinite_id_active"
 # Per block call: the identity stream's attention inputs and outputs the LoRA needs. ComfyUI gives
 # the patches of one block call one extra_options dict; processors may see copies of it, so the
 # value is a dict that every copy shares.
@@ -92,14 +105,34 @@ def mixed_attention(q, k_id, v_id, k_t, v_t, extra_options, attend, *, mixed: bo
 
 
 def merged_cross_attention(q, k_img, v_img, k_t, v_t, extra_options, attend, *, merge: bool, align: bool,
-                           image_bias: torch.Tensor | None = None):
+                           image_bias: torch.Tensor | None = None, region: torch.Tensor | None = None):
     """Eq. 6 (and Eq. 7's second line): image cross-attention, plus the text's when merging.
-    ``image_bias`` (keys,) is added to the image tokens' logits (stacked identities' weights)."""
+    ``image_bias`` (keys,) is added to the image tokens' logits (stacked identities' weights).
+    ``region`` (queries,) booleans: only the queries inside attend to the image tokens; those
+    outside give them exactly zero weight and read the text cross-attention alone."""
     if align:
         k_img, v_img = adain_mean(k_img, k_t), adain_mean(v_img, v_t)
-    mask = None if image_bias is None else image_bias.to(q).view(1, 1, -1)
-    out = attend(q, k_img, v_img, extra_options, mask=mask)
-    return out + attend(q, k_t, v_t, extra_options) if merge else out
+    if region is None:
+        mask = None if image_bias is None else image_bias.to(q).view(1, 1, -1)
+        out = attend(q, k_img, v_img, extra_options, mask=mask)
+        return out + attend(q, k_t, v_t, extra_options) if merge else out
+    k_null, v_null = k_img.new_zeros(k_img.shape[0], 1, k_img.shape[2]), v_img.new_zeros(v_img.shape[0], 1, v_img.shape[2])
+    out = attend(q, torch.cat([k_img, k_null], 1), torch.cat([v_img, v_null], 1), extra_options,
+                 mask=region_bias(region, k_img.shape[1], image_bias).to(q))
+    text = attend(q, k_t, v_t, extra_options)
+    return out + (text if merge else text * (~region).view(1, -1, 1).to(text))
+
+
+def region_bias(region: torch.Tensor, image_tokens: int, image_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """(1, queries, image_tokens + 1) additive bias over [image tokens; null key]: a query inside the
+    region sees the image tokens (plus ``image_bias``) and never the null key; one outside sees only
+    the null key, whose value is 0, so its image attention is exactly 0 (and never a softmax of all −inf)."""
+    inside = region.view(-1, 1)
+    image = torch.where(inside, 0.0, float("-inf")).expand(-1, image_tokens)
+    if image_bias is not None:
+        image = image + image_bias.to(image).view(1, -1)
+    null = torch.where(inside, float("-inf"), 0.0)
+    return torch.cat([image, null], 1).unsqueeze(0)
 
 
 @dataclass
@@ -116,6 +149,7 @@ class InfiniteID:
     cross_attention_merge: bool = True
     adain_mean: bool = False
     sigma_range: SigmaRange = field(default_factory=SigmaRange.always)
+    mask: torch.Tensor | None = None  # (H, W) this identity's region, any size; None = everywhere
     _kv_on_device: dict = field(default_factory=dict, repr=False)
 
     def __deepcopy__(self, memo):
@@ -137,6 +171,28 @@ class InfiniteID:
     def active(self, extra_options: dict) -> bool:
         return self.weight > 0 and self.sigma_range.active(extra_options)
 
+    def blend(self, x: torch.Tensor) -> float | torch.Tensor | None:
+        """weight·M on the latent grid of ``x`` (rows, C, h, w): the plain weight where the mask is
+        absent or 1 everywhere, None where it is 0 everywhere (the stream need not run)."""
+        if self.mask is None:
+            return self.weight
+        height, width = x.shape[-2:]
+        m = mask_to_tokens(self.mask, x.shape, height * width, device=x.device)[0]
+        if not bool((m > 0).any()):
+            return None
+        if bool((m == 1).all()):
+            return self.weight
+        return (self.weight * m).view(1, 1, height, width).to(x.dtype)
+
+    def region(self, extra_options: dict, queries: int, device) -> torch.Tensor | None:
+        """(queries,) booleans, this identity's region on the layer's token grid; None: everywhere."""
+        if self.mask is None:
+            return None
+        # The layer's own grid (odd sizes round up at each stride-2 step, down to 1x1).
+        grid = extra_options.get("activations_shape", extra_options["original_shape"])
+        inside = mask_to_tokens(self.mask, grid, queries, device=device)[0] > 0.5
+        return None if bool(inside.all()) else inside
+
 
 def _key(extra_options: dict) -> BlockKey | None:
     block = extra_options.get("block")
@@ -144,23 +200,35 @@ def _key(extra_options: dict) -> BlockKey | None:
 
 
 class InfiniteIDWrapper:
-    """DIFFUSION_MODEL wrapper: the text stream's call, the identity stream's, then the weighted prediction."""
+    """DIFFUSION_MODEL wrapper: the text stream's call, one identity stream's per active identity,
+    then ε_text + Σ_i weight_i·M_i·(ε_id,i − ε_text)."""
 
-    def __init__(self, settings: InfiniteID) -> None:
-        self.settings = settings
+    def __init__(self, identities: list[InfiniteID]) -> None:
+        self.identities = list(identities)
 
     def __deepcopy__(self, memo):
         return self
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        if (not self.settings.active(transformer_options) or current_sigma(transformer_options) is None
-                or transformer_options.get(AUXILIARY_PASS)):
+        if current_sigma(transformer_options) is None or transformer_options.get(AUXILIARY_PASS):
+            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
+        blends = [(s, s.blend(x)) for s in self.identities if s.active(transformer_options)]
+        blends = [(s, b) for s, b in blends if b is not None]
+        if not blends:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         text_kv: dict = {}
         text = executor(x, timesteps, context, y, control, {**transformer_options, TEXT_STREAM: text_kv}, **kwargs)
-        identity = executor(x, timesteps, context, y, control, {**transformer_options, IDENTITY_STREAM: text_kv},
-                            **kwargs)
-        return text + self.settings.weight * (identity - text)
+        out = text
+        for settings, blend in blends:
+            identity = executor(x, timesteps, context, y, control,
+                                {**transformer_options, IDENTITY_STREAM: text_kv, ACTIVE_IDENTITY: settings},
+                                **kwargs)
+            out = out + blend * (identity - text)
+        return out
+
+
+def _runs_for(settings: InfiniteID, extra_options: dict) -> bool:
+    return extra_options.get(ACTIVE_IDENTITY) is settings
 
 
 def _lora_inputs(settings: InfiniteID, kind: str, key: BlockKey, extra_options: dict):
@@ -203,7 +271,7 @@ class MixedAttentionProcessor:
         if text_kv is not None:
             text_kv[key] = (k, v)
         identity_of = extra_options.get(IDENTITY_STREAM)
-        if identity_of is None or key not in identity_of:
+        if identity_of is None or key not in identity_of or not _runs_for(self.settings, extra_options):
             return attend(q, k, v, extra_options)
         s = self.settings
         k_t, v_t = identity_of[key]
@@ -231,7 +299,7 @@ class CrossAttentionMergeProcessor:
     def __call__(self, q, k, v, extra_options, attend):
         key = _key(extra_options)
         s = self.settings
-        if IDENTITY_STREAM not in extra_options or key not in s.kv:
+        if IDENTITY_STREAM not in extra_options or key not in s.kv or not _runs_for(s, extra_options):
             return attend(q, k, v, extra_options)
         uncond = row_mask(UNCOND, extra_options["cond_or_uncond"], q.shape[0], device=q.device)
         tokens = torch.where(uncond.view(-1, 1, 1), s.uncond_tokens.to(q), s.tokens.to(q))
@@ -240,7 +308,8 @@ class CrossAttentionMergeProcessor:
         inputs = _lora_inputs(s, "attn2", key, extra_options)
         q, k, v = _with_lora(s, "attn2", key, inputs, q, k, v)
         out = merged_cross_attention(q, k_img, v_img, k, v, extra_options, attend, merge=s.cross_attention_merge,
-                                     align=s.adain_mean, image_bias=s.token_bias)
+                                     align=s.adain_mean, image_bias=s.token_bias,
+                                     region=s.region(extra_options, q.shape[1], q.device))
         _keep_for_output(extra_options, "attn2", inputs, out)
         return out
 
@@ -272,6 +341,8 @@ class LoRAOutput:
         return self
 
     def __call__(self, n, extra_options):
+        if not _runs_for(self.settings, extra_options):
+            return n
         hidden = extra_options.get(LORA_STATE, {}).pop(f"{self.kind}_out", None)
         if hidden is None:
             return n
@@ -280,21 +351,27 @@ class LoRAOutput:
 
 
 def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
-    """A clone of ``model`` running Infinite-ID's two streams."""
+    """A clone of ``model`` running Infinite-ID's two streams; on a model that already runs
+    Infinite-ID, the identity is added (one text stream, one identity stream per identity)."""
     import comfy.patcher_extension
 
     from .dispatch import patched_clone
 
+    wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    existing = model.get_wrappers(wrapper_type, WRAPPER_KEY)
+    identities = [*existing[0].identities, settings] if existing else [settings]
     mixed, merge = MixedAttentionProcessor(settings), CrossAttentionMergeProcessor(settings)
     placements = [("attn1", key, mixed) for key in layers] + [("attn2", key, merge) for key in layers]
     patched = patched_clone(model, placements)
     if settings.lora is not None:
-        patched.set_model_attn1_patch(LoRAInputs("attn1"))
-        patched.set_model_attn2_patch(LoRAInputs("attn2"))
+        patches = patched.model_options["transformer_options"].get("patches", {})
+        for kind in ("attn1", "attn2"):
+            if not any(isinstance(p, LoRAInputs) and p.kind == kind for p in patches.get(f"{kind}_patch", [])):
+                getattr(patched, f"set_model_{kind}_patch")(LoRAInputs(kind))
         patched.set_model_attn1_output_patch(LoRAOutput(settings, "attn1"))
         patched.set_model_attn2_output_patch(LoRAOutput(settings, "attn2"))
-    patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 InfiniteIDWrapper(settings))
+    patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, InfiniteIDWrapper(identities))
     return patched
 
 

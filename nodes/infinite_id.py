@@ -10,7 +10,7 @@ import os
 
 from comfy_api.latest import io
 
-from .common import model_file_fingerprint, model_path, require, require_model_family
+from .common import model_file_fingerprint, model_path, require, require_mask, require_model_family
 from .face_analysis import FaceAnalysisType
 
 CATEGORY = "likeness/infinite_id"
@@ -174,6 +174,12 @@ class InfiniteID(io.ComfyNode):
                                tooltip="The identity stream acts from this point of the schedule."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="The identity stream acts until this point of the schedule."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="This person's region (any size; stretched onto the latent). The "
+                                      "prediction is the identity stream inside it and the text stream "
+                                      "outside (blended by the mask), and only queries inside it attend to "
+                                      "this person's tokens. Chain one node per person with separate masks "
+                                      "to place several people. Empty = the whole image."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model.")],
         )
@@ -182,7 +188,7 @@ class InfiniteID(io.ComfyNode):
     def execute(cls, model, id_adapter, analysis, clip_vision, image, weight: float, mixed_attention: bool,
                 cross_attention_merge: bool, adain_mean: bool, mix_weights: str, shortcut_scale: float,
                 start_percent: float, end_percent: float, mixing: str = "stack",
-                lora_scale: float = 1.0) -> io.NodeOutput:
+                lora_scale: float = 1.0, mask=None) -> io.NodeOutput:
         from ..attention import infinite_id
         from ..attention.schedule import SigmaRange, model_sampling_of
         from ..attention.unet_layers import attention_keys, diffusion_model_of
@@ -194,6 +200,11 @@ class InfiniteID(io.ComfyNode):
         require(not missing and len(keys) == len(id_adapter.kv_weights), "id_adapter", id_adapter.kind,
                 f"an adapter for this model's {len(keys)} cross-attention layers (it has "
                 f"{len(id_adapter.kv_weights)}; SD1.5 adapters have 16, SDXL ones 70)")
+        if mask is not None:
+            require_mask(mask, purpose="where this person goes")
+            require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
+                    "one mask, (H, W) or (1, H, W): this person's region")
+            mask = mask.reshape(mask.shape[-2:]).float().clamp(0, 1)
         weights = infinite_id.parse_mix_weights(mix_weights, image.shape[0])
         # FaceID-PlusV2 reads CLIP from the aligned 224 face crop, ArcFace from its own 112 crop.
         faces, _, _, embeddings = crop_faces(analysis, image, crop_size=224)
@@ -209,7 +220,7 @@ class InfiniteID(io.ComfyNode):
             tokens=found.tokens, uncond_tokens=found.uncond, token_bias=found.bias, lora=lora,
             kv=id_adapter.kv_weights, weight=weight,
             mixed_attention=mixed_attention, cross_attention_merge=cross_attention_merge, adain_mean=adain_mean,
-            sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent))
+            sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent), mask=mask)
         return io.NodeOutput(infinite_id.apply_infinite_id(model, settings, keys))
 
 
