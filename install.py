@@ -120,6 +120,9 @@ MODEL_FILES = (
      "url": f"{HF}/ByteDance/feature-preserve-portrait-editing/resolve/main/portrait_editing_models/outfit/"
             "checkpoint-200000/adapter.pth",
      "what": "the released outfit-editing MCDM embedding adapter (ByteDance)"},
+    {"name": "open_clip_pytorch_model.bin", "directory": "open_clip",
+     "url": f"{HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/open_clip_pytorch_model.bin",
+     "what": "open_clip ViT-H/14 (LAION-2B), the CLIP-I/CLIP-T scores' model (architecture ViT-H-14)"},
 )
 # insightface's packs come as one zip from its GitHub release, with the pack's name as the node's
 # value: they are listed once per workflow (the workflow's top-level "models").

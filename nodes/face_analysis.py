@@ -165,33 +165,39 @@ class FaceSimilarity(io.ComfyNode):
 
     @classmethod
     def execute(cls, analysis: FaceAnalyzer, reference, images, no_face: str) -> io.NodeOutput:
-        import numpy as np
+        return io.NodeOutput(*face_similarity(analysis, reference, images, no_face))
 
-        from .face_backend import align
 
-        rec_size = analysis.recognition_size()
+def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "zero") -> tuple[float, str]:
+    """FaceSim: the mean ArcFace cosine of each image's largest face against every reference face,
+    and a report. Shared by Face Similarity and the sweep grid."""
+    import numpy as np
 
-        def embedding(pixels, face):
-            return analysis.embed(align(pixels, face.kps, rec_size)).astype(np.float64)
+    from .face_backend import align
 
-        references = np.stack([embedding(p, faces[0]) for p, faces in _largest_faces(analysis, reference,
-                                                                                        "reference")])
-        scores, lines = [], []
-        for i, (pixels, faces) in enumerate(_largest_faces(analysis, images, "images", on_missing=no_face)):
-            if not faces:
-                lines.append(f"image {i}: no face" + (", counted as 0" if no_face == "zero" else ", left out"))
-                if no_face == "zero":
-                    scores.append(0.0)
-                continue
-            score = float((references @ embedding(pixels, faces[0])).mean())
-            scores.append(score)
-            x1, y1, x2, y2 = (int(round(v)) for v in faces[0].bbox)
-            lines.append(f"image {i}: {score:.4f} (face {x2 - x1}×{y2 - y1} px at {x1},{y1}; "
-                         f"{len(faces)} face(s) found)")
-        mean = float(np.mean(scores)) if scores else 0.0
-        lines.append(f"FaceSim ({analysis.name}, {len(references)} reference(s)): {mean:.4f} over "
-                     f"{len(scores)} of {len(images)} image(s)")
-        return io.NodeOutput(mean, "\n".join(lines))
+    rec_size = analysis.recognition_size()
+
+    def embedding(pixels, face):
+        return analysis.embed(align(pixels, face.kps, rec_size)).astype(np.float64)
+
+    references = np.stack([embedding(p, faces[0]) for p, faces in _largest_faces(analysis, reference,
+                                                                                    "reference")])
+    scores, lines = [], []
+    for i, (pixels, faces) in enumerate(_largest_faces(analysis, images, "images", on_missing=no_face)):
+        if not faces:
+            lines.append(f"image {i}: no face" + (", counted as 0" if no_face == "zero" else ", left out"))
+            if no_face == "zero":
+                scores.append(0.0)
+            continue
+        score = float((references @ embedding(pixels, faces[0])).mean())
+        scores.append(score)
+        x1, y1, x2, y2 = (int(round(v)) for v in faces[0].bbox)
+        lines.append(f"image {i}: {score:.4f} (face {x2 - x1}×{y2 - y1} px at {x1},{y1}; "
+                     f"{len(faces)} face(s) found)")
+    mean = float(np.mean(scores)) if scores else 0.0
+    lines.append(f"FaceSim ({analysis.name}, {len(references)} reference(s)): {mean:.4f} over "
+                 f"{len(scores)} of {len(images)} image(s)")
+    return mean, "\n".join(lines)
 
 
 NODES = [FaceAnalysis, FaceCrop, FaceSimilarity]

@@ -41,6 +41,11 @@ def load_open_clip(path: str, architecture: str, stamp: tuple = ()):
     return model, preprocess, open_clip.get_tokenizer(architecture)
 
 
+def checkpoint_fingerprint(checkpoint: str) -> tuple:
+    """The checkpoint's and its .json config's fingerprint: a replaced file loads and scores again."""
+    return model_file_fingerprint(OPEN_CLIP_FOLDER, checkpoint, str(Path(checkpoint).with_suffix(".json")))
+
+
 def _pil_images(images):
     import numpy as np
     from PIL import Image
@@ -76,25 +81,32 @@ class CLIPScore(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, checkpoint: str, **_) -> tuple:
-        json_config = str(Path(checkpoint).with_suffix(".json"))
-        return model_file_fingerprint(OPEN_CLIP_FOLDER, checkpoint, json_config)
+        return checkpoint_fingerprint(checkpoint)
 
     @classmethod
     def execute(cls, checkpoint: str, architecture: str, images, reference=None, text: str = "") -> io.NodeOutput:
-        import torch
-
-        path = model_path(OPEN_CLIP_FOLDER, "checkpoint", checkpoint, f"a file in models/{OPEN_CLIP_FOLDER}/")
-        model, preprocess, tokenizer = load_open_clip(path, architecture, cls.fingerprint_inputs(checkpoint))
-        with torch.no_grad():
-            embed = lambda batch: model.encode_image(torch.stack([preprocess(p) for p in _pil_images(batch)]))  # noqa: E731
-            image_features = embed(images)
-            clip_i = cosine_matrix(image_features, embed(reference)).mean(1) if reference is not None else None
-            clip_t = cosine_matrix(image_features, model.encode_text(tokenizer([text])))[:, 0] if text else None
-        lines = [f"image {i}: CLIP-I {'-' if clip_i is None else f'{clip_i[i]:.4f}'}, "
-                 f"CLIP-T {'-' if clip_t is None else f'{clip_t[i]:.4f}'}" for i in range(images.shape[0])]
-        return io.NodeOutput(0.0 if clip_i is None else float(clip_i.mean()),
-                             0.0 if clip_t is None else float(clip_t.mean()), "\n".join(lines),
+        clip_i, clip_t, lines = clip_scores(checkpoint, architecture, images, reference, text)
+        return io.NodeOutput(0.0 if clip_i is None else clip_i, 0.0 if clip_t is None else clip_t, "\n".join(lines),
                              ui={"text": lines})
+
+
+def clip_scores(checkpoint: str, architecture: str, images, reference=None, text: str = "",
+                input_name: str = "checkpoint") -> tuple[float | None, float | None, list[str]]:
+    """Mean CLIP-I against ``reference`` (None without one), mean CLIP-T against ``text`` (None
+    without it) and one report line per image. Shared by CLIP Score and the sweep grid."""
+    import torch
+
+    path = model_path(OPEN_CLIP_FOLDER, input_name, checkpoint, f"a file in models/{OPEN_CLIP_FOLDER}/")
+    model, preprocess, tokenizer = load_open_clip(path, architecture, checkpoint_fingerprint(checkpoint))
+    with torch.no_grad():
+        embed = lambda batch: model.encode_image(torch.stack([preprocess(p) for p in _pil_images(batch)]))  # noqa: E731
+        image_features = embed(images)
+        clip_i = cosine_matrix(image_features, embed(reference)).mean(1) if reference is not None else None
+        clip_t = cosine_matrix(image_features, model.encode_text(tokenizer([text])))[:, 0] if text else None
+    lines = [f"image {i}: CLIP-I {'-' if clip_i is None else f'{clip_i[i]:.4f}'}, "
+             f"CLIP-T {'-' if clip_t is None else f'{clip_t[i]:.4f}'}" for i in range(images.shape[0])]
+    return (None if clip_i is None else float(clip_i.mean()), None if clip_t is None else float(clip_t.mean()),
+            lines)
 
 
 NODES = [CLIPScore]

@@ -93,3 +93,45 @@ def loss_curve(losses: list[float], before: float, after: float, title: str):
                           "validation loss": [(0, before), (max(steps - 1, 0), after)]},
                          title=title, x_label="step", y_label="loss")
     return image
+
+
+def labelled_grid(columns: list[tuple[str, list]], *, padding: int = 4, line_height: int = 16):
+    """A ComfyUI IMAGE (1, H, W, 3) of images in columns, each column under its label (one or more
+    lines of text): ``columns`` is [(label, [image (h, w, 3) in 0..1, ...])]. Every cell takes the
+    size of the first image (others are resized to it). Returns the grid and each column's cells'
+    boxes ([[(x0, y0, x1, y1), ...], ...], in grid pixels) for tests."""
+    import numpy as np
+    import torch
+    from PIL import Image, ImageDraw
+
+    def picture(image) -> Image.Image:
+        pixels = (image.detach().float().cpu().numpy() * 255).round().clip(0, 255).astype(np.uint8)
+        return Image.fromarray(pixels[..., :3])
+
+    first = next(image for _, images in columns for image in images)
+    cell_w, cell_h = first.shape[1], first.shape[0]
+    label_font = font(line_height - 3)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    # A label wider than the cells widens its column, so no label runs into the next one.
+    widths = [max([cell_w] + [math.ceil(measure.textlength(text, font=label_font)) for text in label.splitlines()])
+              for label, _ in columns]
+    label_h = padding + line_height * max(len(label.splitlines()) or 1 for label, _ in columns)
+    rows = max(len(images) for _, images in columns)
+    grid = Image.new("RGB", (sum(widths) + padding * (len(columns) + 1), label_h + rows * (cell_h + padding) + padding),
+                     BACKGROUND)
+    draw = ImageDraw.Draw(grid)
+    boxes, x = [], padding
+    for (label, images), column_w in zip(columns, widths):
+        for line, text in enumerate(label.splitlines()):
+            draw.text((x, padding + line * line_height), text, fill=TEXT, font=label_font, anchor="la")
+        column = []
+        for r, image in enumerate(images):
+            y = label_h + r * (cell_h + padding)
+            cell = picture(image)
+            if cell.size != (cell_w, cell_h):
+                cell = cell.resize((cell_w, cell_h), Image.LANCZOS)
+            grid.paste(cell, (x, y))
+            column.append((x, y, x + cell_w, y + cell_h))
+        boxes.append(column)
+        x += column_w + padding
+    return torch.from_numpy(np.asarray(grid, dtype=np.float32) / 255.0)[None], boxes
