@@ -208,6 +208,33 @@ def scale_figures() -> dict:
     return paper_scale(full_sd15(tiny_models.initialise), full_sd15(tiny_models.initialise, in_channels=8))
 
 
+def training_figures(steps: int = 12) -> dict:
+    """Issue 13: jobs/train.py's optimiser steps per second on the tiny models, each process held to
+    one CPU thread (as each would hold one GPU): one process with a batch of 1 and of 2, and two
+    processes with a batch of 1 each (gloo) — the same global batch of 2 as one process's batch of 2."""
+    _attention_modules(("unet_layers",))
+    import tiny_models
+    from harness.paths import cache_root
+    from harness.training_job import steps_per_second, training_inputs
+
+    tiny_models.register()
+    checkpoints = tiny_models.write_checkpoints(cache_root() / f"tiny-{tiny_models.recipe_digest()}")
+    comfyui = host_root_comfyui()
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        inputs = training_inputs(root, checkpoints["sd15"], pairs=8)
+        rates = {"one_process_batch_1": steps_per_second(comfyui, inputs, root, 0, steps, batch=1),
+                 "one_process_batch_2": steps_per_second(comfyui, inputs, root, 0, steps, batch=2),
+                 "two_processes_batch_1_each": steps_per_second(comfyui, inputs, root, 2, steps, batch=1)}
+    figures = {"steps": steps, "threads_per_process": 1, "pair_size": 64,
+               "steps_per_second": {k: round(v, 3) for k, v in rates.items()}}
+    figures["two_processes_over_one_same_global_batch"] = round(
+        rates["two_processes_batch_1_each"] / rates["one_process_batch_2"], 3)
+    figures["pairs_per_second_two_processes_over_one_process_batch_1"] = round(
+        2 * rates["two_processes_batch_1_each"] / rates["one_process_batch_1"], 3)
+    return figures
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -222,6 +249,9 @@ def main() -> int:
         return 0
     if "--pairs" in sys.argv:
         print(json.dumps({"pairs": pair_figures()}, indent=1))
+        return 0
+    if "--training" in sys.argv:
+        print(json.dumps({"training": training_figures()}, indent=1))
         return 0
     if "--scale" in sys.argv:
         print(json.dumps({"scale": scale_figures()}, indent=1))
