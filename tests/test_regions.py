@@ -1,0 +1,191 @@
+"""Identities in regions: Infinite-ID's MASK (and chained people) and FFA's MASK on the real host."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tiny_faceid
+import tiny_insightface
+import tiny_models
+from harness.sampling import encode, txt2img_latent
+from harness.workflows import TINY_FACE_PACK
+
+WEIGHT = 0.7  # an in-between weight: 0 and 1 are short-circuit points
+
+
+@pytest.fixture(scope="module")
+def modules(comfy):
+    return {name: comfy.pack(f"attention.{name}") for name in ("infinite_id", "dispatch", "unet_layers", "training")}
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def family(request, comfy, tiny_checkpoints):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[request.param])
+    return request.param, model, clip
+
+
+def stand_in(modules, model, seed, tokens=4):
+    """Image K/V weights (the layers' own text projections) and random identity tokens."""
+    layers = modules["unet_layers"]
+    unet = layers.diffusion_model_of(model)
+    keys = layers.attention_keys(unet)
+    kv = {k: (layers.transformer_block(unet, k).attn2.to_k.weight.detach().clone(),
+              layers.transformer_block(unet, k).attn2.to_v.weight.detach().clone()) for k in keys}
+    context = kv[keys[0]][0].shape[1]
+    return keys, kv, torch.randn(1, tokens, context, generator=torch.Generator().manual_seed(seed))
+
+
+def person(modules, model, seed, mask=None, weight=WEIGHT):
+    keys, kv, tokens = stand_in(modules, model, seed)
+    settings = modules["infinite_id"].InfiniteID(tokens=tokens, uncond_tokens=torch.zeros_like(tokens), kv=kv,
+                                                 weight=weight, mask=mask)
+    return settings, keys
+
+
+def patched(modules, model, *people):
+    """``model`` with one Infinite-ID node per (settings, keys), chained in order."""
+    for settings, keys in people:
+        model = modules["infinite_id"].apply_infinite_id(model, settings, keys)
+    return model
+
+
+def denoised(comfy, modules, model, patched_model, clip, latent_hw=(8, 8)):
+    """One batched cond+uncond x0 prediction, as a sampler makes it."""
+    positive, negative = encode(comfy, clip, "a portrait photo"), encode(comfy, clip, "blurry")
+    sigma = model.get_model_object("model_sampling").sigma(torch.tensor([500.0]))
+    noisy = torch.randn(1, 4, *latent_hw, generator=torch.Generator().manual_seed(2)) * sigma
+    with torch.no_grad():
+        return torch.cat(modules["training"].denoised_predictions(model, patched_model, [positive, negative], noisy,
+                                                                  sigma))
+
+
+def halves(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    left = torch.zeros(height, width)
+    left[:, : width // 2] = 1.0
+    return left, 1.0 - left
+
+
+def test_mask_of_ones_is_no_mask_and_zeros_the_unpatched_model(comfy, modules, family):
+    """Bit for bit: a mask of ones is 1 on the latent and on every grid, where the patch takes the
+    unmasked path by design; zeros leave every step's identity stream out."""
+    _, model, clip = family
+    plain = txt2img_latent(comfy, model, clip)
+    unmasked = txt2img_latent(comfy, patched(modules, model, person(modules, model, 1)), clip)
+    ones = txt2img_latent(comfy, patched(modules, model, person(modules, model, 1, torch.ones(37, 53))), clip)
+    assert torch.equal(ones, unmasked)
+    zeros = txt2img_latent(comfy, patched(modules, model, person(modules, model, 1, torch.zeros(37, 53))), clip)
+    assert torch.equal(zeros, plain)
+    left, _ = halves(64, 64)
+    half = txt2img_latent(comfy, patched(modules, model, person(modules, model, 1, left)), clip)
+    for other in (plain, unmasked):
+        assert (half - other).abs().max() > 1e-2 * other.abs().max()
+
+
+def test_prediction_is_the_mask_blend_of_identity_and_text_streams(comfy, modules, tiny_checkpoints):
+    """ε = ε_text + w·M·(ε_id − ε_text), M the mask on the latent grid, from separate runs of the
+    unpatched model (ε_text) and of the unmasked patch at weight 1 (ε_id). The mask's values are all
+    above 0.5, so no layer restricts its cross-attention and ε_id is the same stream."""
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    latent = torch.rand(8, 8, generator=torch.Generator().manual_seed(3)) * 0.45 + 0.55
+    mask = latent.repeat_interleave(8, 0).repeat_interleave(8, 1)  # 8x8 pixel blocks: the latent is its mean
+    text = denoised(comfy, modules, model, model, clip)
+    identity = denoised(comfy, modules, model, patched(modules, model, person(modules, model, 1, weight=1.0)), clip)
+    blended = denoised(comfy, modules, model, patched(modules, model, person(modules, model, 1, mask)), clip)
+    expected = text + WEIGHT * latent * (identity - text)
+    torch.testing.assert_close(blended, expected, rtol=1e-5, atol=1e-4)
+    assert (blended - (text + WEIGHT * (identity - text))).abs().max() > 1e-2 * text.abs().max()
+
+
+def test_chained_people_keep_both_identities(comfy, modules, family):
+    """Two chained nodes = one text stream and each person's own stream: their prediction is
+    single_A + single_B − text (neither overwrites the other), with complementary masks and without."""
+    _, model, clip = family
+    text = denoised(comfy, modules, model, model, clip, (9, 13))
+    for masks in (halves(72, 104), (None, None)):
+        a, b = person(modules, model, 1, masks[0]), person(modules, model, 2, masks[1], weight=0.4)
+        single_a = denoised(comfy, modules, model, patched(modules, model, a), clip, (9, 13))
+        single_b = denoised(comfy, modules, model, patched(modules, model, b), clip, (9, 13))
+        both = denoised(comfy, modules, model, patched(modules, model, a, b), clip, (9, 13))
+        torch.testing.assert_close(both, single_a + single_b - text, rtol=1e-5, atol=1e-4)
+        for single in (single_a, single_b):
+            assert (both - single).abs().max() > 1e-2 * single.abs().max()
+
+
+def expected_grids(height: int, width: int, count: int) -> list[tuple[int, int]]:
+    """The latent halved by stride-2 convolutions (odd sizes round up), by hand."""
+    grids = [(height, width)]
+    for _ in range(count - 1):
+        grids.append((math.ceil(grids[-1][0] / 2), math.ceil(grids[-1][1] / 2)))
+    return grids
+
+
+def pure_columns(grid_width: int, pixels: int) -> tuple[set[int], set[int]]:
+    """Grid columns whose pixels (area-averaged) lie wholly in the left half, and wholly in the right."""
+    left, right = set(), set()
+    for column in range(grid_width):
+        start, end = math.floor(column * pixels / grid_width), math.ceil((column + 1) * pixels / grid_width)
+        if end <= pixels // 2:
+            left.add(column)
+        if start >= pixels // 2:
+            right.add(column)
+    return left, right
+
+
+@pytest.mark.parametrize("latent_hw", [(8, 8), (9, 13)])
+def test_two_people_in_two_halves_see_only_their_own_tokens(comfy, modules, family, monkeypatch, latent_hw):
+    """A spy computes every identity stream's image attention weights by hand (softmax of q·kᵀ/√d
+    plus the patch's mask): in each person's stream a query in the other person's half gives its
+    image tokens exactly 0 (and person B's tokens never enter A's stream); a query in its own half
+    gives them all its attention. Every layer is seen, at the grid the latent's halvings give."""
+    kind, model, clip = family
+    infinite_id, dispatch = modules["infinite_id"], modules["dispatch"]
+    pixels_h, pixels_w = latent_hw[0] * 8, latent_hw[1] * 8
+    left, right = halves(pixels_h, pixels_w)
+    a, keys = person(modules, model, 1, left)
+    b, _ = person(modules, model, 2, right)
+    tokens = a.tokens.shape[1]
+    seen = []
+    original = dispatch.default_attention
+
+    def spy(q, k, v, extra_options, mask=None):
+        owner = extra_options.get(infinite_id.ACTIVE_IDENTITY)
+        if owner is not None and mask is not None and k.shape[1] == tokens + 1:
+            heads = extra_options["n_heads"]
+            split = lambda t: t.unflatten(-1, (heads, -1)).transpose(1, 2)  # noqa: E731
+            logits = split(q).float() @ split(k).float().transpose(-1, -2) / (q.shape[-1] // heads) ** 0.5
+            weights = (logits + mask.float().unsqueeze(1)).softmax(-1)  # (rows, heads, queries, keys)
+            block = extra_options["block"]
+            seen.append((owner, (block[0], block[1], extra_options.get("block_index", 0)), weights, k[:, :tokens]))
+        return original(q, k, v, extra_options, mask)
+
+    monkeypatch.setattr(dispatch, "default_attention", spy)
+    both = patched(modules, model, (a, keys), (b, keys))
+    denoised(comfy, modules, model, both, clip, latent_hw)
+    assert {id(owner) for owner, *_ in seen} == {id(a), id(b)}
+    grids = expected_grids(*latent_hw, 4)
+    for settings, own_tokens, own_side in ((a, a.tokens, 0), (b, b.tokens, 1)):
+        calls = [(key, w, k) for owner, key, w, k in seen if owner is settings]
+        # a half mask restricts every layer (a 1x1 grid averages 0.5: outside both halves)
+        assert {key for key, *_ in calls} == set(keys), kind
+        for key, weights, k_img in calls:
+            queries = weights.shape[2]
+            grid = next(g for g in grids if g[0] * g[1] == queries)
+            # the stream's image keys are its own person's tokens, never the other's
+            own_k = own_tokens @ settings.kv[key][0].T
+            # (cond rows: this person's tokens; uncond rows: the "no face" tokens, zeros here)
+            own_rows = [torch.allclose(row, own_k[0].to(row), rtol=1e-4, atol=1e-4) for row in k_img]
+            assert any(own_rows) and all(own or not row.any() for own, row in zip(own_rows, k_img))
+            sides = pure_columns(grid[1], pixels_w)
+            columns = torch.arange(queries) % grid[1]
+            inside = torch.tensor([int(c) in sides[own_side] for c in columns])
+            outside = torch.tensor([int(c) in sides[1 - own_side] for c in columns])
+            image, null = weights[..., :tokens], weights[..., tokens]
+            assert outside.any() or grid[1] == 1, (key, grid)
+            assert torch.equal(image[:, :, outside], torch.zeros_like(image[:, :, outside])), (key, grid)
+            assert torch.equal(null[:, :, outside], torch.ones_like(null[:, :, outside]))
+            assert torch.equal(null[:, :, inside], torch.zeros_like(null[:, :, inside]))
+            torch.testing.assert_close(image[:, :, inside].sum(-1), torch.ones_like(null[:, :, inside]))
+    assert len({key for _, key, *_ in seen}) == len(keys)
