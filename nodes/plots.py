@@ -81,7 +81,10 @@ def line_plot(series: dict[str, list[tuple[float, float]]], *, title: str, x_lab
             draw.line(pixels, fill=colour, width=2)
         for x, y in pixels:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
-        draw.text((left + 12, top + 8 + 18 * index), f"— {name}", fill=colour, font=font(13), anchor="lt")
+        # The legend's swatch is drawn, not typed: Pillow's bundled font has no dash glyph.
+        legend_y = top + 8 + 18 * index
+        draw.line([(left + 12, legend_y + 7), (left + 28, legend_y + 7)], fill=colour, width=2)
+        draw.text((left + 34, legend_y), name, fill=colour, font=font(13), anchor="lt")
         drawn[name] = pixels
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None], drawn
 
