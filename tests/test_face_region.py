@@ -265,3 +265,41 @@ def test_the_face_is_larger_in_the_crop_by_its_scale_measured_with_dlib(comfy, a
           f"({eyes[1] / eyes[0]:.2f}×)")
     assert eyes[1] / eyes[0] == pytest.approx(region.scale, rel=0.05)
     assert widths[1] / widths[0] == pytest.approx(region.scale, rel=0.2)
+
+
+def test_the_restoration_chain_on_a_tiny_model_changes_only_the_face_region(comfy, analysis, astronaut,
+                                                                            tiny_checkpoints):
+    """The workflow's restoration through real ComfyUI nodes (tiny SD1.5, 4 steps): the crop VAE-encoded,
+    inverted, AdaIN'd and FFA'd against a style, sampled, decoded and pasted back. Outside the mask the
+    stylised image is bit for bit the input; inside, the face region changed well beyond rounding."""
+    from skimage import data
+
+    model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    (empty,) = comfy.run_node("CLIPTextEncode", clip=clip, text="")
+    (positive,) = comfy.run_node("CLIPTextEncode", clip=clip, text="a portrait")
+
+    def invert(latent, capture):
+        return comfy.run_node("LikenessInvert", model=model, conditioning=empty, latent=latent, steps=4,
+                              capture=capture, layers="all", cache_on="auto", precision="fp16")
+
+    photo = F.interpolate(astronaut.movedim(-1, 1), size=(128, 128), mode="area").movedim(1, -1)
+    style = torch.from_numpy(data.coffee()[:, 100:500]).float().div(255)[None]
+    style = F.interpolate(style.movedim(-1, 1), size=(64, 64), mode="area").movedim(1, -1)
+    stylised = torch.rand(1, 128, 128, 3, generator=torch.Generator().manual_seed(3))  # stands in for MagicStyle's
+    crop, region, mask = region_crop(comfy, analysis, photo, margin=1.0, size=64, feather=4)
+    style_latent, style_features = invert(comfy.run_node("VAEEncode", pixels=style, vae=vae)[0], "kv")
+    content_latent, content_features = invert(comfy.run_node("VAEEncode", pixels=crop, vae=vae)[0], "qkv")
+    (latent,) = comfy.run_node("LikenessAdaINLatent", content=content_latent, style=style_latent)
+    (patched,) = comfy.run_node("LikenessFeatureFusionAttention", model=model, content=content_features,
+                                style=style_features, alpha=0.8, beta=0.2, temperature=1.0, layers="all",
+                                style_index=0, start_percent=0.0, end_percent=1.0)
+    (sampled,) = comfy.run_node("KSamplerAdvanced", model=patched, add_noise="disable", noise_seed=0, steps=4,
+                                cfg=1.0, sampler_name="euler", scheduler="ddim_uniform", positive=positive,
+                                negative=empty, latent_image=latent, start_at_step=0, end_at_step=10000,
+                                return_with_leftover_noise="disable")
+    (restored,) = comfy.run_node("VAEDecode", samples=sampled, vae=vae)
+    assert restored.shape == (1, 64, 64, 3) and torch.isfinite(restored).all()
+    back = paste_back(comfy, stylised, restored, region)
+    assert torch.equal(back[outside(mask)], stylised[outside(mask)])
+    inside = (mask == 1)[..., None].expand_as(back)
+    assert (back - stylised)[inside].abs().max() > 1e-2 * stylised.abs().max()
