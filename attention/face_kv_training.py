@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from .face_fusion import Identity, apply_face_fusion, reference_noise
 from .schedule import SigmaRange, model_sampling_of
-from .training import diffusion_loss, leave_inference_mode, normal_copy, optimise
+from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
+                       unwrapped)
 from .unet_layers import BlockKey, attention_keys, diffusion_model_of, transformer_block
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -91,25 +92,70 @@ def _loss(model, weights, batch: Batch, sigma: torch.Tensor, noise: torch.Tensor
     return diffusion_loss(model, apply_face_fusion(model, identity, layers), batch.target, batch.cond, sigma, noise)
 
 
-def train_face_kv(model, batches: list[Batch], *, steps: int, learning_rate: float, seed: int,
-                  on_step: Callable[[int, float], None] | None = None) -> tuple[dict, float, float]:
-    """(weights, validation loss before, after). ``on_step`` may raise to interrupt."""
+class Projections(torch.nn.Module):
+    """The trained Linear_kf / Linear_vf as one module, so DistributedDataParallel can average their
+    gradients: its forward hands the weights to the face patch (called once per example)."""
+
+    def __init__(self, weights: dict[BlockKey, tuple[torch.nn.Parameter, torch.nn.Parameter]]):
+        super().__init__()
+        self.keys = list(weights)
+        self.pairs = torch.nn.ParameterList([w for key in self.keys for w in weights[key]])
+
+    def forward(self) -> dict[BlockKey, tuple[torch.Tensor, torch.Tensor]]:
+        return {key: (self.pairs[2 * i], self.pairs[2 * i + 1]) for i, key in enumerate(self.keys)}
+
+
+class WithFaceNoise(Sequence):
+    """``batches`` (a list, or a sequence that reads each example when first asked, as jobs/train.py's
+    is) with each example's fixed face noise, made once when first drawn."""
+
+    def __init__(self, batches: Sequence[Batch], seed: int):
+        self.batches, self.seed, self.made = batches, seed, {}
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> Batch:
+        if index not in self.made:
+            batch = self.batches[index]
+            self.made[index] = replace(batch, face_noise=reference_noise(batch.face.shape,
+                                                                         face_noise_seed(self.seed, index)))
+        return self.made[index]
+
+
+def train_face_kv(model, batches: Sequence[Batch], *, steps: int, learning_rate: float, seed: int,
+                  on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
+                  world: World = World(), resume: Resume | None = None, initial: dict | None = None,
+                  on_checkpoint=None, validation: int | None = None) -> tuple[dict, float, float]:
+    """(weights, validation loss before, after). ``on_step`` may raise to interrupt. ``initial``:
+    weights to continue from (a checkpoint's); under torchrun (``world``) the projections train as
+    DistributedDataParallel; ``on_checkpoint(steps_done, weights, optimizer)`` runs after every step."""
     import comfy.model_management
 
     comfy.model_management.load_model_gpu(model)
     device = model.load_device
     layers = attention_keys(diffusion_model_of(model))
-    batches = [replace(batch, face_noise=reference_noise(batch.face.shape, face_noise_seed(seed, index)))
-               for index, batch in enumerate(batches)]
+    batches = WithFaceNoise(batches, seed)
     with torch.inference_mode(False), torch.enable_grad():
         leave_inference_mode(diffusion_model_of(model))
-        weights = {k: (torch.nn.Parameter(w_k.to(device)), torch.nn.Parameter(w_v.to(device)))
-                   for k, (w_k, w_v) in initial_projections(model, layers).items()}
+        start = initial if initial is not None else initial_projections(model, layers)
+        weights = {k: (torch.nn.Parameter(w_k.detach().float().clone().to(device)),
+                       torch.nn.Parameter(w_v.detach().float().clone().to(device)))
+                   for k, (w_k, w_v) in start.items()}
+        projections = shared(Projections(weights), world)
 
         def loss_of(batch: Batch, sigma, noise, generator=None) -> torch.Tensor:  # draws nothing of its own
-            return _loss(model, weights, _copied(batch), sigma.to(device), noise.to(device), layers)
+            return _loss(model, projections(), _copied(batch), sigma.to(device), noise.to(device), layers)
+
+        checkpoint = None
+        if on_checkpoint is not None:
+            def checkpoint(done: int, optimizer) -> None:
+                on_checkpoint(done, weights, optimizer)
 
         before, after = optimise(batches, loss_of, [p for pair in weights.values() for p in pair],
                                  model_sampling=model_sampling_of(model), steps=steps, learning_rate=learning_rate,
-                                 seed=seed, on_step=on_step)
+                                 seed=seed, on_step=on_step,
+                                 synced=[projections] if projections is not unwrapped(projections) else [],
+                                 batching=batching, world=world, device=device, resume=resume,
+                                 on_checkpoint=checkpoint, validation=validation)
     return {k: (w_k.detach().cpu(), w_v.detach().cpu()) for k, (w_k, w_v) in weights.items()}, before, after

@@ -35,11 +35,30 @@ PACK = "likeness_pack"  # the repository imported as a package under this name (
 CHECKPOINT_PREFIX = "step_"
 
 
+def common_arguments(command: argparse.ArgumentParser, default_rate: float, default_name: str) -> None:
+    command.add_argument("--comfyui", type=Path, required=True,
+                         help="the ComfyUI folder (its main.py) to use as a library")
+    command.add_argument("--steps", type=int, required=True,
+                         help="optimiser steps in all (a resumed run continues to it)")
+    command.add_argument("--batch", type=int, default=1, help="examples per process per micro-step (default 1)")
+    command.add_argument("--accumulate", type=int, default=1, help="micro-steps per optimiser step (default 1)")
+    command.add_argument("--learning-rate", type=float, default=default_rate,
+                         help=f"AdamW learning rate (default {default_rate:g})")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
+    command.add_argument("--validation", type=int, default=4,
+                         help="examples in the fixed validation set, evaluated before and after (default 4; 0: none)")
+    command.add_argument("--output", type=Path, required=True)
+    command.add_argument("--name", default=default_name, help=f"final file name (default {default_name})")
+    command.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+
+
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="trainer", required=True)
-    mcdm = commands.add_parser("mcdm", help="fine-tune an 8-channel MCDM UNet + embedding adapter on a pairs folder")
-    mcdm.add_argument("--comfyui", type=Path, required=True, help="the ComfyUI folder (its main.py) to use as a library")
+    mcdm = commands.add_parser("mcdm", help="fine-tune an 8-channel MCDM UNet + embedding adapter on a pairs folder "
+                               "(Likeness Train MCDM)")
+    common_arguments(mcdm, 1e-5, "mcdm")
     mcdm.add_argument("--checkpoint", type=Path, required=True,
                       help="SD1.5 checkpoint: CLIP, VAE, and the UNet to grow to 8 channels unless --unet is given")
     mcdm.add_argument("--unet", type=Path, help="an MCDM UNet to continue (unet.pth or a trained .safetensors)")
@@ -47,17 +66,11 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                       "without one a new adapter starts as the identity on the CLIP tokens")
     mcdm.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-B/32 (the adapter's image tower)")
     mcdm.add_argument("--folder", type=Path, required=True, help="a Likeness Save Pairs / jobs/make_pairs.py folder")
-    mcdm.add_argument("--steps", type=int, required=True, help="optimiser steps in all (a resumed run continues to it)")
-    mcdm.add_argument("--batch", type=int, default=1, help="pairs per process per micro-step (default 1)")
-    mcdm.add_argument("--accumulate", type=int, default=1, help="micro-steps per optimiser step (default 1)")
-    mcdm.add_argument("--learning-rate", type=float, default=1e-5, help="AdamW learning rate (default 1e-5)")
-    mcdm.add_argument("--seed", type=int, default=0)
-    mcdm.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
-    mcdm.add_argument("--validation", type=int, default=4,
-                      help="pairs in the fixed validation set, evaluated before and after (default 4; 0: none)")
-    mcdm.add_argument("--output", type=Path, required=True)
-    mcdm.add_argument("--name", default="mcdm", help="final file name: <name>.safetensors + <name>.adapter.safetensors")
-    mcdm.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
+    face_kv = commands.add_parser("face_kv", help="train Face Fusion's Linear_kf / Linear_vf, UNet frozen, on a "
+                                  "folder of <name>.png + <name>.face.png + <name>.txt (Likeness Train Face KV)")
+    common_arguments(face_kv, 1e-5, "face_kv")
+    face_kv.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
+    face_kv.add_argument("--folder", type=Path, required=True, help="the face training folder")
     parsed = parser.parse_args(argv)
     for name in ("steps", "batch", "accumulate", "checkpoint_every"):
         if getattr(parsed, name) < 1:
@@ -93,8 +106,9 @@ def import_pack():
 
 
 def checkpoint_files(output: Path, step: int) -> dict[str, Path]:
+    """A checkpoint's files; ``weights`` is the trainer's own file (the MCDM's UNet; face_kv's K/V)."""
     stem = output / "checkpoints" / f"{CHECKPOINT_PREFIX}{step:08d}"
-    return {"unet": stem.with_suffix(".safetensors"), "adapter": Path(f"{stem}.adapter.safetensors"),
+    return {"weights": stem.with_suffix(".safetensors"), "adapter": Path(f"{stem}.adapter.safetensors"),
             "optimizer": Path(f"{stem}.optimizer.pt"), "state": stem.with_suffix(".json")}
 
 
@@ -110,6 +124,34 @@ def config_of(args: argparse.Namespace, world_size: int) -> dict:
     """What a resumed run must share with the run it continues (the global batch, not its split)."""
     return {"trainer": args.trainer, "seed": args.seed, "learning_rate": args.learning_rate,
             "global_batch": world_size * args.batch * args.accumulate, "folder": str(args.folder.resolve())}
+
+
+def resume_point(args: argparse.Namespace, config: dict, device, training):
+    """(Resume, the checkpoint's files) of the latest checkpoint under --resume, else (None, None);
+    a checkpoint of a run with another seed, rate, global batch or folder is refused by name."""
+    import torch
+
+    if not args.resume or (last := latest_checkpoint(args.output)) is None:
+        return None, None
+    files = checkpoint_files(args.output, last)
+    saved = json.loads(files["state"].read_text())
+    differing = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
+    if differing:
+        raise SystemExit(f"--resume: {files['state']} was written by a different run: "
+                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differing.items())
+                         + " (the global batch is processes x --batch x --accumulate)")
+    return training.Resume(last, torch.load(files["optimizer"], map_location=device, weights_only=True)), files
+
+
+def write_state(files: dict[str, Path], optimizer: dict, state: dict) -> None:
+    """The optimiser's state, then the .json that makes the checkpoint count."""
+    import torch
+
+    atomic_path = import_pack()("attention.atomic").atomic_path
+    with atomic_path(files["optimizer"]) as partial:
+        torch.save(optimizer, partial)
+    with atomic_path(files["state"]) as partial:
+        Path(partial).write_text(json.dumps(state, indent=1))
 
 
 class Progress:
@@ -141,17 +183,10 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
 
     world = training.world_from_environment(device)
     config = config_of(args, world.size)
-    resume, first = None, 0
-    if args.resume and (last := latest_checkpoint(args.output)) is not None:
-        files = checkpoint_files(args.output, last)
-        saved = json.loads(files["state"].read_text())
-        differing = {k: (saved["config"].get(k), v) for k, v in config.items() if saved["config"].get(k) != v}
-        if differing:
-            raise SystemExit(f"--resume: {files['state']} was written by a different run: "
-                             + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in differing.items())
-                             + " (the global batch is processes x --batch x --accumulate)")
-        resume = training.Resume(last, torch.load(files["optimizer"], map_location=device, weights_only=True))
-        args.unet, args.adapter, first = files["unet"], files["adapter"], last
+    resume, files = resume_point(args, config, device, training)
+    first = 0 if resume is None else resume.step
+    if resume is not None:
+        args.unet, args.adapter = files["weights"], files["adapter"]
 
     with torch.inference_mode():
         # float32 UNets: the trainer's copy is float32, and a resumed run must start from the saved bits
@@ -204,23 +239,75 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
 def write_checkpoint(output: Path, step: int, unet: dict, adapter: dict, optimizer: dict, state: dict,
                      mcdm_training) -> None:
     """UNet + adapter in the loader's layout, the optimiser's state, then the .json that makes it count."""
-    import torch
-
-    from_pack = import_pack()
-    atomic_path = from_pack("attention.atomic").atomic_path
     files = checkpoint_files(output, step)
     files["state"].parent.mkdir(parents=True, exist_ok=True)
-    mcdm_training.save_weights(unet, adapter, files["unet"], files["adapter"], {"step": step})
-    with atomic_path(files["optimizer"]) as partial:
-        torch.save(optimizer, partial)
-    with atomic_path(files["state"]) as partial:
-        Path(partial).write_text(json.dumps(state, indent=1))
+    mcdm_training.save_weights(unet, adapter, files["weights"], files["adapter"], {"step": step})
+    write_state(files, optimizer, state)
+
+
+def train_face_kv_job(args: argparse.Namespace) -> dict:
+    """Likeness Train Face KV's code: the frozen checkpoint, the face folder, Linear_kf / Linear_vf
+    as DDP, files in the Face Fusion node's layout (its kv input reads them from models/likeness/)."""
+    import torch
+
+    device = start_comfyui(args.comfyui.expanduser().resolve(), int(os.environ.get("LOCAL_RANK", "0")))
+    pack = import_pack()
+    training, face_kv_training = pack("attention.training"), pack("attention.face_kv_training")
+    face_kv, fingerprint = pack("attention.face_kv"), pack("attention.feature_bank").model_fingerprint
+    FaceExampleReader = pack("nodes.face_training").FaceExampleReader
+    import comfy.sd
+
+    world = training.world_from_environment(device)
+    config = config_of(args, world.size)
+    resume, files = resume_point(args, config, device, training)
+    first = 0 if resume is None else resume.step
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True,
+                                                                 output_clip=True)[:3]
+        reader = FaceExampleReader(args.folder.expanduser().resolve(), model, clip, vae)
+    initial = face_kv.load_face_kv_file(files["weights"]) if resume is not None else None
+    info = {"model_fingerprint": fingerprint(model)}
+    losses: dict[int, float] = {}
+    progress = Progress(args.steps, first)
+
+    def on_step(step: int, loss: float) -> None:
+        losses[step + 1] = loss
+        if world.rank == 0:
+            progress(step, loss)
+
+    def on_checkpoint(done: int, weights: dict, optimizer) -> None:
+        if world.rank != 0 or (done % args.checkpoint_every and done != args.steps):
+            return
+        written = checkpoint_files(args.output, done)
+        written["state"].parent.mkdir(parents=True, exist_ok=True)
+        face_kv.save_face_kv(weights, written["weights"], {"steps": done, **info})
+        write_state(written, optimizer.state_dict(), {"step": done, "config": config, "loss": losses.get(done)})
+
+    if world.rank == 0:
+        print(f"face_kv: {len(reader)} examples, {world.size} process(es) on {device}, global batch "
+              f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
+    weights, before, after = face_kv_training.train_face_kv(
+        model, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed, on_step=on_step,
+        batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume, initial=initial,
+        on_checkpoint=on_checkpoint, validation=args.validation)
+    summary = {"steps": args.steps, "first_step": first, "examples": len(reader), "processes": world.size,
+               "loss_before": before, "loss_after": after, "losses": losses, "config": config}
+    if world.rank == 0:
+        path = args.output / f"{args.name}.safetensors"
+        face_kv.save_face_kv(weights, path, {"steps": args.steps, "learning_rate": args.learning_rate,
+                                             "examples": len(reader), "loss_before": before, "loss_after": after,
+                                             **info})
+        print(f"wrote {path}: validation loss {before:.5f} -> {after:.5f}", flush=True)
+    if world.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    train_mcdm_job(args)
+    {"mcdm": train_mcdm_job, "face_kv": train_face_kv_job}[args.trainer](args)
     return 0
 
 

@@ -42,17 +42,13 @@ class TrainFaceKV(io.ComfyNode):
     def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
                 filename_prefix: str) -> io.NodeOutput:
         from ..attention.face_kv import save_face_kv
-        from ..attention.face_kv_training import Batch, find_examples, train_face_kv
+        from ..attention.face_kv_training import train_face_kv
         from ..attention.feature_bank import model_fingerprint
 
         require_model_family(model)
-        examples = find_examples(dataset_folder(folder))
-        batches = []
-        for example in examples:
-            target = model.model.process_latent_in(vae.encode(image_file_tensor(example.image)))
-            face = model.model.process_latent_in(vae.encode(image_file_tensor(example.face)))
-            cond = clip.encode_from_tokens_scheduled(clip.tokenize(example.caption))
-            batches.append(Batch(target, face, cond))
+        reader = FaceExampleReader(dataset_folder(folder), model, clip, vae)
+        examples = reader.examples
+        batches = [reader[index] for index in range(len(reader))]
         progress = training_progress(steps)
         weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,
                                                seed=seed, on_step=progress)
@@ -62,6 +58,32 @@ class TrainFaceKV(io.ComfyNode):
                                      "model_fingerprint": model_fingerprint(model)})
         return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"Face K/V training: {path.name}"),
                              ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+
+
+class FaceExampleReader:
+    """A face training folder as examples, each read and encoded (target and face latents, caption)
+    when first asked: the node asks for all of them, jobs/train.py only for those its process draws."""
+
+    def __init__(self, folder, model, clip, vae):
+        from ..attention.face_kv_training import find_examples
+
+        self.model, self.clip, self.vae = model, clip, vae
+        self.examples = find_examples(folder)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from ..attention.face_kv_training import Batch
+
+        example = self.examples[index]
+        with torch.no_grad():  # jobs/train.py reads examples inside the training loop: no graph through the VAE
+            target = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.image)))
+            face = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.face)))
+            cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(example.caption))
+        return Batch(target, face, cond)
 
 
 NODES = [TrainFaceKV]

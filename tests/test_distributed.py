@@ -143,3 +143,37 @@ def test_the_written_files_load_in_the_mcdm_loader(comfy, base_directory, one_st
             assert torch.equal(value.float(), written[key]), key
         for key, value in state.adapter.state_dict().items():
             assert torch.equal(value.float(), written[f"adapter.{key}"]), key
+
+
+def test_face_kv_on_two_processes_equals_one_process_and_resumes_where_it_stopped(comfy, comfyui, inputs,
+                                                                                  tmp_path):
+    """jobs/train.py face_kv: the same loop for Face Fusion's Linear_kf / Linear_vf. A resume is
+    tested from a copy of the two-process run with its last checkpoint and final file removed (the
+    state a stop after step 1 leaves; the MCDM test above stops a real run)."""
+    import shutil
+
+    runs = {"two": (2, 1), "combined": (0, 2), "alone": (0, 1)}
+    for name, (processes, batch) in runs.items():
+        run_job(job_command(comfyui, inputs, tmp_path / name, processes=processes, steps=2, batch=batch,
+                            learning_rate=LEARNING_RATE, trainer="face_kv"))
+    final = {name: load_file(str(tmp_path / name / "face_kv.safetensors")) for name in runs}
+    assert largest_difference(final["two"], final["combined"]) < SAME
+    assert largest_difference(final["two"], final["alone"]) > 0.5 * LEARNING_RATE
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    for path in [tmp_path / "resumed" / "face_kv.safetensors",
+                 *(tmp_path / "resumed" / "checkpoints").glob("step_00000002.*")]:
+        path.unlink()
+    stdout = run_job(job_command(comfyui, inputs, tmp_path / "resumed", processes=2, steps=2,
+                                 learning_rate=LEARNING_RATE, trainer="face_kv", resume=True))
+    assert "steps 1..2" in stdout
+    resumed = load_file(str(tmp_path / "resumed" / "face_kv.safetensors"))
+    for key in final["two"]:
+        assert torch.equal(resumed[key], final["two"][key]), key
+    # the files are the Face Fusion node's kv files: its own reader takes them, layer by layer
+    face_kv = comfy.pack("attention.face_kv")
+    for path in (tmp_path / "two" / "face_kv.safetensors",
+                 tmp_path / "two" / "checkpoints" / "step_00000001.safetensors"):
+        loaded = face_kv.load_face_kv_file(path)
+        written = load_file(str(path))
+        assert len(loaded) * 2 == len(written) > 0
+        assert all(torch.equal(w, written[face_kv._name(key, "k")]) for key, (w, _) in loaded.items())

@@ -33,24 +33,42 @@ def write_pairs(folder: Path, count: int, size: int = 64) -> Path:
     return folder
 
 
+def write_faces(folder: Path, count: int, size: int = 64) -> Path:
+    """Face Fusion training examples: <name>.png, <name>.face.png (a crop of it, resized) and <name>.txt."""
+    from PIL import Image
+
+    write_pairs(folder, count, size)
+    for index in range(count):
+        name = f"pair_{index:05d}"
+        with Image.open(folder / f"{name}.png") as image:
+            image.crop((size // 4, size // 4, 3 * size // 4, 3 * size // 4)).resize((size, size)).save(
+                folder / f"{name}.face.png")
+        (folder / f"{name}.source.png").unlink()
+        (folder / f"{name}.source.txt").unlink()
+    return folder
+
+
 def training_inputs(root: Path, sd15_checkpoint: Path, pairs: int = 6) -> dict[str, Path]:
     """Everything jobs/train.py mcdm reads, under ``root``."""
     import tiny_mcdm
 
     files = tiny_mcdm.write(root / "models")
     return {"checkpoint": Path(sd15_checkpoint), "clip_vision": root / "models" / "clip_vision" / files["clip_vision"],
-            "adapter": root / "models" / "likeness" / files["adapter"], "folder": write_pairs(root / "pairs", pairs)}
+            "adapter": root / "models" / "likeness" / files["adapter"], "folder": write_pairs(root / "pairs", pairs),
+            "faces": write_faces(root / "faces", pairs)}
 
 
 def job_command(comfyui: Path, inputs: dict[str, Path], output: Path, *, processes: int, steps: int, batch: int = 1,
                 accumulate: int = 1, checkpoint_every: int = 1, learning_rate: float = 1e-3, seed: int = 7,
-                validation: int = 2, resume: bool = False) -> list[str]:
-    """torchrun with ``processes`` processes on this machine; 0: plain python, no torchrun."""
+                validation: int = 2, resume: bool = False, trainer: str = "mcdm") -> list[str]:
+    """torchrun with ``processes`` processes on this machine; 0: plain python, no torchrun.
+    ``trainer`` face_kv trains on inputs["faces"] (training_inputs writes it too)."""
     launcher = [sys.executable] if processes == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    command = [*launcher, str(TINY_JOB), "mcdm", "--comfyui", str(comfyui), "--checkpoint", str(inputs["checkpoint"]),
-               "--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
-               "--folder", str(inputs["folder"]), "--steps", str(steps), "--batch", str(batch),
+    models = (["--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
+               "--folder", str(inputs["folder"])] if trainer == "mcdm" else ["--folder", str(inputs["faces"])])
+    command = [*launcher, str(TINY_JOB), trainer, "--comfyui", str(comfyui), "--checkpoint", str(inputs["checkpoint"]),
+               *models, "--steps", str(steps), "--batch", str(batch),
                "--accumulate", str(accumulate), "--checkpoint-every", str(checkpoint_every),
                "--learning-rate", str(learning_rate), "--seed", str(seed), "--validation", str(validation),
                "--output", str(output)]
