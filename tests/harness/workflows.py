@@ -38,6 +38,8 @@ def for_tiny_models(prompt: dict, size: int = 64) -> dict:
             inputs["width"], inputs["height"] = size * inputs["width"] // inputs["height"], size
         if node["class_type"] == "LikenessFaceCrop":
             inputs["crop_size"] = size
+        if node["class_type"] == "LikenessFaceRegionCrop":
+            inputs["size"] = size
     return prompt
 
 
