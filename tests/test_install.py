@@ -151,7 +151,8 @@ def test_the_built_host_has_every_picture_a_workflow_loads(host):
 # Node inputs that name a model file (insightface packs are a folder, not a file: see the README).
 MODEL_INPUTS = {"CheckpointLoaderSimple": ["ckpt_name"], "CLIPVisionLoader": ["clip_name"],
                 "ControlNetLoader": ["control_net_name"], "LikenessIDAdapterLoader": ["adapter_name"],
-                "LikenessMCDMLoader": ["unet_name", "adapter_name", "clip_vision_name"]}
+                "LikenessMCDMLoader": ["unet_name", "adapter_name", "clip_vision_name"],
+                "LikenessSweepGrid": ["clip_checkpoint"]}
 
 
 def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):

@@ -16,10 +16,12 @@ pytestmark = pytest.mark.slow
 # Output nodes to queue on their own first (the editor's "queue selected
 # output nodes"), e.g. saving a style that the rest of the graph loads.
 FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
+LONG = {"magicstyle_sweep"}  # two 30-step inversions and four 30-step samplings, even on tiny models
 EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2, "face_fusion": 1,
                    "face_fusion_multi_reference": 1, "face_fusion_two_people": 1, "infinite_id_sdxl": 1,
                    "infinite_id_sd15": 1, "infinite_id_style": 1, "identity_mix": 1, "diffedit_edit": 1,
-                   "pair_generation": 2, "mcdm_edit": 1, "magicstyle_small_face": 1}
+                   "pair_generation": 2, "mcdm_edit": 1, "magicstyle_small_face": 1,
+                   "magicstyle_sweep": 4}
 
 
 def test_every_workflow_has_a_ui_file_and_an_api_twin():
@@ -45,7 +47,7 @@ def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory,
             saved.unlink()
         first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])
         assert first.ok, first.error
-    result = server.run_prompt(prompt)
+    result = server.run_prompt(prompt, timeout=900 if name in LONG else 300)
     assert result.ok, result.error
     images = [Image.open(path) for path in result.files if "temp" not in path.parts]
     assert sum(image.size == (64, 64) for image in images) == EXPECTED_IMAGES.get(name, len(images))
