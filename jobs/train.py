@@ -1,4 +1,4 @@
-"""Distributed MCDM training: the Likeness Train MCDM node's code, run headless by torchrun.
+"""Distributed training: the Likeness Train MCDM (and Train Face KV) node's code, run headless by torchrun.
 
     torchrun --nproc-per-node 2 jobs/train.py mcdm --comfyui ~/ComfyUI \\
         --checkpoint ~/ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors \\
@@ -17,6 +17,10 @@ Only rank 0 writes: every --checkpoint-every steps <output>/checkpoints/step_NNN
 (torch.load(weights_only=True)) + .json (step, config, loss; written last: a checkpoint counts
 once its .json exists); at the end <output>/<name>.safetensors + <name>.adapter.safetensors, for
 models/likeness/ and Likeness MCDM Loader. --resume continues from the latest checkpoint.
+
+`face_kv` is the same loop for Face Fusion's Linear_kf / Linear_vf (UNet frozen): --checkpoint,
+--folder of <name>.png + <name>.face.png + <name>.txt; checkpoints and the final <name>.safetensors
+are Face Fusion kv files (models/likeness/).
 """
 
 from __future__ import annotations
