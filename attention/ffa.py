@@ -13,6 +13,12 @@ so ComfyUI projects with the weights it would use anyway (LoRA patches,
 low-VRAM casting included), and the dispatcher processor only applies AdaIN
 to the content half of V and attends through ComfyUI's fused attention:
 no N×2N logits tensor is ever built.
+
+With a mask (where to stylise), a query outside it attends as without FFA:
+where the region covers part of a layer's grid (mask > 0.5 there), the layer
+projects α·h_c + β·h_cur only at the queries inside and h_cur elsewhere, and
+the context [h_c; h_s; h_cur]; the processor attends FFA's keys for the
+queries inside and the current image's own keys for those outside.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 
 from .adain import adain_tokens
 from .feature_bank import FeatureBank, StoredStates, TimestepOf, timestep_key
+from .masks import mask_to_tokens
 from .rows import sample_index
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
@@ -28,6 +35,8 @@ from .unet_layers import BlockKey
 # extra_options key through which the input patch tells the processor how
 # many of the context tokens are the content's.
 CONTENT_TOKENS = "likeness_ffa_content_tokens"
+# extra_options key: (queries,) booleans, the queries FFA acts on where the mask covers part of the grid.
+FFA_REGION = "likeness_ffa_region"
 ORDER = 50  # runs outside (before) identity patches that add keys
 PLACEMENTS = ("auto", "device", "cpu")
 # "auto" moves the cache to the GPU for a run only when it takes at most this share of the memory
@@ -69,12 +78,13 @@ class FeatureFusion:
 
     def __init__(self, content: FeatureBank, style: FeatureBank, *, style_index: int, alpha: float, beta: float,
                  temperature: float, layers: list[BlockKey], sigma_range: SigmaRange, model_sampling,
-                 placement: str = "auto") -> None:
+                 placement: str = "auto", mask: torch.Tensor | None = None) -> None:
         if style_index >= style.images:
             raise ValueError(f"style_index={style_index}: the style features hold {style.images} image(s)")
         if placement not in PLACEMENTS:
             raise ValueError(f"cache_on={placement!r}: expected one of {', '.join(PLACEMENTS)}")
         self.placement = placement
+        self.mask = mask  # (H, W) where to stylise, any size; None = everywhere
         self._run: dict = {}  # this run's copies on the sampling device, if any (released by cleanup)
         self.content = content
         self.style = style
@@ -112,6 +122,14 @@ class FeatureFusion:
 
     def release(self) -> None:
         self._run.clear()
+
+    def region(self, extra_options: dict, queries: int, device) -> torch.Tensor | None:
+        """(queries,) booleans: where FFA acts on this layer's grid; None: everywhere."""
+        if self.mask is None:
+            return None
+        grid = extra_options.get("activations_shape", extra_options["original_shape"])
+        inside = mask_to_tokens(self.mask, grid, queries, device=device)[0] > 0.5
+        return None if bool(inside.all()) else inside
 
     def features_for(self, extra_options: dict, rows: int, device=None) -> tuple[StoredStates, StoredStates] | None:
         """(h_c, h_s) as stored, for the rows of this call (one image, or one per row), or None
@@ -159,7 +177,15 @@ class FFAInputs:
             raise ValueError(f"the cached features have {h_c.shape[1]} tokens at this layer, the image "
                              f"{n.shape[1]}: sample at the size the features were inverted at")
         mixed = self.fusion.alpha * h_c + self.fusion.beta * n
-        kv = torch.cat([h_c, h_s], dim=1)
+        region = self.fusion.region(extra_options, n.shape[1], n.device)
+        if region is None:
+            kv = torch.cat([h_c, h_s], dim=1)
+        elif not bool(region.any()):
+            return n, context, value  # no query to stylise here: the layer as it is
+        else:
+            mixed = torch.where(region.view(1, -1, 1), mixed, n)
+            kv = torch.cat([h_c, h_s, n], dim=1)
+            extra_options[FFA_REGION] = region
         extra_options[CONTENT_TOKENS] = h_c.shape[1]
         return mixed, kv, kv
 
@@ -179,10 +205,18 @@ class FFAProcessor:
         content_tokens = extra_options.get(CONTENT_TOKENS)
         if content_tokens is None:
             return attend(q, k, v, extra_options)
+        region = extra_options.get(FFA_REGION)
+        plain = None
+        if region is not None:
+            # The last len(queries) keys are the current image's own: the layer without FFA.
+            current = q.shape[1]
+            plain = attend(q, k[:, -current:], v[:, -current:], extra_options)
+            k, v = k[:, :-current], v[:, :-current]
         if self.fusion.temperature != 1.0:
             # StyleID's attention temperature: sharper (>1) or softer (<1) logits.
             q = q * self.fusion.temperature
-        return attend(q, k, fuse_values(v, content_tokens), extra_options)
+        fused = attend(q, k, fuse_values(v, content_tokens), extra_options)
+        return fused if plain is None else torch.where(region.view(1, -1, 1), fused, plain)
 
     def __deepcopy__(self, memo):
         return self

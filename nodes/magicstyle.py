@@ -17,7 +17,7 @@ from ..attention.inversion import CAPTURES, invert, inversion_steps
 from ..attention.schedule import SigmaRange, model_sampling_of
 from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
 from .common import (FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require,
-                     require_model_family)
+                     require_mask, require_model_family)
 
 CATEGORY = "likeness/magicstyle"
 
@@ -142,6 +142,10 @@ class FeatureFusionAttention(io.ComfyNode):
                                tooltip="Fusion starts at this point of the schedule (0 = first step)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.001,
                                tooltip="Fusion ends at this point of the schedule (1 = last step)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where to stylise (any size; stretched onto the latent). On each layer's "
+                                      "grid, queries where the mask is above 0.5 get FFA; the others attend "
+                                      "as without FFA. Empty = the whole image."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model; the input MODEL is unchanged.")],
         )
@@ -149,8 +153,13 @@ class FeatureFusionAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, content: FeatureBank, style: FeatureBank, alpha: float, beta: float,
                 temperature: float, layers: str, style_index: int, start_percent: float,
-                end_percent: float) -> io.NodeOutput:
+                end_percent: float, mask=None) -> io.NodeOutput:
         require_model_family(model)
+        if mask is not None:
+            require_mask(mask, purpose="where to stylise")
+            require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
+                    "one mask, (H, W) or (1, H, W)")
+            mask = mask.reshape(mask.shape[-2:]).float().clamp(0, 1)
         fingerprint = model_fingerprint(model)
         content.check_compatible(fingerprint=fingerprint, what="content features")
         style.check_compatible(fingerprint=fingerprint, latent_hw=tuple(content.latent_shape[-2:]),
@@ -162,7 +171,7 @@ class FeatureFusionAttention(io.ComfyNode):
         fusion = FeatureFusion(content, style, style_index=style_index, alpha=alpha, beta=beta,
                                temperature=temperature, layers=keys,
                                sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent),
-                               model_sampling=sampling, placement=content.placement)
+                               model_sampling=sampling, placement=content.placement, mask=mask)
         return io.NodeOutput(apply_ffa(model, fusion))
 
 

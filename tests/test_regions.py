@@ -189,3 +189,117 @@ def test_two_people_in_two_halves_see_only_their_own_tokens(comfy, modules, fami
             assert torch.equal(null[:, :, inside], torch.zeros_like(null[:, :, inside]))
             torch.testing.assert_close(image[:, :, inside].sum(-1), torch.ones_like(null[:, :, inside]))
     assert len({key for _, key, *_ in seen}) == len(keys)
+
+
+# ---- FFA's mask -------------------------------------------------------------------------------------------
+
+FFA_STEPS = 10
+
+
+def invert(comfy, model, cond, samples, precision="fp16"):
+    return comfy.run_node("LikenessInvert", model=model, conditioning=cond, latent={"samples": samples},
+                          steps=FFA_STEPS, capture="qkv", layers="all", cache_on="auto", precision=precision)
+
+
+def ffa(comfy, model, content, style, mask=None, alpha=0.8, beta=0.2, temperature=1.0):
+    extra = {} if mask is None else {"mask": mask}
+    return comfy.run_node("LikenessFeatureFusionAttention", model=model, content=content, style=style,
+                          alpha=alpha, beta=beta, temperature=temperature, layers="all", style_index=1,
+                          start_percent=0.0, end_percent=1.0, **extra)[0]
+
+
+def regenerate(comfy, model, z_t, cond):
+    (out,) = comfy.run_node("KSamplerAdvanced", model=model, add_noise="disable", noise_seed=0, steps=FFA_STEPS,
+                            cfg=1.0, sampler_name="euler", scheduler="ddim_uniform", positive=cond, negative=cond,
+                            latent_image={"samples": z_t}, start_at_step=0, end_at_step=10000,
+                            return_with_leftover_noise="disable")
+    return out["samples"]
+
+
+@pytest.fixture(scope="module")
+def inverted(comfy, family):
+    """Content (image 0) and style (image 1) inverted together on the calm model (as test_magicstyle)."""
+    from harness.calm import calm
+
+    name, model, clip = family
+    model, empty = calm(model, 1e-3), encode(comfy, clip, "")
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    z_t, features = invert(comfy, model, empty, latents)
+    return name, model, empty, z_t["samples"][:1], features
+
+
+def test_ffa_mask_of_ones_is_no_mask_and_zeros_the_unpatched_model(comfy, inverted):
+    """Bit for bit: ones cover every grid, where FFA takes its unmasked path by design; zeros leave
+    every layer as it is (the patch built directly: the node refuses a mask of all 0)."""
+    name, model, empty, z_t, features = inverted
+    ffa_module, schedule = comfy.pack("attention.ffa"), comfy.pack("attention.schedule")
+    content = features.select(0, 1)
+    plain = regenerate(comfy, model, z_t, empty)
+    unmasked = regenerate(comfy, ffa(comfy, model, content, features), z_t, empty)
+    ones = regenerate(comfy, ffa(comfy, model, content, features, torch.ones(1, 29, 41)), z_t, empty)
+    assert torch.equal(ones, unmasked)
+    fusion = ffa_module.FeatureFusion(content, features, style_index=1, alpha=0.8, beta=0.2, temperature=1.0,
+                                      layers=list(content.layers), sigma_range=schedule.SigmaRange.always(),
+                                      model_sampling=schedule.model_sampling_of(model), mask=torch.zeros(29, 41))
+    assert torch.equal(regenerate(comfy, ffa_module.apply_ffa(model, fusion), z_t, empty), plain)
+    left, _ = halves(64, 64)
+    half = regenerate(comfy, ffa(comfy, model, content, features, left[None]), z_t, empty)
+    for other in (plain, unmasked):
+        assert (half - other).abs().max() > 1e-2 * (unmasked - plain).abs().max(), name
+    with pytest.raises(ValueError, match="mask"):
+        ffa(comfy, model, content, features, torch.zeros(1, 8, 8))
+
+
+@pytest.mark.parametrize("alpha, beta, temperature", [(0.7, 0.45, 1.3)])
+def test_ffa_mask_outside_attends_as_without_ffa_and_inside_as_with_it(comfy, inverted, monkeypatch,
+                                                                       alpha, beta, temperature):
+    """At one layer inside a real model call, against a hand computation from the layer's own
+    to_q/to_k/to_v/to_out and the cached states: queries in the left half (the mask) give FFA's
+    output (Algorithm 1 / Eq. 5), queries in the right half plain self-attention of the current
+    hidden states."""
+    name, model, empty, _, features = inverted
+    layers, training = comfy.pack("attention.unet_layers"), comfy.pack("attention.training")
+    unet = layers.diffusion_model_of(model)
+    key = {"sd15": ("output", 4, 0), "sdxl": ("input", 8, 3)}[name]
+    block = layers.transformer_block(unet, key)
+    left, _ = halves(64, 64)
+    patched_model = ffa(comfy, model, features.select(0, 1), features, left[None], alpha, beta, temperature)
+    recorded = {}
+    hooks = [block.norm1.register_forward_hook(lambda m, a, out: recorded.setdefault("n", out.detach().clone())),
+             block.attn1.to_out.register_forward_hook(lambda m, a, out: recorded.setdefault("out", out.detach().clone()))]
+    sigma = torch.tensor([features.sigmas[3]])
+    noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21)) * sigma
+    try:
+        with torch.no_grad():
+            training.denoised_predictions(model, patched_model, [empty], noisy, sigma)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    stored = features.get(model.get_model_object("model_sampling").timestep(sigma), key)
+    scale = (lambda i: 1.0) if stored.scale is None else (lambda i: stored.scale[i])  # fp16: none; fp8: per image
+    h_c, h_s = stored.values[0:1].float() * scale(0), stored.values[1:2].float() * scale(1)
+    n, attn = recorded["n"].float(), block.attn1
+    w_q, w_k, w_v = (getattr(attn, p).weight.float() for p in ("to_q", "to_k", "to_v"))
+    heads, dim = attn.heads, attn.dim_head
+    split = lambda t: t.unflatten(-1, (heads, dim)).transpose(1, 2)  # noqa: E731
+
+    def attention(q, k, v, scale=1.0):
+        weights = (split(q) @ split(k).transpose(-1, -2) * scale / dim ** 0.5).softmax(-1)
+        return attn.to_out[0]((weights @ split(v)).transpose(1, 2).flatten(2))
+
+    v_c, v_s = h_c @ w_v.T, h_s @ w_v.T
+    c_mean, s_mean = v_c.mean(1, keepdim=True), v_s.mean(1, keepdim=True)
+    c_std = ((v_c - c_mean) ** 2).mean(1, keepdim=True).sqrt()
+    s_std = ((v_s - s_mean) ** 2).mean(1, keepdim=True).sqrt()
+    fused_v = torch.cat([(v_c - c_mean) / (c_std + 1e-5) * s_std + s_mean, v_s], 1)
+    with_ffa = attention(alpha * (h_c @ w_q.T) + beta * (n @ w_q.T), torch.cat([h_c @ w_k.T, h_s @ w_k.T], 1),
+                         fused_v, temperature)
+    without = attention(n @ w_q.T, n @ w_k.T, n @ w_v.T)
+    width = round(n.shape[1] ** 0.5)  # an 8x8 latent: square grids
+    inside = torch.arange(n.shape[1]) % width < width // 2
+    out = recorded["out"].float()
+    torch.testing.assert_close(out[:, inside], with_ffa[:, inside], rtol=2e-4, atol=2e-4)
+    torch.testing.assert_close(out[:, ~inside], without[:, ~inside], rtol=2e-4, atol=2e-4)
+    assert (with_ffa - without)[:, ~inside].abs().max() > 1e-2 * without.abs().max()
+    assert (with_ffa - without)[:, inside].abs().max() > 1e-2 * without.abs().max()
