@@ -303,3 +303,55 @@ def test_ffa_mask_outside_attends_as_without_ffa_and_inside_as_with_it(comfy, in
     torch.testing.assert_close(out[:, ~inside], without[:, ~inside], rtol=2e-4, atol=2e-4)
     assert (with_ffa - without)[:, ~inside].abs().max() > 1e-2 * without.abs().max()
     assert (with_ffa - without)[:, inside].abs().max() > 1e-2 * without.abs().max()
+
+
+# ---- the LikenessInfiniteID node's mask, with the adapter's LoRA -------------------------------------------
+
+@pytest.fixture(scope="module")
+def face_parts(comfy, base_directory):
+    tiny_insightface.write_pack(base_directory / "models" / "insightface", TINY_FACE_PACK)
+    (analysis,) = comfy.run_node("LikenessFaceAnalysis", model_name=TINY_FACE_PACK, provider="CPU")
+    path = tiny_models.write_clip_vision(base_directory / "models" / "clip_vision")
+    (clip_vision,) = comfy.run_node("CLIPVisionLoader", clip_name=path.name)
+    import skimage.data
+
+    photo = torch.from_numpy(skimage.data.astronaut()).float()[None] / 255
+    return analysis, clip_vision, torch.cat([photo, photo.flip(2)])
+
+
+def node(comfy, model, adapter, face_parts, image, **overrides):
+    analysis, clip_vision, _ = face_parts
+    settings = dict(weight=WEIGHT, mixed_attention=True, cross_attention_merge=True, adain_mean=False,
+                    mix_weights="", shortcut_scale=1.0, start_percent=0.0, end_percent=1.0)
+    settings.update(overrides)
+    return comfy.run_node("LikenessInfiniteID", model=model, id_adapter=adapter, analysis=analysis,
+                          clip_vision=clip_vision, image=image, **settings)[0]
+
+
+def test_two_chained_nodes_with_masks_keep_each_persons_stream_and_lora(comfy, modules, family, base_directory,
+                                                                      face_parts):
+    """Through the node, with the adapter's FaceID LoRA on each identity stream: two chained people
+    in complementary halves predict single_A + single_B − text (each stream with its own LoRA and
+    tokens only); a mask of all 0 or a batch of masks is refused by name."""
+    kind, model, clip = family
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / f"tiny_faceid_{kind}.safetensors", kind)
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    assert adapter.lora
+    images = face_parts[2]
+    left, right = halves(72, 104)
+    text = denoised(comfy, modules, model, model, clip, (9, 13))
+    single_a = denoised(comfy, modules, model, node(comfy, model, adapter, face_parts, images[:1], mask=left[None]),
+                        clip, (9, 13))
+    # B's LoRA at another scale: a stream running the other person's LoRA would show
+    single_b = denoised(comfy, modules, model, node(comfy, model, adapter, face_parts, images[1:], mask=right,
+                                                    weight=1.2, lora_scale=0.5), clip, (9, 13))
+    chained = node(comfy, node(comfy, model, adapter, face_parts, images[:1], mask=left[None]), adapter, face_parts,
+                   images[1:], mask=right, weight=1.2, lora_scale=0.5)
+    both = denoised(comfy, modules, model, chained, clip, (9, 13))
+    torch.testing.assert_close(both, single_a + single_b - text, rtol=1e-5, atol=1e-4)
+    for single in (single_a, single_b):
+        assert (both - single).abs().max() > 1e-2 * single.abs().max()
+    with pytest.raises(ValueError, match="mask"):
+        node(comfy, model, adapter, face_parts, images[:1], mask=torch.zeros(1, 16, 16))
+    with pytest.raises(ValueError, match="mask"):
+        node(comfy, model, adapter, face_parts, images[:1], mask=torch.ones(2, 16, 16))
