@@ -68,6 +68,33 @@ def halves(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
     return left, 1.0 - left
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_restricted_cross_attention_by_hand(modules, merge):
+    """The merge with a region, against softmax written out: queries inside get the image attention
+    (stacked references' log-weights included) plus the text's when merging; queries outside get the
+    text cross-attention exactly (bit for bit: the image part is an exact 0 added to the same call)."""
+    infinite_id, dispatch = modules["infinite_id"], modules["dispatch"]
+    generator = torch.Generator().manual_seed(5)
+    q, k_img, v_img, k_t, v_t = (torch.randn(2, n, 16, generator=generator) for n in (12, 6, 6, 7, 7))
+    bias = torch.tensor([0.3] * 3 + [0.7] * 3).log()
+    region = torch.arange(12) % 4 < 2
+    options, attend = {"n_heads": 2}, dispatch.default_attention
+    out = infinite_id.merged_cross_attention(q, k_img, v_img, k_t, v_t, options, attend, merge=merge, align=False,
+                                             image_bias=bias, region=region)
+
+    def by_hand(k, v, extra=None):
+        split = lambda t: t.unflatten(-1, (2, -1)).transpose(1, 2)  # noqa: E731
+        logits = split(q) @ split(k).transpose(-1, -2) / 8 ** 0.5
+        logits = logits if extra is None else logits + extra
+        return (logits.softmax(-1) @ split(v)).transpose(1, 2).flatten(2)
+
+    image, text = by_hand(k_img, v_img, bias), by_hand(k_t, v_t)
+    expected_inside = image + text if merge else image
+    torch.testing.assert_close(out[:, region], expected_inside[:, region], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, ~region], attend(q, k_t, v_t, options)[:, ~region])
+    torch.testing.assert_close(out[:, ~region], text[:, ~region], rtol=1e-5, atol=1e-5)
+
+
 def test_mask_of_ones_is_no_mask_and_zeros_the_unpatched_model(comfy, modules, family):
     """Bit for bit: a mask of ones is 1 on the latent and on every grid, where the patch takes the
     unmasked path by design; zeros leave every step's identity stream out."""
