@@ -116,7 +116,7 @@ def merged_cross_attention(q, k_img, v_img, k_t, v_t, extra_options, attend, *, 
         mask = None if image_bias is None else image_bias.to(q).view(1, 1, -1)
         out = attend(q, k_img, v_img, extra_options, mask=mask)
         return out + attend(q, k_t, v_t, extra_options) if merge else out
-    k_null, v_null = k_img.new_zeros(k_img.shape[0], 1, k_img.shape[2]), v_img.new_zeros(v_img.shape[0], 1, v_img.shape[2])
+    k_null, v_null = k_img[:, :1] * 0, v_img[:, :1] * 0  # one key of value 0 (finite: image keys are)
     out = attend(q, torch.cat([k_img, k_null], 1), torch.cat([v_img, v_null], 1), extra_options,
                  mask=region_bias(region, k_img.shape[1], image_bias).to(q))
     text = attend(q, k_t, v_t, extra_options)

@@ -244,11 +244,13 @@ def regenerate(comfy, model, z_t, cond):
 
 
 @pytest.fixture(scope="module")
-def inverted(comfy, family):
-    """Content (image 0) and style (image 1) inverted together on the calm model (as test_magicstyle)."""
+def inverted(comfy, family, tiny_checkpoints):
+    """Content (image 0) and style (image 1) inverted together on the calm model (as test_magicstyle),
+    a model loaded for these tests: the calm weights stay patched into the module it loads."""
     from harness.calm import calm
 
-    name, model, clip = family
+    name = family[0]
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[name])
     model, empty = calm(model, 1e-3), encode(comfy, clip, "")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     z_t, features = invert(comfy, model, empty, latents)
@@ -292,8 +294,8 @@ def test_ffa_mask_outside_attends_as_without_ffa_and_inside_as_with_it(comfy, in
     left, _ = halves(64, 64)
     patched_model = ffa(comfy, model, features.select(0, 1), features, left[None], alpha, beta, temperature)
     recorded = {}
-    hooks = [block.norm1.register_forward_hook(lambda m, a, out: recorded.setdefault("n", out.detach().clone())),
-             block.attn1.to_out.register_forward_hook(lambda m, a, out: recorded.setdefault("out", out.detach().clone()))]
+    keep = lambda name: lambda m, a, out: recorded.setdefault(name, out.detach().clone())  # noqa: E731
+    hooks = [block.norm1.register_forward_hook(keep("n")), block.attn1.to_out.register_forward_hook(keep("out"))]
     sigma = torch.tensor([features.sigmas[3]])
     noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(21)) * sigma
     try:
