@@ -1,4 +1,4 @@
-"""Distributed training: the Likeness Train MCDM (and Train Face KV) node's code, run headless by torchrun.
+"""Distributed training: the Likeness trainer nodes' code (MCDM, Face KV, ID Adapter), run headless by torchrun.
 
     torchrun --nproc-per-node 2 jobs/train.py mcdm --comfyui ~/ComfyUI \\
         --checkpoint ~/ComfyUI/models/checkpoints/v1-5-pruned-emaonly.safetensors \\
@@ -21,6 +21,12 @@ models/likeness/ and Likeness MCDM Loader. --resume continues from the latest ch
 `face_kv` is the same loop for Face Fusion's Linear_kf / Linear_vf (UNet frozen): --checkpoint,
 --folder of <name>.png + <name>.face.png + <name>.txt; checkpoints and the final <name>.safetensors
 are Face Fusion kv files (models/likeness/).
+
+`id_adapter` is the same loop for Infinite-ID's identity-enhanced training (Likeness Train ID
+Adapter; UNet frozen, text cross-attention off): --checkpoint, --adapter (the FaceID-PlusV2 file to
+continue), --clip-vision (ViT-H), --insightface (the folder holding models/<pack>/, as
+ComfyUI's models/insightface) + --face-model, --folder of <name>.png + <name>.id.png; checkpoints and
+the final <name>.safetensors are FaceID-PlusV2 files (models/ipadapter/, Likeness ID Adapter Loader).
 """
 
 from __future__ import annotations
@@ -75,6 +81,22 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     common_arguments(face_kv, 1e-5, "face_kv")
     face_kv.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
     face_kv.add_argument("--folder", type=Path, required=True, help="the face training folder")
+    id_adapter = commands.add_parser("id_adapter", help="Infinite-ID's identity-enhanced training of a FaceID-PlusV2 "
+                                     "adapter, UNet frozen, on <name>.png + <name>.id.png (Likeness Train ID Adapter)")
+    common_arguments(id_adapter, 1e-5, "id_adapter")
+    id_adapter.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
+    id_adapter.add_argument("--adapter", type=Path, required=True,
+                            help="the adapter to start from (FaceID-PlusV2 .safetensors / .bin, or a "
+                            "Likeness-trained one)")
+    id_adapter.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-H/14 image encoder")
+    id_adapter.add_argument("--insightface", type=Path, required=True,
+                            help="the folder holding models/<face-model>/*.onnx (as ComfyUI's models/insightface)")
+    id_adapter.add_argument("--face-model", default="antelopev2", help="the insightface pack (default antelopev2)")
+    id_adapter.add_argument("--face-provider", default="CPU",
+                            help="where onnxruntime runs it: CPU (default), CUDA, ROCM, CoreML")
+    id_adapter.add_argument("--shortcut-scale", type=float, default=1.0,
+                            help="FaceID-PlusV2's s_scale during training (default 1)")
+    id_adapter.add_argument("--folder", type=Path, required=True, help="the identity training folder")
     parsed = parser.parse_args(argv)
     for name in ("steps", "batch", "accumulate", "checkpoint_every"):
         if getattr(parsed, name) < 1:
@@ -308,10 +330,73 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
     return summary
 
 
+def train_id_adapter_job(args: argparse.Namespace) -> dict:
+    """Likeness Train ID Adapter's code: the frozen checkpoint, the adapter, CLIP ViT-H through
+    ComfyUI's clip_vision loader, the insightface pack through the pack's face backend, the
+    mappers and image K/V as DDP, files in the FaceID-PlusV2 layout."""
+    import torch
+
+    device = start_comfyui(args.comfyui.expanduser().resolve(), int(os.environ.get("LOCAL_RANK", "0")))
+    pack = import_pack()
+    training, id_adapter_training = pack("attention.training"), pack("attention.id_adapter_training")
+    id_adapter, face_backend = pack("attention.id_adapter"), pack("nodes.face_backend")
+    IDPairReader = pack("nodes.infinite_id_training").IDPairReader
+    import comfy.clip_vision
+    import comfy.sd
+    import folder_paths
+
+    world = training.world_from_environment(device)
+    config = {**config_of(args, world.size), "shortcut_scale": args.shortcut_scale}
+    resume, files = resume_point(args, config, device, training)
+    first = 0 if resume is None else resume.step
+    # the face backend looks for packs in the registered "insightface" folders: this job's only
+    folder_paths.folder_names_and_paths["insightface"] = ([str(args.insightface.expanduser().resolve())], set())
+    with torch.inference_mode():
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True,
+                                                                 output_clip=True)[:3]
+        clip_vision = comfy.clip_vision.load(str(args.clip_vision))
+        analysis = face_backend.load_analysis(args.face_model, args.face_provider)
+        reader = IDPairReader(args.folder.expanduser().resolve(), model, clip, vae, analysis, clip_vision)
+    adapter = id_adapter.load_id_adapter(files["weights"] if resume is not None else args.adapter)
+    losses: dict[int, float] = {}
+    progress = Progress(args.steps, first)
+
+    def on_step(step: int, loss: float) -> None:
+        losses[step + 1] = loss
+        if world.rank == 0:
+            progress(step, loss)
+
+    def on_checkpoint(done: int, trained, optimizer) -> None:
+        if world.rank != 0 or (done % args.checkpoint_every and done != args.steps):
+            return
+        written = checkpoint_files(args.output, done)
+        written["state"].parent.mkdir(parents=True, exist_ok=True)
+        id_adapter.save_id_adapter(trained, written["weights"])
+        write_state(written, optimizer.state_dict(), {"step": done, "config": config, "loss": losses.get(done)})
+
+    if world.rank == 0:
+        print(f"id_adapter: {len(reader)} pairs, {world.size} process(es) on {device}, global batch "
+              f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
+    trained, before, after = id_adapter_training.train_id_adapter(
+        model, adapter, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
+        scale=args.shortcut_scale, on_step=on_step, batching=training.Batching(args.batch, args.accumulate),
+        world=world, resume=resume, on_checkpoint=on_checkpoint, validation=args.validation)
+    summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
+               "loss_before": before, "loss_after": after, "losses": losses, "config": config}
+    if world.rank == 0:
+        path = args.output / f"{args.name}.safetensors"
+        id_adapter.save_id_adapter(trained, path)
+        print(f"wrote {path}: validation loss {before:.5f} -> {after:.5f}", flush=True)
+    if world.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
     args = arguments(argv)
     args.output.mkdir(parents=True, exist_ok=True)
-    {"mcdm": train_mcdm_job, "face_kv": train_face_kv_job}[args.trainer](args)
+    {"mcdm": train_mcdm_job, "face_kv": train_face_kv_job, "id_adapter": train_id_adapter_job}[args.trainer](args)
     return 0
 
 

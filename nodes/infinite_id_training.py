@@ -51,19 +51,12 @@ class TrainIDAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, id_adapter, analysis, clip_vision, folder: str, steps: int,
                 learning_rate: float, seed: int, shortcut_scale: float, filename_prefix: str) -> io.NodeOutput:
-        from ..attention.face_kv_training import find_examples
         from ..attention.id_adapter import save_id_adapter
-        from ..attention.id_adapter_training import Pair, train_id_adapter
-        from .face_analysis import crop_faces
+        from ..attention.id_adapter_training import train_id_adapter
 
         require_model_family(model)
-        empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
-        pairs = []
-        for example in find_examples(dataset_folder(folder), IDENTITY_SUFFIX):
-            faces, _, _, embeddings = crop_faces(analysis, image_file_tensor(example.face), crop_size=224)
-            hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
-            target = model.model.process_latent_in(vae.encode(image_file_tensor(example.image)))
-            pairs.append(Pair(target, embeddings, hidden, empty))
+        reader = IDPairReader(dataset_folder(folder), model, clip, vae, analysis, clip_vision)
+        pairs = [reader[index] for index in range(len(reader))]
         progress = training_progress(steps)
         trained, before, after = train_id_adapter(model, id_adapter, pairs, steps=steps, learning_rate=learning_rate,
                                                   seed=seed, scale=shortcut_scale, on_step=progress)
@@ -72,6 +65,38 @@ class TrainIDAdapter(io.ComfyNode):
         save_id_adapter(trained, path)
         return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"ID adapter training: {path.name}"),
                              ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+
+
+class IDPairReader:
+    """An identity training folder as pairs, each read and encoded (target latent, ArcFace embedding
+    and CLIP hidden states of the identity image's aligned face) when first asked: the node asks for
+    all of them, jobs/train.py only for those its process draws."""
+
+    def __init__(self, folder, model, clip, vae, analysis, clip_vision):
+        import torch
+
+        from ..attention.face_kv_training import find_examples
+
+        self.model, self.vae, self.analysis, self.clip_vision = model, vae, analysis, clip_vision
+        self.examples = find_examples(folder, IDENTITY_SUFFIX)
+        with torch.no_grad():
+            self.empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from ..attention.id_adapter_training import Pair
+        from .face_analysis import crop_faces
+
+        example = self.examples[index]
+        with torch.no_grad():  # jobs/train.py reads pairs inside the training loop: no graph through the encoders
+            faces, _, _, embeddings = crop_faces(self.analysis, image_file_tensor(example.face), crop_size=224)
+            hidden = self.clip_vision.encode_image(faces)["penultimate_hidden_states"]
+            target = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.image)))
+        return Pair(target, embeddings, hidden, self.empty)
 
 
 NODES = [TrainIDAdapter]

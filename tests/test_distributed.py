@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 import tiny_mcdm
-from harness.training_job import job_command, one_thread_each, run_job, step_losses, training_inputs
+from harness.training_job import (id_adapter_inputs, job_command, one_thread_each, run_job, step_losses,
+                                  training_inputs)
 
 pytestmark = pytest.mark.slow  # each job starts ComfyUI in every process: seconds, not milliseconds
 
@@ -177,3 +178,73 @@ def test_face_kv_on_two_processes_equals_one_process_and_resumes_where_it_stoppe
         written = load_file(str(path))
         assert len(loaded) * 2 == len(written) > 0
         assert all(torch.equal(w, written[face_kv._name(key, "k")]) for key, (w, _) in loaded.items())
+
+
+def test_id_adapter_on_two_processes_equals_one_process_and_its_files_load(comfy, comfyui, inputs, base_directory,
+                                                                           tmp_path):
+    """jobs/train.py id_adapter: the same loop for Infinite-ID's identity-enhanced training (the
+    projection and every image K/V as one DDP module; pairs read lazily through the pack's face
+    backend and ComfyUI's CLIP vision). The files are FaceID-PlusV2 files the loader node reads."""
+    import shutil
+
+    job_inputs = {**inputs, **id_adapter_inputs(tmp_path / "models")}
+    runs = {"two": (2, 1), "combined": (0, 2), "alone": (0, 1)}
+    for name, (processes, batch) in runs.items():
+        run_job(job_command(comfyui, job_inputs, tmp_path / name, processes=processes, steps=2, batch=batch,
+                            learning_rate=LEARNING_RATE, trainer="id_adapter"))
+    final = {name: load_file(str(tmp_path / name / "id_adapter.safetensors")) for name in runs}
+    start = load_file(str(job_inputs["id_adapter"]))
+    assert final["two"].keys() == start.keys()  # the whole FaceID-PlusV2 layout, its LoRA too
+    assert largest_difference(final["two"], final["combined"]) < SAME
+    assert largest_difference(final["two"], final["alone"]) > 0.5 * LEARNING_RATE
+    for part in ("image_proj.proj.0.weight", "image_proj.perceiver_resampler.proj_in.weight",
+                 "ip_adapter.1.to_k_ip.weight", "ip_adapter.31.to_v_ip.weight"):
+        # each trained part moved (two AdamW steps: about 2·lr); the frozen LoRA did not
+        assert float((final["two"][part] - start[part].float()).abs().max()) > LEARNING_RATE, part
+    lora = [key for key in start if "_lora." in key]
+    assert lora and all(torch.equal(final["two"][key], start[key].float()) for key in lora)
+    losses = {name: step_losses(tmp_path / name)[2] for name in ("two", "combined")}
+    assert losses["two"] == pytest.approx(losses["combined"], rel=1e-6)
+    # --resume from the state a stop after step 1 leaves ends where the uninterrupted run did
+    shutil.copytree(tmp_path / "two", tmp_path / "resumed")
+    for path in [tmp_path / "resumed" / "id_adapter.safetensors",
+                 *(tmp_path / "resumed" / "checkpoints").glob("step_00000002.*")]:
+        path.unlink()
+    stdout = run_job(job_command(comfyui, job_inputs, tmp_path / "resumed", processes=2, steps=2,
+                                 learning_rate=LEARNING_RATE, trainer="id_adapter", resume=True))
+    assert "steps 1..2" in stdout
+    resumed = load_file(str(tmp_path / "resumed" / "id_adapter.safetensors"))
+    assert all(torch.equal(resumed[key], final["two"][key]) for key in final["two"])
+    # s_scale 0 never runs the resampler: DDP averages the rest and leaves it exactly as it was
+    for name, (processes, batch) in (("shortcut", (2, 1)), ("shortcut_combined", (0, 2))):
+        run_job(job_command(comfyui, job_inputs, tmp_path / name, processes=processes, steps=2, batch=batch,
+                            learning_rate=LEARNING_RATE, trainer="id_adapter") + ["--shortcut-scale", "0"])
+    shortcut = load_file(str(tmp_path / "shortcut" / "id_adapter.safetensors"))
+    assert largest_difference(shortcut, load_file(str(tmp_path / "shortcut_combined" / "id_adapter.safetensors"))) \
+        < SAME
+    resampler = [key for key in start if ".perceiver_resampler." in key]
+    assert resampler and all(torch.equal(shortcut[key], start[key].float()) for key in resampler)
+    assert float((shortcut["image_proj.proj.0.weight"] - start["image_proj.proj.0.weight"].float()).abs().max()) \
+        > 0.5 * LEARNING_RATE
+    # the loader node reads the final file and a checkpoint: every tensor bit for bit, under the file's keys
+    layout = comfy.pack("attention.id_adapter").FILE_LAYOUTS["sd15"]
+    ipadapter = base_directory / "models" / "ipadapter"
+    ipadapter.mkdir(parents=True, exist_ok=True)
+    for source, name in ((tmp_path / "two" / "id_adapter.safetensors", "distributed_id_final.safetensors"),
+                         (tmp_path / "two" / "checkpoints" / "step_00000001.safetensors",
+                          "distributed_id_step_1.safetensors")):
+        link = ipadapter / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(source)
+        (loaded,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=name)
+        written = load_file(str(source))
+        assert loaded.kind == "sd15" and len(loaded.kv_weights) == len(layout)
+        projection = loaded.projection.state_dict()
+        assert len(projection) + 2 * len(layout) + len(lora) == len(written)
+        for key, value in projection.items():
+            assert torch.equal(value, written[f"image_proj.{key}"]), key
+        for n, key in enumerate(layout):
+            w_k, w_v = loaded.kv_weights[key]
+            assert torch.equal(w_k, written[f"ip_adapter.{2 * n + 1}.to_k_ip.weight"]), key
+            assert torch.equal(w_v, written[f"ip_adapter.{2 * n + 1}.to_v_ip.weight"]), key

@@ -58,15 +58,54 @@ def training_inputs(root: Path, sd15_checkpoint: Path, pairs: int = 6) -> dict[s
             "faces": write_faces(root / "faces", pairs)}
 
 
+def write_identity_pairs(folder: Path, count: int, size: int = 64) -> Path:
+    """Infinite-ID training pairs: <name>.png (a different crop of the astronaut each, resized) and
+    <name>.id.png (the whole photo, where the tiny insightface pack finds its face)."""
+    import skimage.data
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    photo = Image.fromarray(skimage.data.astronaut())
+    for index in range(count):
+        left, top = 24 * index % 192, 16 * index % 96
+        photo.crop((left, top, left + 320, top + 320)).resize((size, size)).save(folder / f"pair_{index:05d}.png")
+        photo.resize((256, 256)).save(folder / f"pair_{index:05d}.id.png")
+    return folder
+
+
+def id_adapter_inputs(root: Path, pairs: int = 4) -> dict[str, Path]:
+    """What jobs/train.py id_adapter reads besides the checkpoint: a tiny SD1.5 FaceID-PlusV2 file,
+    the tiny CLIP vision tower (ViT-H's stand-in), a tiny insightface pack and an identity folder.
+    Needs ComfyUI importable (the tower is one of its CLIP vision models)."""
+    import tiny_faceid
+    import tiny_insightface
+    import tiny_models
+
+    from .workflows import TINY_FACE_PACK
+
+    tiny_insightface.write_pack(root / "insightface", TINY_FACE_PACK)
+    return {"id_adapter": tiny_faceid.write(root / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15"),
+            "id_clip_vision": tiny_models.write_clip_vision(root / "clip_vision"),
+            "insightface": root / "insightface", "face_model": Path(TINY_FACE_PACK),
+            "identities": write_identity_pairs(root / "identities", pairs)}
+
+
 def job_command(comfyui: Path, inputs: dict[str, Path], output: Path, *, processes: int, steps: int, batch: int = 1,
                 accumulate: int = 1, checkpoint_every: int = 1, learning_rate: float = 1e-3, seed: int = 7,
                 validation: int = 2, resume: bool = False, trainer: str = "mcdm") -> list[str]:
     """torchrun with ``processes`` processes on this machine; 0: plain python, no torchrun.
-    ``trainer`` face_kv trains on inputs["faces"] (training_inputs writes it too)."""
+    ``trainer`` face_kv trains on inputs["faces"] (training_inputs writes it too); id_adapter on
+    inputs["identities"] with the files id_adapter_inputs writes."""
     launcher = [sys.executable] if processes == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
-    models = (["--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
-               "--folder", str(inputs["folder"])] if trainer == "mcdm" else ["--folder", str(inputs["faces"])])
+    models = {
+        "mcdm": ["--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
+                 "--folder", str(inputs["folder"])],
+        "face_kv": ["--folder", str(inputs["faces"])],
+        "id_adapter": ["--adapter", str(inputs.get("id_adapter")), "--clip-vision", str(inputs.get("id_clip_vision")),
+                       "--insightface", str(inputs.get("insightface")), "--face-model", str(inputs.get("face_model")),
+                       "--folder", str(inputs.get("identities"))],
+    }[trainer]
     command = [*launcher, str(TINY_JOB), trainer, "--comfyui", str(comfyui), "--checkpoint", str(inputs["checkpoint"]),
                *models, "--steps", str(steps), "--batch", str(batch),
                "--accumulate", str(accumulate), "--checkpoint-every", str(checkpoint_every),
