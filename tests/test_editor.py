@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+
 import copy
 import json
 
+import numpy as np
 import pytest
 
 from harness.paths import TESTS
-from harness.workflows import api_inputs
+from harness.workflows import WORKFLOWS, api_inputs
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +100,19 @@ def test_missing_models_dialog_lists_exactly_each_workflows_files(editor, base_d
         assert report.missing_models == [], name
 
 
+def thumbnail_cells(path) -> np.ndarray:
+    """The mean colour of each cell of an 8x8 grid over the picture, as the editor test's page computes it."""
+    from PIL import Image
+
+    with Image.open(path) as picture:
+        pixels = np.asarray(picture.convert("RGB"), dtype=np.float64)
+    height, width = pixels.shape[:2]
+    rows = [(height * i) // 8 for i in range(9)]
+    columns = [(width * i) // 8 for i in range(9)]
+    return np.array([pixels[rows[y]:rows[y + 1], columns[x]:columns[x + 1]].mean(axis=(0, 1))
+                     for y in range(8) for x in range(8)]).ravel()
+
+
 def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, server):
     from harness.workflows import shipped_workflows
 
@@ -105,6 +120,10 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, se
     assert sorted(templates.get("likeness", [])) == shipped_workflows()
     shown = editor.template_cards("likeness", shipped_workflows())
     assert sorted(shown) == shipped_workflows()
+    pictures = {name: thumbnail_cells(WORKFLOWS / f"{name}.jpg") for name in shipped_workflows()}
     for name, card in shown.items():
-        assert card["fetched_from"], f"{name}: no thumbnail fetched from the pack's workflows folder ({card})"
+        # the card shows the pack's picture: workflows/<name>.jpg, and no other thumbnail is as near
+        drawn = np.asarray(card["cells"])
+        distance = {other: float(np.abs(drawn - cells).max()) for other, cells in pictures.items()}
+        assert distance[name] < 3 and min(distance, key=distance.get) == name, (name, distance)
         assert card["loaded_width"] > 100, f"{name}: its thumbnail did not load"

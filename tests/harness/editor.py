@@ -110,16 +110,38 @@ TEMPLATE_CARDS = """
 async (names) => {
   const cards = {};
   for (const name of names) {
-    const title = [...document.querySelectorAll('.p-dialog *')]
-      .find(e => e.children.length === 0 && e.innerText && e.innerText.trim() === name);
-    if (!title) continue;
-    let card = title;
-    while (card && !card.querySelector('img')) card = card.parentElement;
+    const find = () => {
+      const title = [...document.querySelectorAll('.p-dialog *')]
+        .find(e => e.children.length === 0 && e.innerText && e.innerText.trim() === name);
+      let card = title;
+      while (card && !card.querySelector('img')) card = card.parentElement;
+      return card;
+    };
+    let card = find();
     if (!card) continue;
+    // the grid is virtual: a card scrolled into view may first show a recycled picture
     card.scrollIntoView();
+    await new Promise(r => setTimeout(r, 300));
+    card = find();
+    if (!card) continue;
     const img = card.querySelector('img');
     for (let i = 0; i < 50 && !(img.complete && img.naturalWidth); i++) await new Promise(r => setTimeout(r, 100));
-    cards[name] = {thumbnail: img.src, loaded_width: img.naturalWidth};
+    // what the card drew, as the mean colour of each cell of an 8x8 grid (robust to JPEG decoders)
+    const canvas = document.createElement('canvas');
+    canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
+    const context = canvas.getContext('2d');
+    context.drawImage(img, 0, 0);
+    const data = context.getImageData(0, 0, canvas.width, canvas.height).data;
+    const cells = [];
+    for (let gy = 0; gy < 8; gy++) for (let gx = 0; gx < 8; gx++) {
+      const x0 = Math.floor(gx * canvas.width / 8), x1 = Math.floor((gx + 1) * canvas.width / 8);
+      const y0 = Math.floor(gy * canvas.height / 8), y1 = Math.floor((gy + 1) * canvas.height / 8);
+      const sum = [0, 0, 0];
+      for (let y = y0; y < y1; y++) for (let x = x0; x < x1; x++)
+        for (let c = 0; c < 3; c++) sum[c] += data[4 * (y * canvas.width + x) + c];
+      cells.push(...sum.map(v => v / ((x1 - x0) * (y1 - y0))));
+    }
+    cards[name] = {thumbnail: img.src, loaded_width: img.naturalWidth, loaded_height: img.naturalHeight, cells};
   }
   return cards;
 }
@@ -182,21 +204,20 @@ class GraphEditor:
 
     def template_cards(self, module: str, names: list[str]) -> dict[str, dict]:
         """The template browser's cards of one extension, by title: {title: {thumbnail, loaded
-        width, the URL it was fetched from}}."""
-        fetched: list[str] = []
-        record = lambda response: response.ok and fetched.append(response.url)  # noqa: E731
-        self.page.on("response", record)
+        width and height, the mean colour of each cell of an 8x8 grid over the drawn picture}}."""
         try:
             self.page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
             self.page.get_by_text(module, exact=True).first.click(timeout=30_000)
             self.page.wait_for_timeout(1500)
-            cards = self.page.evaluate(TEMPLATE_CARDS, names)
-            self.page.wait_for_timeout(1000)  # response events arrive after the page saw the pictures
+            self.page.screenshot(path=str(self.artifacts / "template_browser.png"))
+            cards = {}
+            for name in names:  # the grid loads more cards as it scrolls: bring each into view first
+                title = self.page.locator(".p-dialog").get_by_text(name, exact=True).first
+                title.scroll_into_view_if_needed(timeout=10_000)
+                self.page.wait_for_timeout(800)
+                cards.update(self.page.evaluate(TEMPLATE_CARDS, [name]))
         finally:
-            self.page.remove_listener("response", record)
             self.page.keyboard.press("Escape")
-        for name, card in cards.items():
-            card["fetched_from"] = [url for url in fetched if url.split("?")[0].endswith(f"/{module}/{name}.jpg")]
         return cards
 
     def unexpected_console_errors(self) -> list[str]:
