@@ -31,6 +31,9 @@ class PairPrompts(io.ComfyNode):
             node_id="LikenessPairPrompts",
             display_name="Likeness Pair Prompts",
             category=CATEGORY,
+            # an output node: ComfyUI reports its text in /history even when the sampling after it
+            # comes from the cache (jobs/make_pairs.py reads the prompts there)
+            is_output_node=True,
             description="The portrait-editing paper's three prompts for a pair: 'the same [X] on the left and "
                         "right', 'a [X], [Y]', 'a [X], [Z]', with [X] man or woman as insightface's gender-age "
                         "model reads the identity photo, [Y] the source domain and [Z] the target domain.",

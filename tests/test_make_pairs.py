@@ -88,9 +88,9 @@ def test_pairs_on_two_servers_survive_a_server_dying_and_a_restarted_client(host
             time.sleep(0.2)
         os.kill(second.process.pid, signal.SIGKILL)
         out, err = job.communicate(timeout=900)
-        assert job.returncode == 0, err[-4000:]
+        assert job.returncode == 0, out[-4000:] + err[-4000:]
         result = json.loads(out)
-        assert result["made"] == 12 and not result["failed"] and not result["servers"][second.url]["alive"]
+        assert result["made"] == 12 and not result["failed"] and not result["servers"][second.url]["alive"], out + err
         check_pairs(job_module, inputs, output, 12)
 
         # A client killed mid-run, run again: the pairs it made are kept as they were, the rest made.
@@ -105,10 +105,18 @@ def test_pairs_on_two_servers_survive_a_server_dying_and_a_restarted_client(host
         kept = {p.name: p.stat().st_mtime_ns for p in resumed.iterdir()
                 if p.stem.split(".")[0] in done_stems(resumed)}
         again = subprocess.run(job_command(inputs, resumed, 8, [first.url]), capture_output=True, text=True, timeout=900)
-        assert again.returncode == 0, again.stderr[-4000:]
+        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
         assert json.loads(again.stdout)["kept"] == len({name.split(".")[0] for name in kept})
         assert {name: (resumed / name).stat().st_mtime_ns for name in kept} == kept, "nothing made twice"
         check_pairs(job_module, inputs, resumed, 8)
+
+        # The same pair asked for twice: the second prompt comes whole from the server's cache
+        # (ComfyUI then skips every node upstream of a cached output), and still yields the pair.
+        for folder in ("once", "twice"):
+            same = subprocess.run(job_command(inputs, tmp_path / folder, 1, [first.url]), capture_output=True,
+                                  text=True, timeout=900)
+            assert same.returncode == 0, same.stdout[-4000:] + same.stderr[-4000:]
+        check_pairs(job_module, inputs, tmp_path / "twice", 1)
     finally:
         first.stop()
         second.stop()
