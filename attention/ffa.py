@@ -27,7 +27,7 @@ import torch
 
 from .adain import adain_tokens
 from .feature_bank import FeatureBank, StoredStates, TimestepOf, timestep_key
-from .masks import mask_to_tokens
+from .masks import region_on_grid
 from .rows import sample_index
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
@@ -125,11 +125,7 @@ class FeatureFusion:
 
     def region(self, extra_options: dict, queries: int, device) -> torch.Tensor | None:
         """(queries,) booleans: where FFA acts on this layer's grid; None: everywhere."""
-        if self.mask is None:
-            return None
-        grid = extra_options.get("activations_shape", extra_options["original_shape"])
-        inside = mask_to_tokens(self.mask, grid, queries, device=device)[0] > 0.5
-        return None if bool(inside.all()) else inside
+        return region_on_grid(self.mask, extra_options, queries, device)
 
     def features_for(self, extra_options: dict, rows: int, device=None) -> tuple[StoredStates, StoredStates] | None:
         """(h_c, h_s) as stored, for the rows of this call (one image, or one per row), or None

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .adain import adain_mean
 from .faceid_lora import FaceIDLoRA
-from .masks import mask_to_tokens
+from .masks import mask_to_tokens, region_on_grid
 from .rows import UNCOND, row_mask
 from .schedule import SigmaRange, current_sigma
 from .unet_layers import BlockKey
@@ -186,12 +186,7 @@ class InfiniteID:
 
     def region(self, extra_options: dict, queries: int, device) -> torch.Tensor | None:
         """(queries,) booleans, this identity's region on the layer's token grid; None: everywhere."""
-        if self.mask is None:
-            return None
-        # The layer's own grid (odd sizes round up at each stride-2 step, down to 1x1).
-        grid = extra_options.get("activations_shape", extra_options["original_shape"])
-        inside = mask_to_tokens(self.mask, grid, queries, device=device)[0] > 0.5
-        return None if bool(inside.all()) else inside
+        return region_on_grid(self.mask, extra_options, queries, device)
 
 
 def _key(extra_options: dict) -> BlockKey | None:

@@ -43,6 +43,16 @@ def mask_to_tokens(mask: torch.Tensor, original_shape, tokens: int, *, device=No
     return resized.to(device=device or mask.device, dtype=dtype or torch.float32)
 
 
+
+def region_on_grid(mask: torch.Tensor | None, extra_options: dict, queries: int, device=None) -> torch.Tensor | None:
+    """(queries,) booleans: where a (1, H, W) region mask is above 0.5 on this attention layer's
+    token grid (odd sizes round up at each stride-2 step, down to 1x1); None: everywhere."""
+    if mask is None:
+        return None
+    grid = extra_options.get("activations_shape", extra_options["original_shape"])
+    inside = mask_to_tokens(mask, grid, queries, device=device)[0] > 0.5
+    return None if bool(inside.all()) else inside
+
 OVERLAY_COLOUR = (1.0, 0.15, 0.1)  # red: where the edit mask says to edit
 
 
