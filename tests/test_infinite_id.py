@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from harness.identity_stand_in import stand_in_identity
 from harness.sampling import encode, txt2img_latent
 
 
@@ -20,16 +21,7 @@ def family(request, comfy, tiny_checkpoints):
 
 
 def stand_in_adapter(modules, model, seed=0, tokens=4):
-    """Identity tokens and image K/V weights of the right shapes: the layers'
-    own text projections (a loaded FaceID-PlusV2 file gives its own)."""
-    layers = modules["unet_layers"]
-    unet = layers.diffusion_model_of(model)
-    keys = layers.attention_keys(unet)
-    kv = {k: (layers.transformer_block(unet, k).attn2.to_k.weight.detach().clone(),
-              layers.transformer_block(unet, k).attn2.to_v.weight.detach().clone()) for k in keys}
-    context = kv[keys[0]][0].shape[1]
-    generator = torch.Generator().manual_seed(seed)
-    return keys, kv, torch.randn(1, tokens, context, generator=generator)
+    return stand_in_identity(modules["unet_layers"], model, seed, tokens)
 
 
 def patched(modules, model, tokens, kv, keys, **settings):

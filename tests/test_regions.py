@@ -10,6 +10,7 @@ import torch
 import tiny_faceid
 import tiny_insightface
 import tiny_models
+from harness.identity_stand_in import stand_in_identity
 from harness.sampling import encode, txt2img_latent
 from harness.workflows import TINY_FACE_PACK
 
@@ -27,19 +28,8 @@ def family(request, comfy, tiny_checkpoints):
     return request.param, model, clip
 
 
-def stand_in(modules, model, seed, tokens=4):
-    """Image K/V weights (the layers' own text projections) and random identity tokens."""
-    layers = modules["unet_layers"]
-    unet = layers.diffusion_model_of(model)
-    keys = layers.attention_keys(unet)
-    kv = {k: (layers.transformer_block(unet, k).attn2.to_k.weight.detach().clone(),
-              layers.transformer_block(unet, k).attn2.to_v.weight.detach().clone()) for k in keys}
-    context = kv[keys[0]][0].shape[1]
-    return keys, kv, torch.randn(1, tokens, context, generator=torch.Generator().manual_seed(seed))
-
-
 def person(modules, model, seed, mask=None, weight=WEIGHT):
-    keys, kv, tokens = stand_in(modules, model, seed)
+    keys, kv, tokens = stand_in_identity(modules["unet_layers"], model, seed)
     settings = modules["infinite_id"].InfiniteID(tokens=tokens, uncond_tokens=torch.zeros_like(tokens), kv=kv,
                                                  weight=weight, mask=mask)
     return settings, keys
