@@ -181,15 +181,18 @@ def write_state(files: dict[str, Path], optimizer: dict, state: dict) -> None:
 
 
 class Progress:
-    """Rank 0's progress lines: step, loss, seconds per step and the time left."""
+    """The loop's on_step: every step's loss by step number, and on rank 0 progress lines (step,
+    loss, seconds per step and the time left)."""
 
-    def __init__(self, steps: int, first: int):
-        self.steps, self.first, self.start = steps, first, time.monotonic()
+    def __init__(self, steps: int, first: int, rank: int):
+        self.steps, self.first, self.rank, self.start = steps, first, rank, time.monotonic()
         self.every = max(1, steps // 100)
+        self.losses: dict[int, float] = {}
 
     def __call__(self, step: int, loss: float) -> None:
         done = step + 1
-        if done % self.every and done != self.steps:
+        self.losses[done] = loss
+        if self.rank != 0 or (done % self.every and done != self.steps):
             return
         per_step = (time.monotonic() - self.start) / (done - self.first)
         left = int(per_step * (self.steps - done))
@@ -228,12 +231,8 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
     adapter = (mcdm.adapter_from_state_dict(mcdm.load_state_dict(args.adapter)) if args.adapter is not None
                else mcdm.EmbeddingAdapter(width, 1024, null.clip_tokens.shape[1]))
 
-    losses: dict[int, float] = {}
-
-    def on_step(step: int, loss: float) -> None:
-        losses[step + 1] = loss
-        if world.rank == 0:
-            progress(step, loss)
+    progress = Progress(args.steps, first, world.rank)
+    losses = progress.losses
 
     def on_checkpoint(done: int, unet, trained_adapter, optimizer) -> None:
         if world.rank != 0 or (done % args.checkpoint_every and done != args.steps):
@@ -241,13 +240,12 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
         write_checkpoint(args.output, done, unet.state_dict(), trained_adapter.state_dict(), optimizer.state_dict(),
                          {"step": done, "config": config, "loss": losses.get(done)}, mcdm_training)
 
-    progress = Progress(args.steps, first)
     if world.rank == 0:
         print(f"mcdm: {len(reader)} pairs, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, trained_adapter, before, after = mcdm_training.train_mcdm(
         model, adapter, reader, empty_text=empty_text, null=null, steps=args.steps, learning_rate=args.learning_rate,
-        seed=args.seed, on_step=on_step, batching=training.Batching(args.batch, args.accumulate), world=world,
+        seed=args.seed, on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world,
         resume=resume, on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
                "loss_before": before, "loss_after": after, "losses": losses, "config": config}
@@ -293,13 +291,8 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         reader = FaceExampleReader(args.folder.expanduser().resolve(), model, clip, vae)
     initial = face_kv.load_face_kv_file(files["weights"]) if resume is not None else None
     info = {"model_fingerprint": fingerprint(model)}
-    losses: dict[int, float] = {}
-    progress = Progress(args.steps, first)
-
-    def on_step(step: int, loss: float) -> None:
-        losses[step + 1] = loss
-        if world.rank == 0:
-            progress(step, loss)
+    progress = Progress(args.steps, first, world.rank)
+    losses = progress.losses
 
     def on_checkpoint(done: int, weights: dict, optimizer) -> None:
         if world.rank != 0 or (done % args.checkpoint_every and done != args.steps):
@@ -313,7 +306,7 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         print(f"face_kv: {len(reader)} examples, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     weights, before, after = face_kv_training.train_face_kv(
-        model, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed, on_step=on_step,
+        model, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed, on_step=progress,
         batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume, initial=initial,
         on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "examples": len(reader), "processes": world.size,
@@ -358,13 +351,8 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
         analysis = face_backend.load_analysis(args.face_model, args.face_provider)
         reader = IDPairReader(args.folder.expanduser().resolve(), model, clip, vae, analysis, clip_vision)
     adapter = id_adapter.load_id_adapter(files["weights"] if resume is not None else args.adapter)
-    losses: dict[int, float] = {}
-    progress = Progress(args.steps, first)
-
-    def on_step(step: int, loss: float) -> None:
-        losses[step + 1] = loss
-        if world.rank == 0:
-            progress(step, loss)
+    progress = Progress(args.steps, first, world.rank)
+    losses = progress.losses
 
     def on_checkpoint(done: int, trained, optimizer) -> None:
         if world.rank != 0 or (done % args.checkpoint_every and done != args.steps):
@@ -379,7 +367,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, before, after = id_adapter_training.train_id_adapter(
         model, adapter, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
-        scale=args.shortcut_scale, on_step=on_step, batching=training.Batching(args.batch, args.accumulate),
+        scale=args.shortcut_scale, on_step=progress, batching=training.Batching(args.batch, args.accumulate),
         world=world, resume=resume, on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
                "loss_before": before, "loss_after": after, "losses": losses, "config": config}
