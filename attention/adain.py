@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .masks import mask_to_tokens
+
 EPS = 1e-5
 
 
@@ -21,17 +23,31 @@ def adain(content: torch.Tensor, style: torch.Tensor, dims: tuple[int, ...]) -> 
     return ((content32 - c_mean) / (c_std + EPS) * s_std + s_mean).to(content.dtype)
 
 
-def adain_latent(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:
+def adain_latent(content: torch.Tensor, style: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per image and channel over H×W, for (B, C, H, W) latents.
 
-    A single style image is applied to every content image.
+    A single style image is applied to every content image. With a ``mask`` (a ComfyUI MASK, one
+    or one per content image, any size; stretched onto the latent as masks.mask_to_tokens does for
+    Infinite-ID's latent blend) the result is AdaIN where the mask is 1, the content's own values
+    where it is 0 (bit for bit) and the blend m·AdaIN + (1 − m)·content in between. The statistics
+    are the whole latent's, as Eq. 4 takes them.
     """
     if style.shape[0] not in (1, content.shape[0]):
         raise ValueError(f"style batch {style.shape[0]} must be 1 or match the content batch {content.shape[0]}")
     if style.shape[1] != content.shape[1]:
         raise ValueError(f"style has {style.shape[1]} latent channels, content {content.shape[1]}: "
                          "both must come from the same VAE")
-    return adain(content, style.expand(content.shape[0], *style.shape[1:]), dims=(-2, -1))
+    out = adain(content, style.expand(content.shape[0], *style.shape[1:]), dims=(-2, -1))
+    if mask is None:
+        return out
+    height, width = content.shape[-2:]
+    m = mask_to_tokens(mask, content.shape, height * width, device=content.device)
+    if m.shape[0] not in (1, content.shape[0]):
+        raise ValueError(f"{m.shape[0]} masks for {content.shape[0]} content latents: give one mask, or one per latent")
+    m = m.view(-1, 1, height, width)
+    # lerp is exact at both ends (weight 1 gives AdaIN itself); where the mask is 0 the content is kept as is.
+    blended = torch.lerp(content.float(), out.float(), m).to(content.dtype)
+    return torch.where(m > 0, blended, content)
 
 
 def adain_tokens(content: torch.Tensor, style: torch.Tensor) -> torch.Tensor:

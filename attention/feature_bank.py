@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -219,13 +220,15 @@ class FeatureCapture:
     """
 
     def __init__(self, layers: list[BlockKey], model_sampling, storage_device, *, wanted: list,
-                 precision: str = "fp8") -> None:
+                 precision: str | Callable[[], str] = "fp8") -> None:
         self.layers = {tuple(k) for k in layers}
         # Only the timesteps a forward pass will look up (not σ_0 of the inversion).
         self.wanted = {timestep_key(t) for t in wanted}
         self.timestep_of = TimestepOf(model_sampling)
         self.storage_device = storage_device
-        self.precision = precision
+        # A callable chooses the precision at the first capture, when the run has loaded the model.
+        self._choose = precision if callable(precision) else None
+        self.precision = None if callable(precision) else precision
         self._entries: dict[tuple[float, BlockKey], StoredStates] = {}
 
     def __call__(self, n, context, value, extra_options):
@@ -239,6 +242,8 @@ class FeatureCapture:
             if timestep not in self.wanted:
                 return n, context, value
             cond = rows_of(COND, extra_options["cond_or_uncond"], n.shape[0])
+            if self.precision is None:
+                self.precision = self._choose()
             self._entries[(timestep, key)] = StoredStates.store(n[cond], self.precision, self.storage_device)
         return n, context, value
 

@@ -64,6 +64,14 @@ def ffa_reference(q_c, q_cur, k_c, k_s, v_c, v_s, alpha: float, beta: float, hea
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
+def free_for_run(device) -> float:
+    """Bytes free on ``device`` for a run's cache, as ComfyUI counts them once the model is loaded:
+    its free memory less its own inference reserve."""
+    import comfy.model_management
+
+    return comfy.model_management.get_free_memory(device) - comfy.model_management.minimum_inference_memory()
+
+
 def keep_on_device(placement: str, cache_bytes: int, free_bytes: float) -> bool:
     """Whether a run keeps the whole cache on the GPU (else it streams it layer by layer):
     "device" always, "cpu" never, "auto" when it takes at most AUTO_SHARE_OF_FREE of the memory
@@ -110,10 +118,7 @@ class FeatureFusion:
         if device.type == "cpu":
             return None
         if "banks" not in self._run:
-            import comfy.model_management
-
-            free = 0.0 if self.placement != "auto" else (
-                comfy.model_management.get_free_memory(device) - comfy.model_management.minimum_inference_memory())
+            free = 0.0 if self.placement != "auto" else free_for_run(device)
             wanted = keep_on_device(self.placement, self.bytes_per_run(), free)
             self._run["banks"] = None if not wanted else tuple(
                 {key: stored.to(device, non_blocking=True) for key, stored in bank.features.items()}

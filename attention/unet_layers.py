@@ -56,16 +56,34 @@ def diffusion_model_of(model) -> torch.nn.Module:
     return model.get_model_object("diffusion_model")
 
 
-LAYER_SETS = ("all", "decoder", "encoder", "middle")
+# Named sets of self-attention layers. "decoder_high_res" is StyleID's (Chung et al. 2024, released
+# run_styleid.py: --attn_layer 6,7,8,9,10,11, output blocks of SD1.5's UNet): the decoder's layers at
+# the latent's full and half resolution. On SDXL, whose full resolution has no attention, that is the
+# half-resolution output blocks 3-5.
+LAYER_SETS = ("all", "decoder", "decoder_high_res", "encoder", "middle")
+HIGH_RES_LEVELS = (0, 1)  # resolution levels: 0 = the latent's own grid, 1 = half of it
 
 
-def select_keys(keys: list[BlockKey], layers: str) -> list[BlockKey]:
-    """A named subset of the keys: all, decoder (output), encoder (input), middle."""
-    wanted = {"all": ("input", "middle", "output"), "decoder": ("output",),
+def select_keys(keys: list[BlockKey], layers: str, levels: dict[BlockKey, int] | None = None) -> list[BlockKey]:
+    """A named subset of the keys: all, decoder (every output block), decoder_high_res (output blocks
+    at HIGH_RES_LEVELS; needs ``levels``, each key's resolution level, see attention_levels), encoder
+    (input blocks), middle."""
+    wanted = {"all": ("input", "middle", "output"), "decoder": ("output",), "decoder_high_res": ("output",),
               "encoder": ("input",), "middle": ("middle",)}
     if layers not in wanted:
         raise ValueError(f"layers={layers!r}: expected one of {', '.join(LAYER_SETS)}")
-    return [key for key in keys if key[0] in wanted[layers]]
+    chosen = [key for key in keys if key[0] in wanted[layers]]
+    if layers == "decoder_high_res":
+        if levels is None:
+            raise ValueError("layers='decoder_high_res' needs each layer's resolution level (attention_levels)")
+        chosen = [key for key in chosen if levels[tuple(key)] in HIGH_RES_LEVELS]
+    return chosen
+
+
+def attention_levels(model) -> dict[BlockKey, int]:
+    """The resolution level of every self-attention layer of a ModelPatcher's UNet (0 = the latent's
+    own grid, each level halves it), from its config (attention_geometry)."""
+    return {key: level for key, (level, _) in attention_geometry(model.model.model_config.unet_config).items()}
 
 
 def attention_geometry(unet_config: dict) -> dict[BlockKey, tuple[int, int]]:

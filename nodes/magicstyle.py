@@ -11,15 +11,20 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.adain import adain_latent
-from ..attention.feature_bank import PRECISIONS, FeatureBank, merge_banks, model_fingerprint
+from ..attention.feature_bank import FeatureBank, merge_banks, model_fingerprint
 from ..attention.ffa import PLACEMENTS, FeatureFusion, apply_ffa
-from ..attention.inversion import CAPTURES, invert, inversion_steps
+from ..attention.inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
 from ..attention.schedule import SigmaRange, model_sampling_of
-from ..attention.unet_layers import LAYER_SETS, attention_keys, diffusion_model_of, select_keys
+from ..attention.unet_layers import LAYER_SETS, attention_keys, attention_levels, diffusion_model_of, select_keys
 from .common import (FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require,
                      require_mask, require_model_family)
 
 CATEGORY = "likeness/magicstyle"
+CACHED_LAYER_SETS = ("all", "decoder", "decoder_high_res")
+LAYERS_TOOLTIP = ("all = every self-attention layer (MagicStyle; SD1.5 16, SDXL 70); decoder = every "
+                  "output block's (SD1.5 9, SDXL 36); decoder_high_res = the output blocks' at the latent's "
+                  "full and half resolution, StyleID's set (SD1.5 output blocks 6-11; SDXL, which has no "
+                  "attention at full resolution, output blocks 3-5).")
 
 
 class Invert(io.ComfyNode):
@@ -45,18 +50,21 @@ class Invert(io.ComfyNode):
                 io.Combo.Input("capture", options=list(CAPTURES), default="qkv",
                                tooltip="qkv for a content image, kv for a style image (the cache stores the "
                                        "layer inputs either way), none to only invert."),
-                io.Combo.Input("layers", options=["all", "decoder"], default="all",
-                               tooltip="Self-attention layers to keep: all 16 (MagicStyle) or the decoder's "
-                                       "(StyleID). A subset can still be chosen when applying."),
+                io.Combo.Input("layers", options=list(CACHED_LAYER_SETS), default="all",
+                               tooltip=f"Self-attention layers to keep: {LAYERS_TOOLTIP} A subset can still be "
+                                       "chosen when applying."),
                 io.Combo.Input("cache_on", options=list(PLACEMENTS), default="auto",
                                tooltip="Where the features are while a sampler uses them (between prompts they "
                                        "rest in system memory): auto = on the GPU when they fit beside the loaded "
                                        "model, else streamed layer by layer; device = always on the GPU for the "
                                        "run; cpu = always streamed."),
-                io.Combo.Input("precision", options=list(PRECISIONS), default="fp8", optional=True,
-                               tooltip="fp8 (e4m3, one scale per image and tensor) stores 20% of what fp16 Q, K, V "
-                                       "would take, half of fp16 (see the README's Memory section for its effect "
-                                       "on the result); fp16 stores 40%."),
+                io.Combo.Input("precision", options=list(PRECISION_CHOICES), default=AUTO_PRECISION, optional=True,
+                               tooltip="How the features are stored. MagicStyle caches full precision: fp16 keeps "
+                                       "it (to fp16 rounding) and stores 40% of what fp16 Q, K, V would take; fp8 "
+                                       "(e4m3, one scale per image and tensor) stores 20% and moves FFA's effect by "
+                                       "2-3.5% (README, Memory). auto = fp16 where the fp16 cache of this inversion "
+                                       "and one image beside it fits half of what ComfyUI has free for the run "
+                                       "(cache_on=auto's rule), fp8 otherwise; the choice is logged."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="z_T: feed a sampler with add_noise disabled."),
@@ -66,13 +74,13 @@ class Invert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, latent: dict, steps: int, capture: str, layers: str,
-                cache_on: str, precision: str = "fp8") -> io.NodeOutput:
+                cache_on: str, precision: str = AUTO_PRECISION) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import latent_preview
 
         require_model_family(model)
-        keys = select_keys(attention_keys(diffusion_model_of(model)), layers)
+        keys = select_keys(attention_keys(diffusion_model_of(model)), layers, attention_levels(model))
         progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
                                storage_device=comfy.model_management.unet_offload_device(), precision=precision,
@@ -99,13 +107,21 @@ class AdaINLatent(io.ComfyNode):
                 io.Latent.Input("content", tooltip="Inverted content latent(s), z_T^C."),
                 io.Latent.Input("style", tooltip="Inverted style latent, z_T^S: one image, "
                                 "or one per content image."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="Where to stylise: give it the mask Feature Fusion Attention gets. Inside "
+                                      "(1) AdaIN(content, style); outside (0) the content's own z_T, bit for bit, "
+                                      "so the start there is as without FFA; values in between blend. Any size, "
+                                      "stretched onto the latent; one mask, or one per content image. Empty = "
+                                      "the whole latent."),
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="AdaIN(content, style).")],
         )
 
     @classmethod
-    def execute(cls, content: dict, style: dict) -> io.NodeOutput:
-        samples = adain_latent(content["samples"], style["samples"])
+    def execute(cls, content: dict, style: dict, mask=None) -> io.NodeOutput:
+        if mask is not None:
+            require_mask(mask, purpose="where to stylise")
+        samples = adain_latent(content["samples"], style["samples"], mask)
         out = {key: value for key, value in content.items() if key != "noise_mask"}
         out["samples"] = samples
         return io.NodeOutput(out)
@@ -135,7 +151,8 @@ class FeatureFusionAttention(io.ComfyNode):
                 io.Float.Input("temperature", default=1.0, min=0.1, max=5.0, step=0.05,
                                tooltip="Scales the attention logits (StyleID's temperature); 1 is the paper."),
                 io.Combo.Input("layers", options=list(LAYER_SETS), default="all",
-                               tooltip="Layers to fuse, among those cached: all (MagicStyle), decoder (StyleID)."),
+                               tooltip=f"Layers to fuse, among those cached: {LAYERS_TOOLTIP} encoder: the "
+                                       "input blocks'; middle: the middle block's."),
                 io.Int.Input("style_index", default=0, min=0, max=4095,
                              tooltip="Which image of the style features to use."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.001,
@@ -164,7 +181,7 @@ class FeatureFusionAttention(io.ComfyNode):
         content.check_compatible(fingerprint=fingerprint, what="content features")
         style.check_compatible(fingerprint=fingerprint, latent_hw=tuple(content.latent_shape[-2:]),
                                sigmas=content.sigmas, what="style features")
-        keys = [k for k in select_keys(content.layers, layers) if k in set(style.layers)]
+        keys = [k for k in select_keys(content.layers, layers, attention_levels(model)) if k in set(style.layers)]
         require(keys, "layers", layers, f"a set the features were cached for ({len(content.layers)} "
                 f"content and {len(style.layers)} style layers)")
         sampling = model_sampling_of(model)
