@@ -9,6 +9,10 @@ model-loading node (install.MODEL_FILES: name, URL, models folder), and
 draws it, with the example pictures, as the template thumbnail beside it
 (workflows/<name>.jpg). tests/test_workflows.py checks that every UI
 workflow still turns into its API twin.
+
+What an API prompt cannot say (groups with titles, Markdown notes, node titles, nodes bypassed by
+default) comes from a sidecar per workflow, workflows/layout/<name>.json (harness/layout.py); a
+node bypassed by default leaves the UI workflow's prompt as the editor's bypass does.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness.base import make_base_directory  # noqa: E402
 from harness.editor import GraphEditor  # noqa: E402
+from harness.layout import apply_layout, load_layout  # noqa: E402
 from harness.paths import REPO, host_root, load_installer  # noqa: E402
 from harness.server import ComfyServer  # noqa: E402
 
@@ -56,6 +61,7 @@ def main() -> int:
             for folder in FOLDERS:
                 for api_file in sorted((folder / "api").glob("*.json")):
                     workflow = editor.ui_from_api(json.loads(api_file.read_text()), api_file.stem)
+                    workflow = apply_layout(workflow, load_layout(folder, api_file.stem))
                     workflow = with_model_links(workflow, installer.MODEL_FILES)
                     target = folder / api_file.name
                     target.write_text(json.dumps(workflow, indent=1) + "\n")

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from harness.layout import load_layout, nodes_inside
 from harness.paths import load_installer
-from harness.workflows import WORKFLOWS, api_inputs, for_tiny_models, load_api, shipped_workflows
+from harness.workflows import (WORKFLOWS, api_inputs, for_tiny_models, load_api, load_ui, shipped_workflows,
+                               with_bypassed)
 
 pytestmark = pytest.mark.slow
 
@@ -60,7 +62,82 @@ def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory,
 def test_workflow_loads_in_the_editor_and_matches_its_twin(editor, name):
     report = editor.load(WORKFLOWS / f"{name}.json", name)
     assert report.problems == [], report
-    assert api_inputs(editor.to_api_prompt()) == api_inputs(load_api(name))
+    # nodes the layout bypasses by default leave the prompt as the editor's bypass does
+    twin = with_bypassed(load_api(name), load_ui(name), load_layout(WORKFLOWS, name).get("bypassed", []))
+    assert api_inputs(editor.to_api_prompt()) == api_inputs(twin)
+
+
+GROUPED = [(name, group["title"]) for name in shipped_workflows()
+           for group in load_layout(WORKFLOWS, name).get("groups", [])]
+
+# The editor's groups: the nodes each holds (its own rule) and the prompt with them bypassed.
+BYPASS_GROUP = """
+(title) => {
+  const group = app.graph.groups.find(g => g.title === title);
+  group.recomputeInsideNodes();
+  const ids = group.nodes.map(n => n.id);
+  for (const node of group.nodes) node.mode = 4;
+  return ids;
+}
+"""
+
+
+@pytest.mark.parametrize("name, title", GROUPED)
+def test_a_group_bypassed_in_the_editor_queues_the_prompt_the_api_tests_run(editor, name, title):
+    """What the API test below runs for "group off" is what the real editor queues once the group's
+    nodes are bypassed: the group holds exactly the layout's nodes (and its notes)."""
+    editor.load(WORKFLOWS / f"{name}.json", name)
+    ids = editor.page.evaluate(BYPASS_GROUP, title)
+    (wanted,) = [g for g in load_layout(WORKFLOWS, name)["groups"] if g["title"] == title]
+    ui = load_ui(name)
+    notes = {node["id"] for node in ui["nodes"] if node["type"] == "MarkdownNote"}
+    assert {str(i) for i in set(ids) - notes} == set(wanted["nodes"])
+    (saved,) = [g for g in ui["groups"] if g["title"] == title]
+    assert set(ids) == nodes_inside(ui, saved)
+    expected = with_bypassed(load_api(name), ui, wanted["nodes"])
+    assert api_inputs(editor.to_api_prompt()) == api_inputs(expected)
+
+
+@pytest.mark.parametrize("name, title", GROUPED)
+def test_the_workflow_runs_with_each_group_on_and_off(server, tiny_checkpoints, workflow_files, name, title):
+    (group,) = [g for g in load_layout(WORKFLOWS, name)["groups"] if g["title"] == title]
+    prompt = fewer_steps(for_tiny_models(load_api(name)), 4)  # the wiring is under test, not the schedule
+    off = with_bypassed(prompt, load_ui(name), group["nodes"])
+    assert set(off) == set(prompt) - set(group["nodes"])
+    results = {}
+    for state, graph in (("on", prompt), ("off", off)):
+        result = server.run_prompt(graph, timeout=600)
+        assert result.ok, (state, result.error)
+        results[state] = saved_pixels(result)
+    (on_image,), (off_image,) = results["on"], results["off"]
+    assert np.asarray(off_image).std() > 1.0
+    changed = (on_image != off_image).any(-1)
+    if name == "magicstyle_small_face":  # the identity step acts on the restored face, pasted back under the mask
+        region = region_mask(server, prompt)
+        assert not changed[region == 0].any(), "the identity step changed pixels outside the face region"
+        share = changed[region > 0.5].mean()
+        print(f"{name}: the identity step changed {share:.0%} of the pixels inside the face region, none outside")
+        assert share > 0.15, f"the identity step changed {share:.0%}"
+
+
+def fewer_steps(prompt: dict, steps: int) -> dict:
+    """The prompt with every inversion and sampler at ``steps`` (they must match for MagicStyle)."""
+    for node in prompt.values():
+        if "steps" in node["inputs"] and node["class_type"] in ("LikenessInvert", "KSampler", "KSamplerAdvanced",
+                                                                "BasicScheduler"):
+            node["inputs"]["steps"] = steps
+    return prompt
+
+
+def region_mask(server, prompt: dict) -> np.ndarray:
+    """The paste-back mask of magicstyle_small_face's face region (node 21's MASK), as 0..1."""
+    graph = {key: prompt[key] for key in ("1", "2", "4", "20", "21")}
+    graph["90"] = {"class_type": "MaskToImage", "inputs": {"mask": ["21", 2]}}
+    graph["91"] = {"class_type": "SaveImage", "inputs": {"images": ["90", 0], "filename_prefix": "region_mask"}}
+    result = server.run_prompt(graph)
+    assert result.ok, result.error
+    (mask,) = saved_pixels(result)
+    return mask[..., 0] / 255.0
 
 
 # One input the second prompt changes, downstream of cached outputs the patch nodes receive.

@@ -27,6 +27,43 @@ def load_api(name: str) -> dict:
     return json.loads((WORKFLOWS / "api" / f"{name}.json").read_text())
 
 
+def load_ui(name: str) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text())
+
+
+def with_bypassed(prompt: dict, ui_workflow: dict, node_ids) -> dict:
+    """The prompt the editor queues with ``node_ids`` bypassed (ExecutableNodeDTO.resolveOutput): the
+    nodes leave the prompt, and an input fed by one of their outputs is fed by what feeds the bypassed
+    node's input of that output's type (the same slot first, then the first input of the type), or
+    left out where none does. Types come from the UI workflow."""
+    bypassed = {str(node_id) for node_id in node_ids}
+    ui_nodes = {str(node["id"]): node for node in ui_workflow["nodes"]}
+
+    def resolve(source: list):
+        node_id, slot = str(source[0]), source[1]
+        if node_id not in bypassed:
+            return source
+        node = ui_nodes[node_id]
+        wanted = node["outputs"][slot]["type"]
+        inputs = node.get("inputs", [])
+        index = slot if slot < len(inputs) and inputs[slot]["type"] == wanted else next(
+            (i for i, entry in enumerate(inputs) if entry["type"] == wanted), None)
+        fed = None if index is None else prompt[node_id]["inputs"].get(inputs[index]["name"])
+        return resolve(fed) if isinstance(fed, list) else None
+
+    result = {}
+    for node_id, node in prompt.items():
+        if node_id in bypassed:
+            continue
+        inputs = {}
+        for name, value in node["inputs"].items():
+            value = resolve(value) if isinstance(value, list) else value
+            if value is not None:
+                inputs[name] = value
+        result[node_id] = {**node, "inputs": inputs}
+    return result
+
+
 def for_tiny_models(prompt: dict, size: int = 64) -> dict:
     """A shipped prompt made quick here: small images (the model files keep their shipped names;
     ``place_tiny_models`` puts the tests' tiny files under those names)."""
