@@ -85,7 +85,8 @@ class StoredStates:
     @staticmethod
     def cat(parts: list["StoredStates"]) -> "StoredStates":
         if len({p.scale is None for p in parts}) != 1:
-            raise ValueError("features stored at different precisions cannot be merged: invert them alike")
+            # precision auto may store two inversions differently: fp8 parts widen to fp16 (to its rounding)
+            parts = [p if p.scale is None else StoredStates(p.states(p.values.device, torch.float16)) for p in parts]
         scale = None if parts[0].scale is None else torch.cat([p.scale for p in parts])
         return StoredStates(torch.cat([p.values for p in parts]), scale)
 
@@ -203,7 +204,8 @@ def merge_banks(banks: list[FeatureBank]) -> FeatureBank:
                                sigmas=first.sigmas)
     merged = FeatureBank(first.layers, first.timesteps, first.sigmas,
                          [sum(b.images for b in banks), *first.latent_shape[1:]],
-                         first.model_fingerprint, first.steps, first.capture, first.dtype)
+                         first.model_fingerprint, first.steps, first.capture,
+                         first.dtype if len({b.dtype for b in banks}) == 1 else "fp16")
     merged.features = {key: StoredStates.cat([b.features[key] for b in banks]) for key in first.features}
     if all(b.latent is not None for b in banks):
         merged.latent = torch.cat([b.latent for b in banks])

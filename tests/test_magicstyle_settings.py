@@ -170,3 +170,20 @@ def test_auto_precision_is_fp16_where_the_runs_cache_fits_the_free_memory(comfy,
     assert torch.equal(z_t["samples"], run(chosen)[0]["samples"])
     assert all(torch.equal(named.features[key].values.float(), bank.features[key].values.float())
                for key in bank.features)
+
+
+def test_features_auto_stored_at_two_precisions_still_merge(comfy, tiny_checkpoints):
+    """auto may choose fp16 for one inversion and fp8 for another: Merge Features widens the fp8
+    states to fp16 instead of refusing the pair."""
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    empty = encode(comfy, clip, "")
+    banks = [comfy.run_node("LikenessInvert", model=model, conditioning=empty, latent={"samples": random_latents(1, seed)},
+                            steps=2, capture="kv", layers="decoder_high_res", cache_on="auto", precision=precision)[1]
+             for seed, precision in ((1, "fp16"), (2, "fp8"))]
+    (merged,) = comfy.run_node("LikenessMergeFeatures", first=banks[0], second=banks[1])
+    assert merged.dtype == "fp16" and merged.images == 2
+    for key, stored in merged.features.items():
+        assert stored.values.dtype == torch.float16 and stored.scale is None
+        assert torch.equal(stored.values[:1], banks[0].features[key].values)
+        exact = banks[1].features[key].states("cpu", torch.float32)
+        assert torch.allclose(stored.values[1:].float(), exact, rtol=2e-3, atol=1e-6)
