@@ -10,9 +10,9 @@ end: a zero-length step that moves nothing but lets the capture see σ_N.
 
 from __future__ import annotations
 
-import torch
-
 import logging
+
+import torch
 
 from .feature_bank import PRECISIONS, FeatureBank, FeatureCapture, cache_bytes, model_fingerprint, timestep_key
 from .ffa import free_for_run, keep_on_device

@@ -81,7 +81,8 @@ def test_one_adain_mask_per_content_latent(comfy):
 STYLEID_ATTN_LAYER = "6,7,8,9,10,11"
 SD15_ENCODER = [("input", n, 0) for n in (1, 2, 4, 5, 7, 8)]
 SD15_DECODER = [("output", n, 0) for n in range(3, 12)]
-SDXL_ENCODER = [("input", n, i) for n in (4, 5) for i in range(2)] + [("input", n, i) for n in (7, 8) for i in range(10)]
+SDXL_ENCODER = ([("input", n, i) for n in (4, 5) for i in range(2)]
+                + [("input", n, i) for n in (7, 8) for i in range(10)])
 SDXL_DECODER = [("output", n, i) for n in (0, 1, 2) for i in range(10)] + [("output", n, i) for n in (3, 4, 5)
                                                                            for i in range(2)]
 EXPECTED_LAYERS = {
@@ -107,8 +108,9 @@ def test_each_layer_set_selects_its_layers(comfy, tiny_checkpoints, kind):
     invert_options = comfy.node_class("LikenessInvert").GET_SCHEMA().inputs
     (layers_input,) = [i for i in invert_options if i.id == "layers"]
     for layers in layers_input.options:
-        _, bank = comfy.run_node("LikenessInvert", model=model, conditioning=empty, latent={"samples": random_latents(1)},
-                                 steps=2, capture="qkv", layers=layers, cache_on="auto", precision="fp16")
+        _, bank = comfy.run_node("LikenessInvert", model=model, conditioning=empty,
+                                 latent={"samples": random_latents(1)}, steps=2, capture="qkv", layers=layers,
+                                 cache_on="auto", precision="fp16")
         cached[layers] = bank
         assert sorted(bank.layers) == sorted(expected[layers]), layers
         assert sorted(k for (_, k) in bank.features) == sorted(expected[layers] * len(bank.timesteps)), layers
@@ -177,8 +179,9 @@ def test_features_auto_stored_at_two_precisions_still_merge(comfy, tiny_checkpoi
     states to fp16 instead of refusing the pair."""
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     empty = encode(comfy, clip, "")
-    banks = [comfy.run_node("LikenessInvert", model=model, conditioning=empty, latent={"samples": random_latents(1, seed)},
-                            steps=2, capture="kv", layers="decoder_high_res", cache_on="auto", precision=precision)[1]
+    banks = [comfy.run_node("LikenessInvert", model=model, conditioning=empty,
+                            latent={"samples": random_latents(1, seed)}, steps=2, capture="kv",
+                            layers="decoder_high_res", cache_on="auto", precision=precision)[1]
              for seed, precision in ((1, "fp16"), (2, "fp8"))]
     (merged,) = comfy.run_node("LikenessMergeFeatures", first=banks[0], second=banks[1])
     assert merged.dtype == "fp16" and merged.images == 2

@@ -158,6 +158,7 @@ def test_magicstyle_small_face_has_a_switchable_identity_group():
     assert kinds == {"LikenessFaceCrop", "VAEEncode", "LikenessFaceFusion"}
     (fusion,) = [node_id for node_id in group["nodes"] if api[node_id]["class_type"] == "LikenessFaceFusion"]
     # Face Fusion sits between the FFA-patched model and the sampler that restores the crop
-    (restorer,) = [n for n in api.values() if n["class_type"] == "KSamplerAdvanced" and n["inputs"]["model"][0] == fusion]
+    (restorer,) = [n for n in api.values()
+                   if n["class_type"] == "KSamplerAdvanced" and n["inputs"]["model"][0] == fusion]
     assert api[api[fusion]["inputs"]["model"][0]]["class_type"] == "LikenessFeatureFusionAttention"
     assert restorer["inputs"]["latent_image"][0] == "24"  # the crop's AdaIN latent
