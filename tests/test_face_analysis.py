@@ -223,7 +223,8 @@ def test_similarity_of_other_images_is_lower(comfy, analysis, astronaut):
     assert other_score < 0.99
     both, report = similarity(comfy, analysis, astronaut, torch.cat([astronaut, other]))
     assert both == pytest.approx((same_score + other_score) / 2, abs=1e-6)
-    assert report.splitlines()[-1].startswith("FaceSim (buffalo_l, 1 reference(s)):")
+    assert report.splitlines()[-1].startswith("FaceSim: ArcFace cos (MagicStyle) (buffalo_l, 1 reference(s), "
+                                              "every reference):")
     # Several references: each generated face against every reference.
     averaged, _ = similarity(comfy, analysis, torch.cat([astronaut, other]), astronaut)
     assert averaged == pytest.approx((same_score + other_score) / 2, abs=1e-6)
