@@ -144,7 +144,7 @@ def magicstyle_memory(rows=MEMORY_ROWS) -> dict:
     decoder's, measured on real inversions of full-size random UNets (SD1.5, SDXL with fp16
     weights): the bytes the cache's tensors occupy (harness/magicstyle_bench.measure_cache), beside
     the fp16 Q/K/V a naive cache would keep, counted from the model's own projections. Each row in
-    its own process. Minutes on a CPU (SDXL at 1536 pixels the longest)."""
+    its own process. The SD1.5 rows take minutes on a CPU, the SDXL ones hours (minutes on a GPU)."""
     table = {}
     for kind, side in rows:
         out = subprocess.run([sys.executable, __file__, "--memory-worker", kind, str(side)],
@@ -252,8 +252,10 @@ def main() -> int:
         at = sys.argv.index("--memory-worker")
         memory_worker(sys.argv[at + 1], int(sys.argv[at + 2]))
         return 0
-    if "--memory" in sys.argv:
-        print(json.dumps({"magicstyle_memory": magicstyle_memory()}, indent=1))
+    if "--memory" in sys.argv:  # optionally followed by the rows to measure, e.g. sdxl:1024 sd15:768
+        rows = [(arg.split(":")[0], int(arg.split(":")[1])) for arg in sys.argv[sys.argv.index("--memory") + 1:]
+                if ":" in arg]
+        print(json.dumps({"magicstyle_memory": magicstyle_memory(tuple(rows) or MEMORY_ROWS)}, indent=1))
         return 0
     results = {"pack_import": pack_import_cost()}
     if "--skip-magicstyle" not in sys.argv:
