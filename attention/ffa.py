@@ -50,20 +50,6 @@ def fuse_values(v: torch.Tensor, content_tokens: int) -> torch.Tensor:
     return torch.cat([adain_tokens(content, style), style], dim=1)
 
 
-def ffa_reference(q_c, q_cur, k_c, k_s, v_c, v_s, alpha: float, beta: float, heads: int,
-                  temperature: float = 1.0) -> torch.Tensor:
-    """The formula with plain softmax, for tests: tensors (batch, tokens, heads·dim)."""
-    q = alpha * q_c + beta * q_cur
-    k = torch.cat([k_c, k_s], dim=1)
-    v = torch.cat([adain_tokens(v_c, v_s), v_s], dim=1)
-    b, n, inner = q.shape
-    d = inner // heads
-    split = lambda t: t.reshape(b, -1, heads, d).transpose(1, 2)  # noqa: E731
-    logits = split(q) @ split(k).transpose(-1, -2) * (temperature / d ** 0.5)
-    out = logits.softmax(-1) @ split(v)
-    return out.transpose(1, 2).reshape(b, n, inner)
-
-
 def free_for_run(device) -> float:
     """Bytes free on ``device`` for a run's cache, as ComfyUI counts them once the model is loaded:
     its free memory less its own inference reserve."""
@@ -221,13 +207,6 @@ class FFAProcessor:
 
     def __deepcopy__(self, memo):
         return self
-
-
-def naive_qkv_bytes(content: FeatureBank, style: FeatureBank) -> int:
-    """Bytes of fp16 Q_c, K_c, V_c, K_s, V_s for the same layers and steps
-    (SD attn1's projections have as many channels as its input)."""
-    per_image = {key: stored.values[0].numel() * 2 for key, stored in content.features.items()}
-    return sum(3 * size * content.images + 2 * size * style.images for size in per_image.values())
 
 
 def _check_schedule(fusion: FeatureFusion):

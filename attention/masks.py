@@ -33,12 +33,15 @@ def mask_to_tokens(mask: torch.Tensor, original_shape, tokens: int, *, device=No
     if mask.dim() != 3:
         raise ValueError(f"mask of shape {tuple(mask.shape)}: expected (H, W) or (B, H, W)")
     grid_h, grid_w = token_grid(original_shape, tokens)
-    shrinking = mask.shape[-2] >= grid_h and mask.shape[-1] >= grid_w
-    # Area averaging keeps a hard edge hard where the grid divides the mask;
-    # bilinear only when a small mask is stretched up.
-    resized = F.interpolate(mask.unsqueeze(1).float(), size=(grid_h, grid_w),
-                            mode="area" if shrinking else "bilinear",
-                            **({} if shrinking else {"align_corners": False}))
+    resized = mask.unsqueeze(1).float()
+    # Each axis on its own: area averaging down (it keeps a hard edge hard where the grid divides
+    # the mask), bilinear only where a small mask is stretched up; a mask can be taller than the
+    # grid but narrower.
+    for axis, size in ((-2, grid_h), (-1, grid_w)):
+        shape = list(resized.shape[-2:])
+        growing, shape[axis] = resized.shape[axis] < size, size
+        resized = F.interpolate(resized, size=tuple(shape), mode="bilinear" if growing else "area",
+                                **({"align_corners": False} if growing else {}))
     resized = resized.reshape(mask.shape[0], grid_h * grid_w)
     return resized.to(device=device or mask.device, dtype=dtype or torch.float32)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..attention.metrics import SCALES
 from .face_backend import DETECTION_THRESHOLD, PACKS, PROVIDERS, FaceAnalyzer, load_analysis
 
 CATEGORY = "likeness/face"
@@ -109,15 +110,16 @@ class FaceCrop(io.ComfyNode):
         return io.NodeOutput(*crop_faces(analysis, image, index, crop_size, padding))
 
 
-def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 512, padding: float = 0.0):
+def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 512, padding: float = 0.0, *,
+               input_name: str = "image"):
     """Per image: the aligned face (B, S, S, 3), the ArcFace crop, the face box MASK and the
-    L2-normed embedding (B, 512). Shared by Face Crop and the Infinite-ID node."""
+    L2-normed embedding (B, 512). Shared by Face Crop, the Infinite-ID node and CLIP-I on faces."""
     import numpy as np
     import torch
 
     from .face_backend import align, box_mask
 
-    faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, "image"), [], [], [], []
+    faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, input_name), [], [], [], []
     rec_size = analysis.recognition_size()
     for i, (pixels, found) in enumerate(faces):
         if index >= len(found):
@@ -142,12 +144,16 @@ class FaceSimilarity(io.ComfyNode):
 
     @classmethod
     def define_schema(cls) -> io.Schema:
+        from .metrics import PAIRINGS
+
         return io.Schema(
             node_id="LikenessFaceSimilarity",
             display_name="Likeness Face Similarity (FaceSim)",
             category=CATEGORY,
             description="Mean cosine similarity between the ArcFace embedding of the largest face in each "
-                        "generated image and the reference face(s): the FaceSim metric of the papers.",
+                        "generated image and the reference face(s): MagicStyle's FaceSim (Table I, an ArcFace "
+                        "recogniser, printed as 100·cos). Face Fusion reports the same embeddings' cosine "
+                        "distance 1 − cos (Table 1); Infinite-ID the same formula with FaceNet (not offered).",
             inputs=[
                 FaceAnalysisType.Input("analysis", tooltip="From Likeness Face Analysis."),
                 io.Image.Input("reference", tooltip="Photo(s) of the person; several references are averaged "
@@ -156,25 +162,47 @@ class FaceSimilarity(io.ComfyNode):
                 io.Combo.Input("no_face", options=["zero", "skip", "error"], default="zero",
                                tooltip="A generated image without a face: scores 0 (the likeness is lost), is "
                                        "left out of the mean, or stops the run with an error."),
+                io.Combo.Input("pairing", options=list(PAIRINGS), default=PAIRINGS[0], optional=True,
+                               tooltip="every reference: each generated face against every reference face (the "
+                                       "mean). one per image: image i against reference i, as Infinite-ID scores "
+                                       "each generated image with its own identity image."),
+                io.Combo.Input("scale", options=list(SCALES), default="cosine", optional=True,
+                               tooltip="cosine: -1..1 (1 = same face). 100 x cosine: as MagicStyle's Table I "
+                                       "prints FaceSim. 1 - cosine: Face Fusion's cosine distance (Table 1; "
+                                       "lower is closer; an image without a face counts as 1 under 'zero')."),
             ],
             outputs=[
-                io.Float.Output(display_name="face_sim", tooltip="Mean cosine similarity, -1..1 (1 = same face)."),
+                io.Float.Output(display_name="face_sim", tooltip="The mean, as 'scale' reports it."),
                 io.String.Output(display_name="report", tooltip="One line per generated image."),
             ],
         )
 
     @classmethod
-    def execute(cls, analysis: FaceAnalyzer, reference, images, no_face: str) -> io.NodeOutput:
-        return io.NodeOutput(*face_similarity(analysis, reference, images, no_face))
+    def execute(cls, analysis: FaceAnalyzer, reference, images, no_face: str, pairing: str = "every reference",
+                scale: str = "cosine") -> io.NodeOutput:
+        mean, report, _ = face_similarity(analysis, reference, images, no_face, pairing=pairing, scale=scale)
+        return io.NodeOutput(mean, report)
 
 
-def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "zero") -> tuple[float, str]:
-    """FaceSim: the mean ArcFace cosine of each image's largest face against every reference face,
-    and a report. Shared by Face Similarity and the sweep grid."""
+def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "zero", *,
+                    pairing: str = "every reference", scale: str = "cosine") -> tuple[float, str, list]:
+    """FaceSim: the mean over images of each image's largest face's ArcFace cosine against every
+    reference face (or its own, pairing "one per image"), a report, and the per-image scores (None:
+    left out), all as ``scale`` reports them. Shared by Face Similarity and the sweep grid."""
     import numpy as np
+    import torch
 
+    from ..attention.metrics import scaled
+    from .common import require
     from .face_backend import align
+    from .metrics import PAIRINGS, metric_label
 
+    require(pairing in PAIRINGS, "pairing", pairing, " or ".join(PAIRINGS))
+    require(scale in SCALES, "scale", scale, " or ".join(SCALES))
+    paired = pairing == PAIRINGS[1]
+    if paired:
+        require(reference.shape[0] == images.shape[0], "reference", f"{reference.shape[0]} image(s)",
+                f"one reference per image ({images.shape[0]}) with pairing '{pairing}'")
     rec_size = analysis.recognition_size()
 
     def embedding(pixels, face):
@@ -182,22 +210,23 @@ def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "z
 
     references = np.stack([embedding(p, faces[0]) for p, faces in _largest_faces(analysis, reference,
                                                                                     "reference")])
+    as_scaled = lambda cosine: float(scaled(torch.tensor(cosine, dtype=torch.float64), scale))  # noqa: E731
     scores, lines = [], []
     for i, (pixels, faces) in enumerate(_largest_faces(analysis, images, "images", on_missing=no_face)):
         if not faces:
-            lines.append(f"image {i}: no face" + (", counted as 0" if no_face == "zero" else ", left out"))
-            if no_face == "zero":
-                scores.append(0.0)
+            lines.append(f"image {i}: no face" + (", counted as 0 (cosine)" if no_face == "zero" else ", left out"))
+            scores.append(as_scaled(0.0) if no_face == "zero" else None)
             continue
-        score = float((references @ embedding(pixels, faces[0])).mean())
-        scores.append(score)
+        cosines = references @ embedding(pixels, faces[0])
+        scores.append(as_scaled(cosines[i] if paired else cosines.mean()))
         x1, y1, x2, y2 = (int(round(v)) for v in faces[0].bbox)
-        lines.append(f"image {i}: {score:.4f} (face {x2 - x1}×{y2 - y1} px at {x1},{y1}; "
+        lines.append(f"image {i}: {scores[-1]:.4f} (face {x2 - x1}×{y2 - y1} px at {x1},{y1}; "
                      f"{len(faces)} face(s) found)")
-    mean = float(np.mean(scores)) if scores else 0.0
-    lines.append(f"FaceSim ({analysis.name}, {len(references)} reference(s)): {mean:.4f} over "
-                 f"{len(scores)} of {len(images)} image(s)")
-    return mean, "\n".join(lines)
+    counted = [score for score in scores if score is not None]
+    mean = float(np.mean(counted)) if counted else as_scaled(0.0)
+    lines.append(f"{metric_label('FaceSim', scale)} ({analysis.name}, {len(references)} reference(s), "
+                 f"{pairing}): {mean:.4f} over {len(counted)} of {len(images)} image(s)")
+    return mean, "\n".join(lines), scores
 
 
 NODES = [FaceAnalysis, FaceCrop, FaceSimilarity]

@@ -15,6 +15,7 @@ from comfy_api.latest import io
 
 from .common import OPEN_CLIP_FOLDER, require
 from .face_analysis import FaceAnalysisType
+from .metrics import CLIP_I_ON, CLIP_SCALES, PAIRING_TOOLTIP, PAIRINGS, metric_label
 
 CATEGORY = "likeness/sweep"
 NO_CHECKPOINT = "none"
@@ -106,8 +107,8 @@ class SweepGrid(io.ComfyNode):
             description="Every run of a sweep: the images in a grid, one column per value under its label; the "
                         "connected metrics per value (FaceSim against a reference face, CLIP-I against a "
                         "reference image, CLIP-T against a prompt; each the mean over that run's images, as "
-                        "the metric nodes compute it); a plot of each metric against the value; the numbers "
-                        "as JSON.",
+                        "the metric nodes compute it, and named as they name it: whose metric, on what, at "
+                        "which scale); a plot of each metric against the value; the numbers as JSON.",
             is_input_list=True,
             is_output_node=True,
             inputs=[
@@ -129,7 +130,16 @@ class SweepGrid(io.ComfyNode):
                 io.Image.Input("clip_reference", optional=True,
                                tooltip="The style or reference image for CLIP-I."),
                 io.String.Input("prompt", default="", multiline=True, optional=True,
-                                tooltip="The prompt for CLIP-T (empty: no CLIP-T)."),
+                                tooltip="The prompt for CLIP-T (empty: no CLIP-T; with pairing 'one per image', "
+                                        "one prompt per line)."),
+                io.Combo.Input("clip_i_on", options=list(CLIP_I_ON), default=CLIP_I_ON[0], optional=True,
+                               tooltip="whole image: MagicStyle's CLIP-I. face crops: Infinite-ID's (Eq. 9), "
+                                       "each image's and the reference's aligned face; needs 'analysis'."),
+                io.Combo.Input("pairing", options=list(PAIRINGS), default=PAIRINGS[0], optional=True,
+                               tooltip=PAIRING_TOOLTIP + " Within each run."),
+                io.Combo.Input("scale", options=list(CLIP_SCALES), default=CLIP_SCALES[0], optional=True,
+                               tooltip="cosine: as Infinite-ID reports. 100 x cosine: as MagicStyle's Table I "
+                                       "and Face Fusion's Table 2 print them."),
             ],
             outputs=[
                 io.Image.Output(display_name="grid", tooltip="The images under their values and scores."),
@@ -147,52 +157,68 @@ class SweepGrid(io.ComfyNode):
 
     @classmethod
     def execute(cls, images: list, values: list, label: list, analysis=None, face_reference=None, no_face=None,
-                clip_checkpoint=None, architecture=None, clip_reference=None, prompt=None) -> io.NodeOutput:
+                clip_checkpoint=None, architecture=None, clip_reference=None, prompt=None, clip_i_on=None,
+                pairing=None, scale=None) -> io.NodeOutput:
         from . import plots
 
         label = _first(label, "value")
         require(len(images) == len(values), "values", f"{len(values)} value(s)",
                 f"one value per run of images ({len(images)} run(s)): connect the sweep's values")
+        settings = dict(clip_i_on=_first(clip_i_on, CLIP_I_ON[0]), pairing=_first(pairing, PAIRINGS[0]),
+                        scale=_first(scale, CLIP_SCALES[0]))
         scores = measure(images, analysis=_first(analysis), face_reference=_first(face_reference),
                          no_face=_first(no_face, "zero"), clip_checkpoint=_first(clip_checkpoint, NO_CHECKPOINT),
                          architecture=_first(architecture, "ViT-H-14"), clip_reference=_first(clip_reference),
-                         prompt=_first(prompt, "") or "")
+                         prompt=_first(prompt, "") or "", **settings)
+        names = {metric: metric_label(metric, settings["scale"], settings["clip_i_on"]) for metric in scores}
         columns = []
         for i, (value, run) in enumerate(zip(values, images)):
-            lines = [f"{label} = {value:.4g}"] + [f"{name} {numbers[i]:.3f}" for name, numbers in scores.items()]
+            lines = [f"{label} = {value:.4g}"] + [f"{names[metric]}  {numbers[i]:.3f}"
+                                                  for metric, numbers in scores.items()]
             columns.append(("\n".join(lines), list(run)))
         grid, boxes = plots.labelled_grid(columns)
-        plot, drawn = plots.line_plot({name: list(zip(values, numbers)) for name, numbers in scores.items()},
-                                      title=f"metrics against {label}", x_label=label, y_label="score")
-        report = {"label": label, "values": list(values), "metrics": scores,
+        series = {names[metric]: list(zip(values, numbers)) for metric, numbers in scores.items()}
+        plot, drawn = plots.line_plot(series, title=f"metrics against {label}", x_label=label,
+                                      y_label=y_label(settings["scale"]))
+        report = {"label": label, "values": list(values), "metrics": scores, "names": names, **settings,
                   "cells": [[list(box) for box in column] for column in boxes],
-                  "plot_points": {name: [list(p) for p in points] for name, points in drawn.items()}}
+                  "plot_points": {metric: [list(p) for p in drawn[names[metric]]] for metric in scores}}
         text = json.dumps(report)
         return io.NodeOutput(grid, plot, text, ui={"text": [text]})
 
 
+def y_label(scale: str) -> str:
+    return "score (100·cos)" if scale == "100 x cosine" else "score (cos)"
+
+
 def measure(images: list, *, analysis=None, face_reference=None, no_face: str = "zero",
             clip_checkpoint: str = NO_CHECKPOINT, architecture: str = "ViT-H-14", clip_reference=None,
-            prompt: str = "") -> dict[str, list[float]]:
+            prompt: str = "", clip_i_on: str = CLIP_I_ON[0], pairing: str = PAIRINGS[0],
+            scale: str = CLIP_SCALES[0]) -> dict[str, list[float]]:
     """Per run (a batch of images), each connected metric as its metric node computes it."""
     scores: dict[str, list[float]] = {}
-    if (analysis is None) != (face_reference is None):
-        missing = "face_reference" if face_reference is None else "analysis"
-        raise ValueError(f"{missing}=None cannot be used: FaceSim needs both analysis and face_reference "
-                         "(or neither)")
-    if analysis is not None:
+    clip_i_on_faces = clip_i_on == CLIP_I_ON[1] and clip_reference is not None
+    if face_reference is not None and analysis is None:
+        raise ValueError("analysis=None cannot be used: FaceSim against face_reference needs a Likeness Face "
+                         "Analysis")
+    if analysis is not None and face_reference is None and not clip_i_on_faces:
+        raise ValueError("face_reference=None cannot be used: FaceSim needs both analysis and face_reference "
+                         "(or neither; analysis alone serves CLIP-I on face crops)")
+    if face_reference is not None:
         from .face_analysis import face_similarity
 
-        scores["FaceSim"] = [face_similarity(analysis, face_reference, run, no_face)[0] for run in images]
+        scores["FaceSim"] = [face_similarity(analysis, face_reference, run, no_face, pairing=pairing, scale=scale)[0]
+                             for run in images]
     if clip_checkpoint != NO_CHECKPOINT and (clip_reference is not None or prompt):
         from .metrics import clip_scores
 
-        results = [clip_scores(clip_checkpoint, architecture, run, clip_reference, prompt, "clip_checkpoint")
+        results = [clip_scores(clip_checkpoint, architecture, run, clip_reference, prompt, "clip_checkpoint",
+                               clip_i_on=clip_i_on, analysis=analysis, pairing=pairing, scale=scale).means()
                    for run in images]
         if clip_reference is not None:
-            scores["CLIP-I"] = [clip_i for clip_i, _, _ in results]
+            scores["CLIP-I"] = [clip_i for clip_i, _ in results]
         if prompt:
-            scores["CLIP-T"] = [clip_t for _, clip_t, _ in results]
+            scores["CLIP-T"] = [clip_t for _, clip_t in results]
     return scores
 
 

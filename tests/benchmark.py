@@ -123,42 +123,34 @@ def mcdm(size: int = 256, steps: int = 5) -> dict:
     return measure_mcdm(full_sd15(tiny_models.initialise, in_channels=8), attention, size=size, steps=steps)
 
 
-# ComfyUI's SDXL UNet (comfy/supported_models.py SDXL with its detected config).
-SDXL_FULL_UNET = {"model_channels": 320, "channel_mult": [1, 2, 4], "num_res_blocks": [2, 2, 2],
-                  "transformer_depth": [0, 0, 2, 2, 10, 10], "transformer_depth_middle": 10,
-                  "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10]}
+MEMORY_ROWS = (("sd15", 512), ("sd15", 768), ("sdxl", 1024), ("sdxl", 1536))
 
 
-def magicstyle_memory(steps: int = 30) -> dict:
-    """The feature cache of content + style (one image each), every self-attention layer, by the
-    exact formula (feature_bank.cache_bytes, checked against real inversions by the tests), for
-    the models and sizes users run; with the naive fp16 Q_c, K_c, V_c, K_s, V_s it replaces."""
-    attention = _attention_modules(("feature_bank", "unet_layers"))
-    import comfy.model_sampling
-    import comfy.samplers
-    from harness.magicstyle_bench import SD15_FULL_UNET
+def memory_worker(kind: str, side: int, steps: int = 30) -> None:
+    """One row of the Memory table in this process (a full-size model each): prints its JSON."""
+    attention = _attention_modules(("inversion", "unet_layers", "feature_bank"))
+    import tiny_models
+    from harness.magicstyle_bench import empty_conditioning, full_sd15, full_sdxl, measure_cache
 
-    bank, layers = attention["feature_bank"], attention["unet_layers"]
+    if kind == "sd15":
+        model, cond = full_sd15(tiny_models.initialise), empty_conditioning(768)
+    else:
+        model, cond = full_sdxl(tiny_models.initialise), empty_conditioning(2048, pooled=1280)
+    print(json.dumps(measure_cache(model, attention, cond, side, steps=steps)))
 
-    class Config:
-        sampling_settings: dict = {}
 
-    sampling = comfy.model_sampling.ModelSamplingDiscrete(Config())
-    timesteps = len(comfy.samplers.calculate_sigmas(sampling, "ddim_uniform", steps)) - 1
+def magicstyle_memory(rows=MEMORY_ROWS) -> dict:
+    """MagicStyle's feature cache for content + style, 30 steps, every self-attention layer and the
+    decoder's, measured on real inversions of full-size random UNets (SD1.5, SDXL with fp16
+    weights): the bytes the cache's tensors occupy (harness/magicstyle_bench.measure_cache), beside
+    the fp16 Q/K/V a naive cache would keep, counted from the model's own projections. Each row in
+    its own process. The SD1.5 rows take minutes on a CPU, the SDXL ones hours (minutes on a GPU)."""
     table = {}
-    for name, config, side in (("sd15", SD15_FULL_UNET, 512), ("sd15", SD15_FULL_UNET, 768),
-                               ("sdxl", SDXL_FULL_UNET, 1024), ("sdxl", SDXL_FULL_UNET, 1536)):
-        keys = list(layers.attention_geometry(config))
-        for layer_set in ("all", "decoder"):
-            chosen = layers.select_keys(keys, layer_set)
-            hw = (side // 8, side // 8)
-            naive = bank.naive_qkv_bytes(config, chosen, hw, timesteps)
-            row = {"layers": len(chosen), "timesteps": timesteps, "naive_fp16_qkv_bytes": naive}
-            for precision in ("fp8", "fp16"):
-                size = bank.cache_bytes(config, chosen, hw, timesteps, 2, precision)
-                row[f"{precision}_bytes"] = size
-                row[f"{precision}_over_naive"] = round(size / naive, 5)
-            table[f"{name}_{side}px_{layer_set}"] = row
+    for kind, side in rows:
+        out = subprocess.run([sys.executable, __file__, "--memory-worker", kind, str(side)],
+                             capture_output=True, text=True, check=True)
+        for layer_set, row in json.loads(out.stdout.strip().splitlines()[-1]).items():
+            table[f"{kind}_{side}px_{layer_set}"] = row
     return table
 
 
@@ -256,10 +248,16 @@ def main() -> int:
     if "--scale" in sys.argv:
         print(json.dumps({"scale": scale_figures()}, indent=1))
         return 0
-    if "--memory" in sys.argv:  # the formula alone: seconds, not minutes
-        print(json.dumps({"magicstyle_memory": magicstyle_memory()}, indent=1))
+    if "--memory-worker" in sys.argv:
+        at = sys.argv.index("--memory-worker")
+        memory_worker(sys.argv[at + 1], int(sys.argv[at + 2]))
         return 0
-    results = {"pack_import": pack_import_cost(), "magicstyle_memory": magicstyle_memory()}
+    if "--memory" in sys.argv:  # optionally followed by the rows to measure, e.g. sdxl:1024 sd15:768
+        rows = [(arg.split(":")[0], int(arg.split(":")[1])) for arg in sys.argv[sys.argv.index("--memory") + 1:]
+                if ":" in arg]
+        print(json.dumps({"magicstyle_memory": magicstyle_memory(tuple(rows) or MEMORY_ROWS)}, indent=1))
+        return 0
+    results = {"pack_import": pack_import_cost()}
     if "--skip-magicstyle" not in sys.argv:
         results["magicstyle_cpu"] = magicstyle()
     if "--skip-patches" not in sys.argv:

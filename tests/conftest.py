@@ -21,7 +21,6 @@ from harness.base import make_base_directory  # noqa: E402
 from harness.paths import PACK_NAME, REPO, cache_root, host_root, load_installer  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LIKENESS_ARTIFACTS", REPO / ".test-artifacts"))
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 @pytest.fixture(scope="session")
 def host():
@@ -97,12 +96,12 @@ def server(host, base_directory, tiny_checkpoints, artifacts):
 @pytest.fixture(scope="session")
 def editor(server, artifacts):
     """The server's real graph editor in headless Chromium."""
+    from harness import required
     from harness.editor import CHROMIUM, GraphEditor
 
     if not Path(CHROMIUM).exists():
-        if IN_CI:
-            pytest.fail(f"{CHROMIUM} is missing; tests/run.py installs Debian's chromium when run as root")
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium)")
+        required.missing(f"{CHROMIUM} is missing: tests/run.py installs Debian's chromium when run as root "
+                         "(apt-get install chromium)")
     page = GraphEditor(server.url, artifacts)
     try:
         yield page

@@ -8,9 +8,7 @@ detector and recogniser whose weights ship in their wheels (test-only).
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 import torch
 
 import tiny_insightface as tiny
+from harness import required
 
 W = 512  # skimage's astronaut is 512×512
 SMALL_FACE = replace(tiny.TinyFace(), score=0.95).scaled(0.5, (0.75, 0.75))  # higher score, smaller
@@ -224,7 +223,8 @@ def test_similarity_of_other_images_is_lower(comfy, analysis, astronaut):
     assert other_score < 0.99
     both, report = similarity(comfy, analysis, astronaut, torch.cat([astronaut, other]))
     assert both == pytest.approx((same_score + other_score) / 2, abs=1e-6)
-    assert report.splitlines()[-1].startswith("FaceSim (buffalo_l, 1 reference(s)):")
+    assert report.splitlines()[-1].startswith("FaceSim: ArcFace cos (MagicStyle) (buffalo_l, 1 reference(s), "
+                                              "every reference):")
     # Several references: each generated face against every reference.
     averaged, _ = similarity(comfy, analysis, torch.cat([astronaut, other]), astronaut)
     assert averaged == pytest.approx((same_score + other_score) / 2, abs=1e-6)
@@ -245,15 +245,12 @@ def test_similarity_images_without_a_face(comfy, analysis, astronaut):
 # dlib is an independent check (test-only): its HOG detector, 68/5-point
 # landmarks and 128-d recogniser ship in dlib-bin and face-recognition-models.
 def dlib_models():
-    if importlib.util.find_spec("dlib") is None or importlib.util.find_spec("face_recognition_models") is None:
-        message = "dlib-bin and face-recognition-models are not installed (test-only packages, tests/run.py installs them)"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)  # CI must run the independent check, never skip it
-        pytest.skip(message)
-    import dlib
+    dlib = required.module("dlib", "dlib-bin (test-only) is installed by tests/run.py")
+    models = required.installed("face_recognition_models",
+                                "face-recognition-models (test-only) is installed by tests/run.py")
 
     # The package's __init__ needs pkg_resources, gone from recent setuptools: read its files directly.
-    folder = importlib.util.find_spec("face_recognition_models").submodule_search_locations[0] + "/models/"
+    folder = models.submodule_search_locations[0] + "/models/"
     return (dlib.get_frontal_face_detector(), dlib.shape_predictor(folder + "shape_predictor_68_face_landmarks.dat"),
             dlib.shape_predictor(folder + "shape_predictor_5_face_landmarks.dat"),
             dlib.face_recognition_model_v1(folder + "dlib_face_recognition_resnet_model_v1.dat"))

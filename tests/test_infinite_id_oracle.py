@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import tiny_faceid
 import tiny_models
+from harness import required
 from harness.sampling import encode
 
 STEP_TIMESTEP = 500.0
@@ -18,7 +19,7 @@ STEP_TIMESTEP = 500.0
 
 @pytest.fixture(scope="module")
 def oracle():
-    pytest.importorskip("ip_adapter", reason="ip-adapterv (test-only) is installed by tests/run.py")
+    required.module("ip_adapter", "ip-adapterv (test-only) is installed by tests/run.py")
     import ip_adapter.attention_processor_faceid as processors
     import ip_adapter.ip_adapter_faceid as faceid
 

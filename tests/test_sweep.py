@@ -162,3 +162,45 @@ def test_only_connected_metrics_are_computed_and_mismatched_inputs_are_named(com
         comfy.run_node("LikenessSweepGrid", images=runs[:2], values=[1.0, 2.0, 3.0], label=["w"])
     with pytest.raises(ValueError, match="face_reference=None cannot be used"):
         comfy.run_node("LikenessSweepGrid", images=runs[:2], values=[1.0, 2.0], label=["w"], analysis=[object()])
+
+
+def test_the_grids_metrics_are_the_papers_metrics_computed_here(comfy, shipped_model_files, base_directory):
+    """Each run's FaceSim, CLIP-I on face crops and CLIP Score, image i against reference i and prompt i, as
+    100·cos: insightface and open_clip called here (harness/metric_oracles.py), never the pack's code; and
+    the grid names each metric as its paper does."""
+    from PIL import Image
+    from skimage import data
+
+    from harness.metric_oracles import OpenCLIP, face_cosines, face_crop, insightface_app
+
+    astronaut = data.astronaut()
+    square = lambda photo: np.asarray(Image.fromarray(photo).resize((512, 512), Image.BICUBIC))  # noqa: E731
+    runs = [[astronaut, astronaut[:, ::-1].copy()],
+            [np.roll(astronaut, 40, axis=0), (astronaut * 0.6).astype(np.uint8)],
+            [square(data.chelsea()), square(data.coffee())]]
+    faces, styles = [astronaut, square(data.chelsea())], [square(data.coffee()), astronaut[:, ::-1].copy()]
+    prompts = ["a portrait photo of an astronaut", "a cat on a sofa"]
+    batch = lambda photos: torch.from_numpy(np.stack(photos)).float() / 255  # noqa: E731
+    analysis = comfy.run_node("LikenessFaceAnalysis", model_name=SHIPPED_FACE_PACK, provider="CPU")[0]
+    _, _, text = comfy.run_node(
+        "LikenessSweepGrid", images=[batch(run) for run in runs], values=[1.0, 2.0, 3.0], label=["w"],
+        analysis=[analysis], face_reference=[batch(faces)], no_face=["zero"], clip_checkpoint=[CLIP],
+        architecture=["ViT-H-14"], clip_reference=[batch(styles)], prompt=["\n".join(prompts)],
+        clip_i_on=["face crops"], pairing=["one per image"], scale=["100 x cosine"])
+    report = json.loads(text)
+
+    app = insightface_app(base_directory / "models" / "insightface" / "models" / SHIPPED_FACE_PACK)
+    clip = OpenCLIP(base_directory / "models" / "open_clip" / CLIP)
+    expected = {
+        "FaceSim": [100 * np.diag(face_cosines(app, run, faces)).mean() for run in runs],
+        "CLIP-I": [100 * np.diag(clip.image_cosines([face_crop(app, p) for p in run],
+                                                    [face_crop(app, s) for s in styles])).mean() for run in runs],
+        "CLIP-T": [100 * np.diag(clip.text_cosines(run, prompts)).mean() for run in runs]}
+    tolerance = {"FaceSim": 1e-2, "CLIP-I": 2e-2, "CLIP-T": 1e-3}  # 100× the metric tests' (test_metrics.py)
+    for name, numbers in expected.items():
+        assert max(numbers) - min(numbers) > 10 * tolerance[name], (name, numbers)
+        np.testing.assert_allclose(report["metrics"][name], numbers, rtol=0, atol=tolerance[name], err_msg=name)
+    assert report["names"] == {"FaceSim": "FaceSim: 100·ArcFace cos (MagicStyle Table I)",
+                               "CLIP-I": "CLIP-I: 100·cos, face crops (Infinite-ID Eq. 9)",
+                               "CLIP-T": "CLIP Score: 100·cos image-prompt (Face Fusion Table 2)"}
+    assert (report["scale"], report["pairing"], report["clip_i_on"]) == ("100 x cosine", "one per image", "face crops")

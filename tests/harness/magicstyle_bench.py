@@ -21,6 +21,36 @@ SD15_FULL_UNET = {
 }
 
 
+# ComfyUI's own SDXL UNet configuration (comfy/model_detection.py).
+SDXL_FULL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def full_sdxl(initialise) -> object:
+    """A ModelPatcher around a random full-size SDXL UNet, its weights in fp16 (computing in
+    ComfyUI's dtype for the device: float32 casts per layer on a CPU), 5 GB instead of 10."""
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    device = comfy.model_management.get_torch_device()
+    config = comfy.supported_models.SDXL(dict(SDXL_FULL_UNET))
+    compute = comfy.model_management.unet_dtype(model_params=2_600_000_000,
+                                                supported_dtypes=config.supported_inference_dtypes)
+    config.set_inference_dtype(torch.float16, None if compute == torch.float16 else compute)
+    model = config.get_model({}, device=device)
+    initialise(model, 1234)
+    model.to(torch.float16)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device,
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
 def full_sd15(initialise, in_channels: int = 4) -> object:
     """A ModelPatcher around a random full-size SD1.5 UNet, on ComfyUI's device and dtype
     (``in_channels`` 8: the MCDM / InstructPix2Pix model)."""
@@ -43,8 +73,8 @@ def full_sd15(initialise, in_channels: int = 4) -> object:
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def empty_conditioning(context_dim: int = 768) -> list:
-    return [[torch.zeros(1, 77, context_dim), {}]]
+def empty_conditioning(context_dim: int = 768, pooled: int | None = None) -> list:
+    return [[torch.zeros(1, 77, context_dim), {} if pooled is None else {"pooled_output": torch.zeros(1, pooled)}]]
 
 
 def _sync() -> None:
@@ -62,8 +92,44 @@ def forward(model, latent, cond, steps, cfg, attention):
                                       sigmas, cond, cond, latent, disable_pbar=True, seed=0)
 
 
+def measure_cache(model, attention: dict, cond, side: int, *, steps: int = 30, probe_steps: int = 1) -> dict:
+    """MagicStyle's cache for content + style at ``side``×``side`` pixels and a ``steps``-step
+    schedule, measured: a real ``probe_steps``-step inversion of both images keeps it (fp16), fp8
+    is those states stored as the capture stores fp8; the bytes of their storages per timestep
+    (every timestep holds the same) × the schedule's timesteps. Beside it, the fp16 Q/K/V a naive
+    cache would keep, from what the model's own to_q/to_k/to_v output in the same calls.
+    Per layer set (all, decoder): bytes, ratios, layers, timesteps."""
+    from . import cache_measure
+
+    inversion, layers_module = attention["inversion"], attention["unet_layers"]
+    stored_states = attention["feature_bank"].StoredStates
+    unet = layers_module.diffusion_model_of(model)
+    keys = layers_module.attention_keys(unet)
+    names = {id(module): name for name, module in unet.named_modules()}
+    latent = torch.randn(2, 4, side // 8, side // 8, generator=torch.Generator().manual_seed(0))
+    with cache_measure.projection_outputs(unet) as sizes:
+        _, bank = inversion.invert(model, cond, latent, probe_steps, capture="qkv", layers=keys,
+                                   storage_device="cpu", precision="fp16", disable_pbar=True)
+    fp8 = {key: stored_states.store(stored.values.float(), "fp8", "cpu") for key, stored in bank.features.items()}
+    # ComfyUI's ddim_uniform gives 31 sigmas for 30 steps: 31 timesteps.
+    timesteps = len(inversion.forward_sigmas(model, steps)) - 1
+    table = {}
+    for layer_set in ("all", "decoder"):
+        chosen = set(layers_module.select_keys(keys, layer_set))
+        attn1 = {names[id(layers_module.transformer_block(unet, key).attn1)] for key in chosen}
+        naive = cache_measure.naive_qkv_bytes(sizes, attn1) * timesteps
+        row = {"layers": len(chosen), "timesteps": timesteps, "probe_timesteps": len(bank.timesteps),
+               "naive_fp16_qkv_bytes": naive}
+        for precision, features in (("fp16", bank.features), ("fp8", fp8)):
+            kept = {key: stored for key, stored in features.items() if key[1] in chosen}
+            row[f"{precision}_bytes"] = cache_measure.bytes_per_timestep(kept) * timesteps
+            row[f"{precision}_over_naive"] = round(row[f"{precision}_bytes"] / naive, 7)
+        table[layer_set] = row
+    return table
+
+
 def measure(model, attention: dict, *, size: int, steps: int, bytes_size: int | None = None,
-            bytes_steps: int = 30) -> dict:
+            bytes_steps: int = 1) -> dict:
     """Cache bytes vs naive Q/K/V, FFA step time vs vanilla, batched vs sequential inversion.
 
     ``attention`` maps module names (inversion, ffa, schedule, unet_layers,
@@ -76,21 +142,12 @@ def measure(model, attention: dict, *, size: int, steps: int, bytes_size: int | 
     keys = layers_module.attention_keys(layers_module.diffusion_model_of(model))
     results: dict = {"size": size, "steps": steps}
 
-    # Memory: a real content+style inversion at bytes_size, all layers and decoder only.
+    # Memory: the cache a real content+style inversion keeps at bytes_size, measured.
     if bytes_size:
-        latent = torch.randn(2, 4, bytes_size // 8, bytes_size // 8)
-        for name, chosen in (("all", keys), ("decoder", layers_module.select_keys(keys, "decoder"))):
-            _, bank = inversion.invert(model, cond, latent, bytes_steps, capture="qkv", layers=chosen,
-                                       storage_device="cpu", disable_pbar=True)
-            content, style = bank.select(0, 1), bank.select(1, 1)
-            naive = ffa.naive_qkv_bytes(content, style)
-            # Both are one tensor per layer per timestep: exactly linear. (ComfyUI's
-            # ddim_uniform gives 31 sigmas for 30 steps, so 31 timesteps.)
-            per_30 = (len(inversion.forward_sigmas(model, 30)) - 1) / len(bank.timesteps)
-            results[f"cache_bytes_{name}_30_steps"] = int(bank.nbytes() * per_30)
-            results[f"naive_qkv_bytes_{name}_30_steps"] = int(naive * per_30)
-            results[f"cache_ratio_{name}"] = round(bank.nbytes() / naive, 4)
-            del bank, content, style
+        for layer_set, row in measure_cache(model, attention, cond, bytes_size, probe_steps=bytes_steps).items():
+            results[f"cache_bytes_{layer_set}_30_steps"] = row["fp16_bytes"]
+            results[f"naive_qkv_bytes_{layer_set}_30_steps"] = row["naive_fp16_qkv_bytes"]
+            results[f"cache_ratio_{layer_set}"] = row["fp16_over_naive"]
 
     latent = torch.randn(2, 4, size // 8, size // 8)
     # Batched content+style inversion vs two sequential ones.
