@@ -270,10 +270,3 @@ def cache_bytes(unet_config: dict, layers: list[BlockKey], latent_hw: tuple[int,
     per_image_step = values * PRECISIONS[precision].itemsize + (4 * len(layers) if precision == "fp8" else 0)
     return timesteps * images * per_image_step
 
-
-def naive_qkv_bytes(unet_config: dict, layers: list[BlockKey], latent_hw: tuple[int, int], timesteps: int) -> int:
-    """fp16 Q_c, K_c, V_c of one content image and K_s, V_s of one style image (SD's attn1
-    projections are as wide as their input): what a cache of projections would hold."""
-    geometry = attention_geometry(unet_config)
-    values = sum(tokens_at(geometry[tuple(k)][0], latent_hw) * geometry[tuple(k)][1] for k in layers)
-    return 5 * 2 * values * timesteps
