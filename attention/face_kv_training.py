@@ -20,7 +20,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from . import recipes
 from .face_fusion import Identity, apply_face_fusion, reference_noise
+from .recipes import Recipe
 from .schedule import SigmaRange, model_sampling_of
 from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
                        unwrapped)
@@ -123,7 +125,7 @@ class WithFaceNoise(Sequence):
         return self.made[index]
 
 
-def train_face_kv(model, batches: Sequence[Batch], *, steps: int, learning_rate: float, seed: int,
+def train_face_kv(model, batches: Sequence[Batch], *, steps: int, seed: int, recipe: Recipe = recipes.FACE_KV,
                   on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                   world: World = World(), resume: Resume | None = None, initial: dict | None = None,
                   on_checkpoint=None, validation: int | None = None) -> tuple[dict, float, float]:
@@ -153,8 +155,8 @@ def train_face_kv(model, batches: Sequence[Batch], *, steps: int, learning_rate:
                 on_checkpoint(done, weights, optimizer)
 
         before, after = optimise(batches, loss_of, [p for pair in weights.values() for p in pair],
-                                 model_sampling=model_sampling_of(model), steps=steps, learning_rate=learning_rate,
-                                 seed=seed, on_step=on_step,
+                                 model_sampling=model_sampling_of(model), steps=steps, recipe=recipe, seed=seed,
+                                 on_step=on_step,
                                  synced=[projections] if projections is not unwrapped(projections) else [],
                                  batching=batching, world=world, device=device, resume=resume,
                                  on_checkpoint=checkpoint, validation=validation)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .unet_layers import BlockKey
+from .unet_layers import BlockKey, transformer_block
 
 PROJECTIONS = ("q", "k", "v", "out")
 REFERENCE_SCALE = 1.0  # LoRAIPAttnProcessor2_0's default lora_scale
@@ -133,3 +133,31 @@ def from_lora_file(state: dict[str, torch.Tensor], model, source: str = "",
                          f"projection of this model (first: {', '.join(unplaced[:3]) or 'none found'}); expected "
                          "the FaceID LoRA for this model's family (ip-adapter-faceid-plusv2_sd15_lora or _sdxl_lora)")
     return FaceIDLoRA(weights, source)
+
+
+def adapter_file_entries(lora: FaceIDLoRA, layout: tuple[BlockKey, ...],
+                         unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``lora`` in an adapter file's own ``ip_adapter`` keys, each scale folded into its up weight,
+    so the file read back at the loader's default scale (1) computes exactly what ``lora`` did.
+    A projection ``lora`` leaves out (a separate LoRA file may cover fewer) gets a zero pair: the
+    file layout holds FaceID's LoRA on every processor or on none, and zero adds nothing."""
+    rank = next(down.shape[0] for parts in lora.weights.values() for down, _, _ in parts.values())
+    entries = {}
+    for n, key in enumerate(layout):
+        block = transformer_block(unet, key)
+        for number, kind in ((2 * n, "attn1"), (2 * n + 1, "attn2")):
+            attention = getattr(block, kind)
+            for projection in PROJECTIONS:
+                found = lora.weights.get((kind, tuple(key)), {}).get(projection)
+                if found is None:
+                    linear = attention.to_out[0] if projection == "out" else getattr(attention, f"to_{projection}")
+                    out_width, in_width = linear.weight.shape
+                    down, up = torch.zeros(rank, in_width), torch.zeros(out_width, rank)
+                else:
+                    down, up, scale = found
+                    # copies: the loaded tensors may be inference tensors, which autograd cannot save
+                    down = down.detach().to("cpu", torch.float32).clone()
+                    up = up.detach().to("cpu", torch.float32) * scale
+                entries[f"{number}.to_{projection}_lora.down.weight"] = down
+                entries[f"{number}.to_{projection}_lora.up.weight"] = up
+    return entries

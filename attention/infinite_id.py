@@ -266,10 +266,12 @@ class MixedAttentionProcessor:
         if text_kv is not None:
             text_kv[key] = (k, v)
         identity_of = extra_options.get(IDENTITY_STREAM)
-        if identity_of is None or key not in identity_of or not _runs_for(self.settings, extra_options):
+        if identity_of is None or not _runs_for(self.settings, extra_options):
             return attend(q, k, v, extra_options)
         s = self.settings
-        k_t, v_t = identity_of[key]
+        k_t, v_t = identity_of.get(key, (None, None))
+        if k_t is None and (s.mixed_attention or s.adain_mean):  # no text stream ran this layer
+            return attend(q, k, v, extra_options)
         inputs = _lora_inputs(s, "attn1", key, extra_options)
         q, k, v = _with_lora(s, "attn1", key, inputs, q, k, v)
         out = mixed_attention(q, k, v, k_t, v_t, extra_options, attend, mixed=s.mixed_attention, align=s.adain_mean)

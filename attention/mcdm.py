@@ -264,6 +264,38 @@ class MCDM:
         return 0 if self.adapter is None else self.adapter.image_tokens
 
 
+@dataclass(frozen=True)
+class NullImage:
+    """Eq. 1's ∅ for the image conditions: the flat image CLIP reads for the null tokens, the flat
+    image the VAE encodes for the adapter's latent, and whether a dropped c_s is that latent
+    (otherwise zeros). Pixel values in ComfyUI's 0..1 (0.5 is 0 in the VAE's −1..1)."""
+
+    clip_pixel: float
+    vae_pixel: float
+    spatial_is_latent: bool
+
+
+# The released training (dataset/dataset.py) drops an image to zeros in −1..1, a mid-grey image, for
+# the VAE (c_s and the adapter's latent) and to a black PIL image for CLIP: the released weights
+# learnt that ∅, and Likeness' trainer trains it. The released demo (pipelines/pipeline.py) reads a
+# black image in both and zeros for c_s, inputs the training never showed the model.
+TRAINED_NULL = "grey (released training)"
+NULL_IMAGES = {TRAINED_NULL: NullImage(clip_pixel=0.0, vae_pixel=0.5, spatial_is_latent=True),
+               "black (released demo)": NullImage(clip_pixel=0.0, vae_pixel=0.0, spatial_is_latent=False)}
+
+
+def null_inputs(null: NullImage, vae, encoder, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                torch.Tensor | None]:
+    """(CLIP tokens, model-space latent, dropped c_s or None for zeros) of the null image at the size
+    of ``like`` (an IMAGE, (B, H, W, 3)): what the adapter reads for ∅ and what replaces c_s."""
+    import comfy.latent_formats
+
+    flat = torch.ones_like(like[:1, ..., :3])
+    clip_tokens = encoder.tokens(flat * null.clip_pixel)
+    latent = comfy.latent_formats.SD15().process_in(vae.encode(flat * null.vae_pixel))
+    return clip_tokens, latent, latent if null.spatial_is_latent else None
+
+
 MCDM_KEY = "likeness_mcdm_image_tokens"  # conditioning option: how many trailing tokens are image tokens
 
 
@@ -308,9 +340,10 @@ def image_of(cond: list) -> tuple[torch.Tensor | None, torch.Tensor | None]:
 
 @dataclass
 class GuidanceRows:
-    """The released code's batch: 0 = (negative text, null image, zero c_s), 1 = (prompt, image, c_s),
-    2 = (negative text, image, zero c_s), 3 = (negative text, image, c_s). Without image tokens
-    (InstructPix2Pix) row 2 is row 0 and is not computed."""
+    """The released code's batch: 0 = (negative text, null image, null c_s), 1 = (prompt, image, c_s),
+    2 = (negative text, image, null c_s), 3 = (negative text, image, c_s). The null c_s is the one the
+    negative carries (MCDM Conditioning's null image), zeros where it carries none. Without image
+    tokens (InstructPix2Pix) row 2 is row 0 and is not computed."""
 
     null: list
     full: list
@@ -326,10 +359,11 @@ def guidance_rows(positive: list, negative: list) -> GuidanceRows:
         raise ValueError("negative has no null-image tokens while positive has image tokens: connect the negative "
                          "output of the same Likeness MCDM Conditioning")
     null_text = text_of(negative)
+    null_tokens, null_concat = image_of(negative)
     return GuidanceRows(
-        null=with_image(text_of(negative), image_of(negative)[0], None),
+        null=with_image(text_of(negative), null_tokens, null_concat),
         full=positive,
-        image_only=None if image_tokens is None else with_image(null_text, image_tokens, None),
+        image_only=None if image_tokens is None else with_image(null_text, image_tokens, null_concat),
         image_spatial=with_image(null_text, image_tokens, concat),
     )
 

@@ -8,10 +8,15 @@ channels (so step 0 is the base model); 5% of the steps use identity pairs
 (Sec. 3.3 "we replace c_{p_b} with c_{p_a} and x_B with x_A", and the released
 dataset.py: the source image is both input and target, under the source prompt
 p_a); 20% drop conditions, in four 5% cases: the
-spatial latent only, the image tokens only, the text only, or all three. A
-dropped image is the null image (a black image's tokens, as at inference), a
-dropped latent zeros, a dropped text the empty prompt. The validation losses
+spatial latent only, the image tokens only, the text only, or all three. The
+nulls are the released training's (mcdm.TRAINED_NULL, which MCDM Conditioning
+gives the negative by default): a dropped image is read by CLIP as a black
+image and by the adapter's VAE path as a mid-grey one, a dropped c_s is that
+grey image's latent, a dropped text the empty prompt. The validation losses
 (no gradient) always see the full conditions.
+
+The recipe (recipes.MCDM) is the released train.py's: AdamW with weight decay,
+and the UNet's gradient norm clipped (the adapter's is not, as released).
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import mcdm
+from . import mcdm, recipes
 from .atomic import atomic_path
+from .recipes import Recipe
 from .schedule import model_sampling_of
 from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
                        unwrapped)
@@ -51,22 +57,31 @@ class Pair:
 
 
 @dataclass
+class Null:
+    """What dropout puts in place of the input image: the null image's adapter inputs, and the
+    dropped c_s (None: zeros). Built by mcdm.null_inputs, as MCDM Conditioning builds its negative."""
+
+    image: ImageInputs
+    spatial: torch.Tensor | None
+
+
+@dataclass
 class Draw:
     """What one training step shows the model: the input image (adapter and c_s), the text,
     and the latent it learns to denoise."""
 
     image: ImageInputs  # read by the adapter (the null image when the image is dropped)
-    spatial: torch.Tensor | None  # c_s; None = zeros (dropped)
+    spatial: torch.Tensor | None  # c_s (the null's when dropped); None = zeros
     text: list
     target: torch.Tensor
 
 
-def draw_of(pair: Pair, identity: bool, dropped: str | None, *, empty_text: list, null: ImageInputs) -> Draw:
+def draw_of(pair: Pair, identity: bool, dropped: str | None, *, empty_text: list, null: Null) -> Draw:
     """An identity pair is x_A → x_A under p_a; otherwise x_A → x_B under p_b. Dropout then
     replaces the image tokens' input, c_s and/or the text, whichever pair was drawn."""
     target, text = (pair.source.latent, pair.source_text) if identity else (pair.target, pair.text)
-    return Draw(image=null if dropped in ("image", "all") else pair.source,
-                spatial=None if dropped in ("spatial", "all") else pair.source.latent,
+    return Draw(image=null.image if dropped in ("image", "all") else pair.source,
+                spatial=null.spatial if dropped in ("spatial", "all") else pair.source.latent,
                 text=empty_text if dropped in ("text", "all") else text,
                 target=target)
 
@@ -104,8 +119,8 @@ class NormalCopies(Sequence):
         return self.copies[index]
 
 
-def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[Pair], *, empty_text: list, null: ImageInputs,
-               steps: int, learning_rate: float, seed: int,
+def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[Pair], *, empty_text: list, null: Null,
+               steps: int, seed: int, recipe: Recipe = recipes.MCDM,
                on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                world: World = World(), resume: Resume | None = None, on_checkpoint=None,
                validation: int | None = None):
@@ -148,10 +163,10 @@ def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[Pair], *, 
         try:
             before, after = optimise(
                 pairs, loss_of, parameters, model_sampling=model_sampling_of(trained), steps=steps,
-                learning_rate=learning_rate, seed=seed, on_step=on_step,
+                recipe=recipe, seed=seed, on_step=on_step,
                 synced=[m for m in (shared_unet, shared_adapter) if m is not unet and m is not trained_adapter],
                 batching=batching, world=world, device=device, resume=resume, on_checkpoint=checkpoint,
-                validation=validation)
+                validation=validation, clipped=list(unet.parameters()))
         finally:
             trained.model.diffusion_model = unwrapped(shared_unet)
         unet.requires_grad_(False)

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .recipes import Recipe
+
 
 def normal_copy(value):
     """Copies made outside inference mode: tensors the server made under
@@ -187,12 +189,16 @@ def positions(step_batching: Batching, world: World) -> list[int]:
 
 
 def optimise(examples: Sequence, loss_of, parameters: list[torch.nn.Parameter], *, model_sampling, steps: int,
-             learning_rate: float, seed: int, on_step: Callable[[int, float], None] | None = None,
+             recipe: Recipe, seed: int, on_step: Callable[[int, float], None] | None = None,
              synced: Sequence[torch.nn.Module] = (), batching: Batching = Batching(), world: World = World(),
              device: torch.device | None = None, resume: Resume | None = None,
              on_checkpoint: Callable[[int, torch.optim.Optimizer], None] | None = None,
-             validation: int | None = None) -> tuple[float, float]:
-    """AdamW over ``parameters`` on ``loss_of(example, sigma, noise, generator)``; each example
+             validation: int | None = None, clipped: Sequence[torch.nn.Parameter] | None = None
+             ) -> tuple[float, float]:
+    """AdamW over ``parameters`` with ``recipe``'s learning rate and weight decay, the step's
+    gradient (the whole global batch's, after accumulation and averaging over processes) clipped
+    to ``recipe.max_grad_norm`` over ``clipped`` (all parameters when None), on
+    ``loss_of(example, sigma, noise, generator)``; each example
     of a step is a random example, timestep and noise from ``draw_generator(seed, step,
     position)``, and ``generator`` is that same generator for the trainer's own draws (None
     for the validation set: full conditions). Returns the mean loss of a fixed validation set
@@ -210,7 +216,7 @@ def optimise(examples: Sequence, loss_of, parameters: list[torch.nn.Parameter], 
         example = examples[index]
         sigma = model_sampling.sigma(torch.randint(100, 900, (1,), generator=generator).float())
         validation_set.append((example, sigma, torch.randn(example.target.shape, generator=generator)))
-    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.learning_rate, weight_decay=recipe.weight_decay)
     if resume is not None:
         optimizer.load_state_dict(resume.optimizer)
     precision = mixed_precision(device) if device is not None else contextlib.nullcontext()
@@ -238,6 +244,8 @@ def optimise(examples: Sequence, loss_of, parameters: list[torch.nn.Parameter], 
                     loss = loss_of(example, sigma, noise, generator).float() / len(mine)
                 loss.backward()
             total += loss.detach().cpu()
+        if recipe.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters if clipped is None else clipped, recipe.max_grad_norm)
         optimizer.step()
         if world.distributed:  # the step's loss over the whole global batch, for progress
             reduced = total.to(device if device is not None and device.type == "cuda" else "cpu")

@@ -45,15 +45,24 @@ PACK = "likeness_pack"  # the repository imported as a package under this name (
 CHECKPOINT_PREFIX = "step_"
 
 
-def common_arguments(command: argparse.ArgumentParser, default_rate: float, default_name: str) -> None:
+def common_arguments(command: argparse.ArgumentParser, recipe, default_name: str) -> None:
+    """The options every trainer takes; the optimiser's default to ``recipe`` (attention/recipes.py),
+    the same values the trainer node's inputs default to."""
     command.add_argument("--comfyui", type=Path, required=True,
                          help="the ComfyUI folder (its main.py) to use as a library")
     command.add_argument("--steps", type=int, required=True,
                          help="optimiser steps in all (a resumed run continues to it)")
-    command.add_argument("--batch", type=int, default=1, help="examples per process per micro-step (default 1)")
+    command.add_argument("--batch", type=int, default=recipe.batch,
+                         help=f"examples per process per micro-step (default {recipe.batch}: the paper's batch per "
+                              "GPU; the global batch is processes x --batch x --accumulate)")
     command.add_argument("--accumulate", type=int, default=1, help="micro-steps per optimiser step (default 1)")
-    command.add_argument("--learning-rate", type=float, default=default_rate,
-                         help=f"AdamW learning rate (default {default_rate:g})")
+    command.add_argument("--learning-rate", type=float, default=recipe.learning_rate,
+                         help=f"AdamW learning rate (default {recipe.learning_rate:g})")
+    command.add_argument("--weight-decay", type=float, default=recipe.weight_decay,
+                         help=f"AdamW's decoupled weight decay (default {recipe.weight_decay:g})")
+    command.add_argument("--max-grad-norm", type=float, default=recipe.max_grad_norm,
+                         help=f"clip each step's gradient to this global norm; 0: never (default "
+                              f"{recipe.max_grad_norm:g})")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (default 1000)")
     command.add_argument("--validation", type=int, default=4,
@@ -63,12 +72,21 @@ def common_arguments(command: argparse.ArgumentParser, default_rate: float, defa
     command.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output")
 
 
+def recipe_of(args: argparse.Namespace, default):
+    """The trainer's recipe with this run's options in it."""
+    import dataclasses
+
+    return dataclasses.replace(default, learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                               max_grad_norm=args.max_grad_norm, batch=args.batch)
+
+
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    recipes = import_pack()("attention.recipes")
     parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="trainer", required=True)
     mcdm = commands.add_parser("mcdm", help="fine-tune an 8-channel MCDM UNet + embedding adapter on a pairs folder "
                                "(Likeness Train MCDM)")
-    common_arguments(mcdm, 1e-5, "mcdm")
+    common_arguments(mcdm, recipes.MCDM, "mcdm")
     mcdm.add_argument("--checkpoint", type=Path, required=True,
                       help="SD1.5 checkpoint: CLIP, VAE, and the UNet to grow to 8 channels unless --unet is given")
     mcdm.add_argument("--unet", type=Path, help="an MCDM UNet to continue (unet.pth or a trained .safetensors)")
@@ -78,12 +96,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     mcdm.add_argument("--folder", type=Path, required=True, help="a Likeness Save Pairs / jobs/make_pairs.py folder")
     face_kv = commands.add_parser("face_kv", help="train Face Fusion's Linear_kf / Linear_vf, UNet frozen, on a "
                                   "folder of <name>.png + <name>.face.png + <name>.txt (Likeness Train Face KV)")
-    common_arguments(face_kv, 1e-5, "face_kv")
+    common_arguments(face_kv, recipes.FACE_KV, "face_kv")
     face_kv.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
     face_kv.add_argument("--folder", type=Path, required=True, help="the face training folder")
     id_adapter = commands.add_parser("id_adapter", help="Infinite-ID's identity-enhanced training of a FaceID-PlusV2 "
                                      "adapter, UNet frozen, on <name>.png + <name>.id.png (Likeness Train ID Adapter)")
-    common_arguments(id_adapter, 1e-5, "id_adapter")
+    common_arguments(id_adapter, recipes.ID_ADAPTER, "id_adapter")
     id_adapter.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
     id_adapter.add_argument("--adapter", type=Path, required=True,
                             help="the adapter to start from (FaceID-PlusV2 .safetensors / .bin, or a "
@@ -96,6 +114,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
                             help="where onnxruntime runs it: CPU (default), CUDA, ROCM, CoreML")
     id_adapter.add_argument("--shortcut-scale", type=float, default=1.0,
                             help="FaceID-PlusV2's s_scale during training (default 1)")
+    id_adapter.add_argument("--lora-scale", type=float, default=1.0,
+                            help="FaceID's LoRA scale during training, as Likeness Infinite-ID's lora_scale "
+                                 "(default 1; 0: no LoRA); the files carry the LoRA at this scale")
+    id_adapter.add_argument("--identity-dropout", type=float, default=recipes.ID_ADAPTER_IDENTITY_DROPOUT,
+                            help="share of examples trained on the 'no face' input (default "
+                                 f"{recipes.ID_ADAPTER_IDENTITY_DROPOUT:g}, IP-Adapter's image dropout)")
     id_adapter.add_argument("--folder", type=Path, required=True, help="the identity training folder")
     parsed = parser.parse_args(argv)
     for name in ("steps", "batch", "accumulate", "checkpoint_every"):
@@ -149,6 +173,7 @@ def latest_checkpoint(output: Path) -> int | None:
 def config_of(args: argparse.Namespace, world_size: int) -> dict:
     """What a resumed run must share with the run it continues (the global batch, not its split)."""
     return {"trainer": args.trainer, "seed": args.seed, "learning_rate": args.learning_rate,
+            "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
             "global_batch": world_size * args.batch * args.accumulate, "folder": str(args.folder.resolve())}
 
 
@@ -229,7 +254,7 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
         null, empty_text = reader.null(), reader.text("")
     width = model.model.model_config.unet_config["context_dim"]
     adapter = (mcdm.adapter_from_state_dict(mcdm.load_state_dict(args.adapter)) if args.adapter is not None
-               else mcdm.EmbeddingAdapter(width, 1024, null.clip_tokens.shape[1]))
+               else mcdm.EmbeddingAdapter(width, 1024, null.image.clip_tokens.shape[1]))
 
     progress = Progress(args.steps, first, world.rank)
     losses = progress.losses
@@ -244,9 +269,10 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
         print(f"mcdm: {len(reader)} pairs, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, trained_adapter, before, after = mcdm_training.train_mcdm(
-        model, adapter, reader, empty_text=empty_text, null=null, steps=args.steps, learning_rate=args.learning_rate,
-        seed=args.seed, on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world,
-        resume=resume, on_checkpoint=on_checkpoint, validation=args.validation)
+        model, adapter, reader, empty_text=empty_text, null=null, steps=args.steps,
+        recipe=recipe_of(args, pack("attention.recipes").MCDM), seed=args.seed, on_step=progress,
+        batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
+        on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
                "loss_before": before, "loss_after": after, "losses": losses, "config": config}
     if world.rank == 0:
@@ -306,14 +332,15 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         print(f"face_kv: {len(reader)} examples, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     weights, before, after = face_kv_training.train_face_kv(
-        model, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed, on_step=progress,
-        batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume, initial=initial,
-        on_checkpoint=on_checkpoint, validation=args.validation)
+        model, reader, steps=args.steps, recipe=recipe_of(args, pack("attention.recipes").FACE_KV), seed=args.seed,
+        on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
+        initial=initial, on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "examples": len(reader), "processes": world.size,
                "loss_before": before, "loss_after": after, "losses": losses, "config": config}
     if world.rank == 0:
         path = args.output / f"{args.name}.safetensors"
         face_kv.save_face_kv(weights, path, {"steps": args.steps, "learning_rate": args.learning_rate,
+                                             "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
                                              "examples": len(reader), "loss_before": before, "loss_after": after,
                                              **info})
         print(f"wrote {path}: validation loss {before:.5f} -> {after:.5f}", flush=True)
@@ -339,7 +366,8 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
     import folder_paths
 
     world = training.world_from_environment(device)
-    config = {**config_of(args, world.size), "shortcut_scale": args.shortcut_scale}
+    config = {**config_of(args, world.size), "shortcut_scale": args.shortcut_scale, "lora_scale": args.lora_scale,
+              "identity_dropout": args.identity_dropout}
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
     # the face backend looks for packs in the registered "insightface" folders: this job's only
@@ -366,9 +394,12 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
         print(f"id_adapter: {len(reader)} pairs, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, before, after = id_adapter_training.train_id_adapter(
-        model, adapter, reader, steps=args.steps, learning_rate=args.learning_rate, seed=args.seed,
-        scale=args.shortcut_scale, on_step=progress, batching=training.Batching(args.batch, args.accumulate),
-        world=world, resume=resume, on_checkpoint=on_checkpoint, validation=args.validation)
+        model, adapter, reader, steps=args.steps, seed=args.seed, no_face_hidden=reader.no_face_hidden,
+        recipe=recipe_of(args, pack("attention.recipes").ID_ADAPTER), scale=args.shortcut_scale,
+        # a checkpoint's file carries the LoRA at --lora-scale already: read back at 1, it runs as before
+        lora_scale=args.lora_scale if resume is None else 1.0, identity_dropout=args.identity_dropout,
+        on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
+        on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
                "loss_before": before, "loss_after": after, "losses": losses, "config": config}
     if world.rank == 0:

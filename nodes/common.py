@@ -137,13 +137,37 @@ def numbered_path(folder_name: str, prefix: str) -> Path:
     return folder / f"{prefix}_{counter:05d}.safetensors"
 
 
-def optimiser_inputs(each_step: str) -> list:
-    """steps, learning_rate, seed: the inputs every Likeness trainer takes."""
+def optimiser_inputs(examples: str, recipe) -> list:
+    """steps, learning_rate, seed and (optional, for prompts saved before them) weight_decay,
+    max_grad_norm, batch_size: every Likeness trainer's optimiser inputs, each defaulting to the
+    trainer's recipe (attention/recipes.py; README, Training recipes)."""
     return [
-        io.Int.Input("steps", default=500, min=1, max=100000, tooltip=f"Optimiser steps ({each_step} each)."),
-        io.Float.Input("learning_rate", default=1e-5, min=1e-8, max=1e-1, step=1e-6, tooltip="AdamW learning rate."),
+        io.Int.Input("steps", default=500, min=1, max=100000,
+                     tooltip=f"Optimiser steps, each over batch_size {examples}."),
+        io.Float.Input("learning_rate", default=recipe.learning_rate, min=1e-8, max=1e-1, step=1e-6,
+                       tooltip="AdamW learning rate (default: the paper's or its closest reference's)."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seeds the order, timesteps and noise."),
+        io.Float.Input("weight_decay", default=recipe.weight_decay, min=0.0, max=1.0, step=1e-3, optional=True,
+                       tooltip="AdamW's decoupled weight decay (default: the recipe's)."),
+        io.Float.Input("max_grad_norm", default=recipe.max_grad_norm, min=0.0, max=1000.0, step=0.1, optional=True,
+                       tooltip="The step's gradient is clipped to this global norm before AdamW; 0 = never "
+                               "(default: the recipe's)."),
+        io.Int.Input("batch_size", default=recipe.batch, min=1, max=1024, optional=True,
+                     tooltip="Examples per optimiser step (default: the paper's per-GPU batch). They run one "
+                             "at a time and their gradients add up, so memory is one example's."),
     ]
+
+
+def chosen_recipe(recipe, learning_rate: float, weight_decay: float, max_grad_norm: float, batch_size: int):
+    """The trainer's recipe with the node's inputs in it; a value outside its range is refused by name."""
+    import dataclasses
+
+    for name, value in (("learning_rate", learning_rate), ("weight_decay", weight_decay),
+                        ("max_grad_norm", max_grad_norm)):
+        require(value >= 0 and value == value, name, value, "a number of 0 or more")
+    require(batch_size >= 1, "batch_size", batch_size, "1 or more examples per step")
+    return dataclasses.replace(recipe, learning_rate=learning_rate, weight_decay=weight_decay,
+                               max_grad_norm=max_grad_norm, batch=batch_size)
 
 
 def trainer_outputs(what: str) -> list:

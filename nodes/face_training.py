@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import (LIKENESS_FOLDER, dataset_folder, files_fingerprint, image_file_tensor, numbered_path,
-                     optimiser_inputs, require_model_family, trainer_outputs, training_progress)
+from ..attention import recipes
+from .common import (LIKENESS_FOLDER, chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor,
+                     numbered_path, optimiser_inputs, require_model_family, trainer_outputs, training_progress)
 
 CATEGORY = "likeness/face"
 
@@ -26,7 +27,7 @@ class TrainFaceKV(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the images and face crops."),
                 io.String.Input("folder", default="face_kv_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
-                *optimiser_inputs("one image"),
+                *optimiser_inputs("images", recipes.FACE_KV),
                 io.String.Input("filename_prefix", default="face_kv",
                                 tooltip="File name in models/likeness/; a counter is added."),
             ],
@@ -40,21 +41,26 @@ class TrainFaceKV(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
-                filename_prefix: str) -> io.NodeOutput:
+                filename_prefix: str, weight_decay: float = recipes.FACE_KV.weight_decay,
+                max_grad_norm: float = recipes.FACE_KV.max_grad_norm,
+                batch_size: int = recipes.FACE_KV.batch) -> io.NodeOutput:
         from ..attention.face_kv import save_face_kv
         from ..attention.face_kv_training import train_face_kv
         from ..attention.feature_bank import model_fingerprint
+        from ..attention.training import Batching
 
         require_model_family(model)
+        recipe = chosen_recipe(recipes.FACE_KV, learning_rate, weight_decay, max_grad_norm, batch_size)
         reader = FaceExampleReader(dataset_folder(folder), model, clip, vae)
         examples = reader.examples
         batches = [reader[index] for index in range(len(reader))]
         progress = training_progress(steps)
-        weights, before, after = train_face_kv(model, batches, steps=steps, learning_rate=learning_rate,
-                                               seed=seed, on_step=progress)
+        weights, before, after = train_face_kv(model, batches, steps=steps, recipe=recipe, seed=seed,
+                                               on_step=progress, batching=Batching(recipe.batch))
         path = numbered_path(LIKENESS_FOLDER, filename_prefix)
-        save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "examples": len(examples),
-                                     "loss_before": before, "loss_after": after,
+        save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "weight_decay": weight_decay,
+                                     "max_grad_norm": max_grad_norm, "batch_size": batch_size,
+                                     "examples": len(examples), "loss_before": before, "loss_after": after,
                                      "model_fingerprint": model_fingerprint(model)})
         return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"Face K/V training: {path.name}"),
                              ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})

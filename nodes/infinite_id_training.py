@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import (dataset_folder, files_fingerprint, image_file_tensor, numbered_path, optimiser_inputs,
-                     require_model_family, trainer_outputs, training_progress)
+from ..attention import recipes
+from .common import (chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor, numbered_path,
+                     optimiser_inputs, require, require_model_family, trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
 from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder
 
@@ -23,7 +24,9 @@ class TrainIDAdapter(io.ComfyNode):
             description="Identity-enhanced training (Infinite-ID Sec. 3.2): trains the face mapper, the CLIP mapper "
                         "and the image cross-attention with the UNet frozen and the text cross-attention off, on "
                         "pairs <name>.id.png (identity image) + <name>.png (another image of the same person). "
-                        "Writes the FaceID-PlusV2 layout to models/ipadapter/.",
+                        "It runs Likeness Infinite-ID's identity stream, FaceID's LoRA included (frozen, as the "
+                        "adapter's loader chose it), and writes the FaceID-PlusV2 layout to models/ipadapter/ "
+                        "with that LoRA, so sampling reads back what was trained.",
             inputs=[
                 io.Model.Input("model", tooltip="The base model (frozen)."),
                 io.Clip.Input("clip", tooltip="Encodes an empty prompt (SDXL still needs its pooled vector)."),
@@ -34,9 +37,17 @@ class TrainIDAdapter(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H/14 image encoder."),
                 io.String.Input("folder", default="id_adapter_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
-                *optimiser_inputs("one pair"),
+                *optimiser_inputs("pairs", recipes.ID_ADAPTER),
                 io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="FaceID-PlusV2's s_scale during training."),
+                io.Float.Input("lora_scale", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="Scale of FaceID's LoRA during training, as Likeness Infinite-ID's "
+                                       "lora_scale (0 = no LoRA). The file written carries the LoRA at this "
+                                       "scale, so sample it at lora_scale 1."),
+                io.Float.Input("identity_dropout", default=recipes.ID_ADAPTER_IDENTITY_DROPOUT, min=0.0, max=1.0,
+                               step=0.01, optional=True,
+                               tooltip="Share of the examples trained with the identity dropped for the 'no face' "
+                                       "input (IP-Adapter's 5%), which sampling gives every uncond row."),
                 io.String.Input("filename_prefix", default="infinite_id",
                                 tooltip="File name in models/ipadapter/; a counter is added."),
             ],
@@ -50,20 +61,34 @@ class TrainIDAdapter(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, id_adapter, analysis, clip_vision, folder: str, steps: int,
-                learning_rate: float, seed: int, shortcut_scale: float, filename_prefix: str) -> io.NodeOutput:
+                learning_rate: float, seed: int, shortcut_scale: float, filename_prefix: str,
+                weight_decay: float = recipes.ID_ADAPTER.weight_decay,
+                max_grad_norm: float = recipes.ID_ADAPTER.max_grad_norm, batch_size: int = recipes.ID_ADAPTER.batch,
+                lora_scale: float = 1.0,
+                identity_dropout: float = recipes.ID_ADAPTER_IDENTITY_DROPOUT) -> io.NodeOutput:
         from ..attention.id_adapter import save_id_adapter
         from ..attention.id_adapter_training import train_id_adapter
+        from ..attention.training import Batching
 
         require_model_family(model)
+        recipe = chosen_recipe(recipes.ID_ADAPTER, learning_rate, weight_decay, max_grad_norm, batch_size)
+        require(0 <= identity_dropout <= 1, "identity_dropout", identity_dropout, "a share between 0 and 1")
+        try:  # the LoRA the identity stream trains with, checked before any pair is read
+            id_adapter.faceid_lora(model, lora_scale)
+        except ValueError as error:
+            raise ValueError(f"id_adapter={id_adapter.source!r} cannot be used with this model: {error}") from error
         reader = IDPairReader(dataset_folder(folder), model, clip, vae, analysis, clip_vision)
         pairs = [reader[index] for index in range(len(reader))]
         progress = training_progress(steps)
-        trained, before, after = train_id_adapter(model, id_adapter, pairs, steps=steps, learning_rate=learning_rate,
-                                                  seed=seed, scale=shortcut_scale, on_step=progress)
+        trained, before, after = train_id_adapter(
+            model, id_adapter, pairs, steps=steps, seed=seed, no_face_hidden=reader.no_face_hidden, recipe=recipe,
+            scale=shortcut_scale, lora_scale=lora_scale, identity_dropout=identity_dropout, on_step=progress,
+            batching=Batching(recipe.batch))
         register_ipadapter_folder()
         path = numbered_path(IPADAPTER_FOLDER, filename_prefix)
         save_id_adapter(trained, path)
-        return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"ID adapter training: {path.name}"),
+        curve = progress.curve(before, after, f"ID adapter training: {path.name}")
+        return io.NodeOutput(path.name, before, after, curve,
                              ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
 
 
@@ -76,11 +101,13 @@ class IDPairReader:
         import torch
 
         from ..attention.face_kv_training import find_examples
+        from ..attention.infinite_id import no_face_clip_hidden
 
         self.model, self.vae, self.analysis, self.clip_vision = model, vae, analysis, clip_vision
         self.examples = find_examples(folder, IDENTITY_SUFFIX)
         with torch.no_grad():
             self.empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        self.no_face_hidden = no_face_clip_hidden(clip_vision)  # what a dropped identity is read from
 
     def __len__(self) -> int:
         return len(self.examples)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..attention.mcdm import NULL_IMAGES, TRAINED_NULL
 from .common import (LIKENESS_FOLDER, model_file_fingerprint, model_path, require, require_mask,
                      require_model_family)
 
@@ -112,13 +113,19 @@ class MCDMConditioning(io.ComfyNode):
             category=CATEGORY,
             description="Adds the input image to text conditionings for an MCDM: its VAE latent c_s (concatenated "
                         "to the noisy latent) and the adapter's image tokens c_im (after the text tokens). The "
-                        "negative gets the null image (a black one's tokens) and no latent, as in the released code.",
+                        "negative gets the null image's tokens and c_s, the ∅ the MCDM was trained with.",
             inputs=[
                 MCDMType.Input("mcdm", tooltip="From Likeness MCDM Loader."),
                 io.Conditioning.Input("positive", tooltip="The edit prompt (e.g. 'a man in a suit')."),
                 io.Conditioning.Input("negative", tooltip="Usually an empty prompt (the released code's)."),
                 io.Vae.Input("vae", tooltip="The SD1.5 VAE."),
                 io.Image.Input("image", tooltip="The portrait to edit (512×512 as the MCDM was trained)."),
+                io.Combo.Input("null_image", options=list(NULL_IMAGES), default=TRAINED_NULL, optional=True,
+                               tooltip="Eq. 1's ∅ for the image and c_s (MCDMs with an adapter). grey: what the "
+                                       "released training and Likeness Train MCDM drop an image to (CLIP reads a "
+                                       "black image, the VAE a mid-grey one, c_s is its latent). black: the "
+                                       "released demo's (a black image in both, zeros for c_s), which the "
+                                       "weights never saw in training; for reproducing the demo's pictures."),
             ],
             outputs=[io.Conditioning.Output(display_name="positive", tooltip="Prompt + image tokens + c_s."),
                      io.Conditioning.Output(display_name="negative", tooltip="Negative + null image tokens."),
@@ -126,25 +133,26 @@ class MCDMConditioning(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, mcdm, positive, negative, vae, image) -> io.NodeOutput:
+    def execute(cls, mcdm, positive, negative, vae, image, null_image: str = TRAINED_NULL) -> io.NodeOutput:
         import comfy.latent_formats
         import torch
 
         from ..attention import mcdm as model_mcdm
 
+        require(null_image in NULL_IMAGES, "null_image", null_image, f"one of {', '.join(NULL_IMAGES)}")
         pixels = image[..., :3]
         latent = vae.encode(pixels)
         scaled = comfy.latent_formats.SD15().process_in(latent)
         concat = scaled if mcdm.scaled_concat else latent
-        tokens = null = None
+        tokens = null = null_concat = None
         if mcdm.adapter is not None:
-            black = torch.zeros_like(pixels[:1])
-            null_latent = comfy.latent_formats.SD15().process_in(vae.encode(black))
+            null_clip, null_latent, null_concat = model_mcdm.null_inputs(NULL_IMAGES[null_image], vae,
+                                                                         mcdm.image_encoder, pixels)
             with torch.no_grad():
                 tokens = mcdm.adapter(mcdm.image_encoder.tokens(pixels), scaled)
-                null = mcdm.adapter(mcdm.image_encoder.tokens(black), null_latent)
+                null = mcdm.adapter(null_clip, null_latent)
         return io.NodeOutput(model_mcdm.with_image(positive, tokens, concat),
-                             model_mcdm.with_image(negative, null, None), {"samples": latent})
+                             model_mcdm.with_image(negative, null, null_concat), {"samples": latent})
 
 
 class MCDMGuider(io.ComfyNode):

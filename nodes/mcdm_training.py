@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import (LIKENESS_FOLDER, dataset_folder, files_fingerprint, image_file_tensor, numbered_path,
-                     optimiser_inputs, require, require_model_family, trainer_outputs, training_progress)
+from ..attention import recipes
+from .common import (LIKENESS_FOLDER, chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor,
+                     numbered_path, optimiser_inputs, require, require_model_family, trainer_outputs,
+                     training_progress)
 from .mcdm import MCDMType
 from .pairs import SOURCE_SUFFIX
 
@@ -67,12 +69,19 @@ class PairReader:
                     self.text(self.source_prompts[index]))
 
     def null(self):
-        """The null image (a black image's tokens), as MCDM Conditioning makes it, at the first pair's size."""
+        """What dropout puts in place of the input image, at the first pair's size: the released
+        training's null (mcdm.TRAINED_NULL), as MCDM Conditioning builds its negative by default."""
         import torch
+
+        from ..attention.mcdm import NULL_IMAGES, TRAINED_NULL, null_inputs
+        from ..attention.mcdm_training import ImageInputs, Null
 
         if self.shape is None:
             self.shape = image_file_tensor(self.examples[0].face).shape
-        return self.inputs(torch.zeros(self.shape))
+        with torch.no_grad():
+            clip_tokens, latent, spatial = null_inputs(NULL_IMAGES[TRAINED_NULL], self.vae, self.encoder,
+                                                       torch.zeros(self.shape))
+        return Null(ImageInputs(latent, clip_tokens), spatial)
 
 
 class TrainMCDM(io.ComfyNode):
@@ -83,11 +92,12 @@ class TrainMCDM(io.ComfyNode):
             display_name="Likeness Train MCDM",
             category=CATEGORY,
             description="Fine-tunes the whole 8-channel UNet and the embedding adapter on a Likeness Save Pairs "
-                        "folder (the paper's recipe: extra conv_in channels start at zero, 5% identity pairs, 20% "
-                        "condition dropout). Each pair is <name>.png (target), <name>.source.png, <name>.txt "
-                        "(target prompt) and <name>.source.txt (source prompt: identity pairs learn source → source "
-                        "under it). Writes <prefix>_NNNNN.safetensors (UNet) and <prefix>_NNNNN.adapter.safetensors "
-                        "to models/likeness/ for Likeness MCDM Loader.",
+                        "folder (the paper's and released code's recipe: extra conv_in channels start at zero, 5% "
+                        "identity pairs, 20% condition dropout to the released training's nulls, AdamW with weight "
+                        "decay, the UNet's gradient norm clipped). Each pair is <name>.png (target), "
+                        "<name>.source.png, <name>.txt (target prompt) and <name>.source.txt (source prompt: identity "
+                        "pairs learn source → source under it). Writes <prefix>_NNNNN.safetensors (UNet) and "
+                        "<prefix>_NNNNN.adapter.safetensors to models/likeness/ for Likeness MCDM Loader.",
             inputs=[
                 io.Model.Input("model", tooltip="An MCDM to continue, or the SD1.5 model to start from (its conv_in "
                                "gets 4 zero-initialised channels)."),
@@ -97,7 +107,7 @@ class TrainMCDM(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the images (frozen)."),
                 io.String.Input("folder", default="likeness_pairs",
                                 tooltip="The pairs folder, absolute or inside ComfyUI's input folder."),
-                *optimiser_inputs("one pair"),
+                *optimiser_inputs("pairs", recipes.MCDM),
                 io.String.Input("filename_prefix", default="mcdm",
                                 tooltip="File name in models/likeness/; a counter is added."),
             ],
@@ -111,11 +121,15 @@ class TrainMCDM(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mcdm, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
-                filename_prefix: str) -> io.NodeOutput:
+                filename_prefix: str, weight_decay: float = recipes.MCDM.weight_decay,
+                max_grad_norm: float = recipes.MCDM.max_grad_norm, batch_size: int = recipes.MCDM.batch
+                ) -> io.NodeOutput:
         from ..attention.mcdm import EmbeddingAdapter
         from ..attention.mcdm_training import save, train_mcdm
+        from ..attention.training import Batching
 
         require_model_family(model)
+        recipe = chosen_recipe(recipes.MCDM, learning_rate, weight_decay, max_grad_norm, batch_size)
         encoder = mcdm.image_encoder
         require(encoder is not None, "mcdm", mcdm.names.get("clip_vision"),
                 "an MCDM loaded with a CLIP ViT-B/32 (clip_vision_name) for the adapter's image tokens")
@@ -125,18 +139,19 @@ class TrainMCDM(io.ComfyNode):
         adapter = mcdm.adapter
         if adapter is None:
             width = model.model.model_config.unet_config["context_dim"]
-            adapter = EmbeddingAdapter(width, 1024, null.clip_tokens.shape[1])
+            adapter = EmbeddingAdapter(width, 1024, null.image.clip_tokens.shape[1])
         progress = training_progress(steps)
         trained, trained_adapter, before, after = train_mcdm(
-            model, adapter, pairs, empty_text=reader.text(""), null=null, steps=steps, learning_rate=learning_rate,
-            seed=seed, on_step=progress)
+            model, adapter, pairs, empty_text=reader.text(""), null=null, steps=steps, recipe=recipe, seed=seed,
+            on_step=progress, batching=Batching(recipe.batch))
         unet_path = numbered_path(LIKENESS_FOLDER, filename_prefix)
         adapter_path = unet_path.with_name(unet_path.stem + ".adapter.safetensors")
         save(trained, trained_adapter, unet_path, adapter_path,
-             {"steps": steps, "learning_rate": learning_rate, "pairs": len(pairs), "loss_before": before,
+             {"steps": steps, "learning_rate": learning_rate, "weight_decay": weight_decay,
+              "max_grad_norm": max_grad_norm, "batch_size": batch_size, "pairs": len(pairs), "loss_before": before,
               "loss_after": after})
-        return io.NodeOutput(unet_path.name, before, after, progress.curve(before, after, f"MCDM training: {unet_path.name}"),
-                             ui={"text": [
+        curve = progress.curve(before, after, f"MCDM training: {unet_path.name}")
+        return io.NodeOutput(unet_path.name, before, after, curve, ui={"text": [
             f"{unet_path.name} + {adapter_path.name}: loss {before:.4f} → {after:.4f}"]})
 
 

@@ -3,6 +3,8 @@ CLIP vision (a tiny one built from a ComfyUI CLIP-vision config), patch."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -92,7 +94,7 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
     name, before, after, curve = comfy.run_node(
         "LikenessTrainIDAdapter", model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis,
         clip_vision=clip_vision, folder="id_pairs", steps=8, learning_rate=1e-3, seed=0, shortcut_scale=1.0,
-        filename_prefix="trained_id")
+        filename_prefix="trained_id", batch_size=1)
     assert after < before, (before, after)
     assert curve.shape == (1, 512, 768, 3) and 0 <= curve.min() and curve.max() <= 1
     assert (curve < 0.9).any(axis=-1).float().mean() > 0.01, "the plot draws axes, text and the curve"
@@ -107,6 +109,7 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
 
 def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, base_directory, parts):
     training = comfy.pack("attention.id_adapter_training")
+    recipe = dataclasses.replace(comfy.pack("attention.recipes").ID_ADAPTER, learning_rate=1e-3)
     model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
@@ -119,6 +122,7 @@ def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, bas
         with torch.inference_mode():
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         pair = training.Pair(target, face, hidden, cond)
-        _, before, after = training.train_id_adapter(model, adapter, [pair], steps=2, learning_rate=1e-3, seed=3)
+        _, before, after = training.train_id_adapter(model, adapter, [pair], steps=2, recipe=recipe, seed=3,
+                                                     no_face_hidden=torch.zeros_like(hidden))
         results.append((before, after))
     assert results[0] == results[1]

@@ -35,10 +35,10 @@ def portrait(size: int = 512, seed: int = 3) -> torch.Tensor:
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear").movedim(1, -1)
 
 
-def conditionings(comfy, sd15, mcdm, image, prompt="a man in a suit", negative=""):
+def conditionings(comfy, sd15, mcdm, image, prompt="a man in a suit", negative="", **options):
     _, clip, vae = sd15
     return comfy.run_node("LikenessMCDMConditioning", mcdm=mcdm[1], positive=encode(comfy, clip, prompt),
-                          negative=encode(comfy, clip, negative), vae=vae, image=image)
+                          negative=encode(comfy, clip, negative), vae=vae, image=image, **options)
 
 
 def write_pairs(folder, seeds: list[tuple[int, int]], prompt: str | None = None,
@@ -168,16 +168,17 @@ def test_scales_of_one_give_the_all_conditions_prediction(comfy, mcdm, small_edi
 
 def rows_by_hand(positive, negative, source):
     """The released pipeline's rows, built from the conditionings' tensors (77 text tokens, then the
-    image tokens; c_s in concat_latent_image): 0 (negative text, null image, no c_s), 1 (prompt, image,
-    c_s), 2 (negative text, image, no c_s), 3 (negative text, image, c_s), and row 1 for the source
-    prompt. No c_s: ComfyUI's InstructPix2Pix model concatenates zeros."""
+    image tokens; c_s in concat_latent_image): 0 (negative text, null image, null c_s), 1 (prompt,
+    image, c_s), 2 (negative text, image, null c_s), 3 (negative text, image, c_s), and row 1 for the
+    source prompt. The null c_s is the negative's (none: ComfyUI's InstructPix2Pix model concatenates
+    zeros)."""
     text, image = positive[0][0][:, :77], positive[0][0][:, 77:]
-    c_s = positive[0][1]["concat_latent_image"]
+    c_s, null_c_s = positive[0][1]["concat_latent_image"], negative[0][1].get("concat_latent_image")
     negative_text, null_image = negative[0][0][:, :77], negative[0][0][:, 77:]
     row = lambda words, tokens, concat: [[torch.cat([words, tokens], 1), {} if concat is None else
                                           {"concat_latent_image": concat}]]
-    return {"null": row(negative_text, null_image, None), "full": row(text, image, c_s),
-            "image": row(negative_text, image, None), "image_spatial": row(negative_text, image, c_s),
+    return {"null": row(negative_text, null_image, null_c_s), "full": row(text, image, c_s),
+            "image": row(negative_text, image, null_c_s), "image_spatial": row(negative_text, image, c_s),
             "source": row(source[0][0][:, :77], image, c_s)}
 
 
@@ -241,35 +242,65 @@ def test_a_soft_mask_blends_eq_1_for_the_target_and_the_source_prompt(comfy, mcd
     assert differs(got, target) and differs(got, kept)
 
 
-def test_the_negative_row_is_the_null_image_without_c_s(comfy, sd15, mcdm, small_edit):
-    """Row 0 holds the negative text and the null image's tokens, adapter(CLIP(black), VAE(black)),
-    computed here with the reference tower and the released adapter (at 512×512, the adapter's own
-    size); the model gets it with zeros for c_s."""
-    _, clip, vae = sd15
-    model = mcdm[0]
-    positive, negative, latent = conditionings(comfy, sd15, mcdm, portrait(), negative="")
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-    black_pixels = ((0 - mean) / std).expand(1, 3, 224, 224)  # CLIP preprocessing of a black image
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+GREY, BLACK = "grey (released training)", "black (released demo)"
+
+
+def null_latent(vae, pixel: float, size: int) -> torch.Tensor:
+    """The model-space latent of a flat image of ``pixel`` (0..1), ``size`` pixels square."""
+    with torch.no_grad():
+        return vae.encode(torch.full((1, size, size, 3), pixel)) * 0.18215
+
+
+def null_by_hand(vae, pixel: float):
+    """(tokens, c_s) of a null image as the released code builds it, at 512×512 (the adapter's own
+    size): the reference B/32 tower on a black image (CLIP's preprocessing of pixel 0), the VAE on
+    a flat image of ``pixel``, the released adapter on both."""
+    black_pixels = ((0 - CLIP_MEAN) / CLIP_STD).expand(1, 3, 224, 224)
+    latent = null_latent(vae, pixel, 512)
     with torch.no_grad():
         clip_tokens = tiny_mcdm.clip_b32(stored_as=torch.float16)(pixel_values=black_pixels).last_hidden_state
-        black_latent = vae.encode(torch.zeros(1, 512, 512, 3)) * 0.18215
-        null_tokens = tiny_mcdm.released_adapter()(clip_tokens, black_latent)
-        image_tokens = positive[0][0][:, 77:]
+        return tiny_mcdm.released_adapter()(clip_tokens, latent), latent
+
+
+@pytest.mark.parametrize("null_image", [GREY, BLACK])
+def test_the_negative_rows_hold_the_null_image(comfy, sd15, mcdm, null_image):
+    """Row 0 holds the negative text and the null image's tokens, computed here with the reference
+    tower and the released adapter (at 512×512, the adapter's own size), and rows 0 and 2 the null
+    c_s. grey (the default, what the released training and Likeness Train MCDM drop an image to):
+    CLIP reads black, the VAE mid-grey (pixel 0 in −1..1), c_s is that latent. black (the released
+    demo): black for both, zeros for c_s."""
+    _, clip, vae = sd15
+    model = mcdm[0]
+    grey = null_image == GREY
+    positive, negative, latent = conditionings(comfy, sd15, mcdm, portrait(), negative="", null_image=null_image)
+    null_tokens, latent_512 = null_by_hand(vae, 0.5 if grey else 0.0)
     assert torch.equal(negative[0][0][:, :77], encode(comfy, clip, "")[0][0])
     assert (negative[0][0][:, 77:] - null_tokens).abs().max() <= 1e-5 * null_tokens.abs().max()
-    assert differs(null_tokens, image_tokens)
-    assert "concat_latent_image" not in negative[0][1]
-    positive, negative, _, empty, sigmas = small_edit  # what the model receives, on a smaller image
+    assert differs(null_tokens, positive[0][0][:, 77:])
+    other = null_by_hand(vae, 0.0 if grey else 0.5)[0]  # the other null: ten times the tolerance away
+    assert (other - null_tokens).abs().max() > 1e-4 * null_tokens.abs().max()
+    if grey:
+        assert torch.allclose(negative[0][1]["concat_latent_image"], latent_512, rtol=0, atol=1e-7)
+    else:
+        assert "concat_latent_image" not in negative[0][1]
+    # what the model receives, on a smaller image
+    positive, negative, _ = conditionings(comfy, sd15, mcdm, portrait(64), null_image=null_image)
+    empty = {"samples": torch.zeros(1, 4, 8, 8)}
+    sigmas = model.model.model_sampling.sigma(torch.tensor([900.0, 600.0]))
+    null_c_s = null_latent(vae, 0.5, 64)[0] if grey else torch.zeros(4, 8, 8)
     guider = mcdm_guider(comfy, model, positive, negative, (3, 2, 4))
     seen = row_inputs(comfy, guider, empty, sigmas)
     uncond = [(context, concat) for label, context, concat in seen if label == 1]
     assert len(uncond) == 1 and len(seen) == 4
     context, concat = uncond[0]
-    assert torch.equal(context, negative[0][0][0]) and torch.equal(concat, torch.zeros_like(concat))
+    assert torch.equal(context, negative[0][0][0]) and torch.allclose(concat, null_c_s, rtol=0, atol=1e-7)
     c_s = positive[0][1]["concat_latent_image"][0]
-    with_c_s = [c for label, _, c in seen if label != 1 and c.abs().max() > 0]
-    assert len(with_c_s) == 2 and all(torch.equal(c, c_s) for c in with_c_s)
+    assert differs(c_s, null_c_s)
+    rows = [c for label, _, c in seen if label != 1]
+    assert sum(torch.equal(c, c_s) for c in rows) == 2  # the full and image + spatial rows
+    assert sum(torch.allclose(c, null_c_s, rtol=0, atol=1e-7) for c in rows) == 1  # the image-only row
 
 
 def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, mcdm, small_edit):
@@ -400,7 +431,7 @@ def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15,
     for start in (mcdm[0], model):  # continue an MCDM; grow a 4-channel SD1.5
         name, before, after, _ = comfy.run_node(
             "LikenessTrainMCDM", model=start, mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_training", steps=8,
-            learning_rate=1e-4, seed=0, filename_prefix="tiny_trained")
+            learning_rate=1e-4, seed=0, filename_prefix="tiny_trained", batch_size=1)
         assert after < 0.98 * before, (before, after)  # 6% and 9% lower after 8 steps
         loaded, state = comfy.run_node("LikenessMCDMLoader", unet_name=name,
                                        adapter_name=name.replace(".safetensors", ".adapter.safetensors"),
@@ -451,7 +482,7 @@ def test_identity_pairs_learn_the_source_under_the_source_prompt(comfy, base_dir
     monkeypatch.setattr(training, "diffusion_loss", spy)
     monkeypatch.setattr(training, "draw_case", lambda generator: next(draws))
     comfy.run_node("LikenessTrainMCDM", model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder=folder.name, steps=2,
-                   learning_rate=1e-4, seed=0, filename_prefix="identity_spy")
+                   learning_rate=1e-4, seed=0, filename_prefix="identity_spy", batch_size=1)
 
     def latent_of(path):
         pixels = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).float()[None] / 255
@@ -467,6 +498,55 @@ def test_identity_pairs_learn_the_source_under_the_source_prompt(comfy, base_dir
         assert torch.equal(learnt, expected)
         assert torch.equal(tokens[:, :77], prompt)
         assert torch.equal(c_s, source)  # the input is x_A either way
+
+
+DROPPED = {None: (), "spatial": ("c_s",), "image": ("image",), "text": ("text",), "all": ("c_s", "image", "text")}
+
+
+def test_each_dropout_case_drops_exactly_its_condition(comfy, base_directory, sd15, mcdm, monkeypatch):
+    """Issue 17, item 8: the five draws (no dropout, then each released case) of one step, against
+    conditionings built without the trainer: the text by CLIPTextEncode, the image tokens and c_s by
+    MCDM Conditioning (its positive for the image, its negative for the null image: the released
+    training's, proven against the reference tower above), the grey c_s by the VAE by hand. Each case
+    replaces exactly its conditions by their nulls and leaves the rest and the target as they are."""
+    model, clip, vae = sd15
+    prompt = "a man in a suit of shining armour"
+    write_pairs(base_directory / "input" / "pairs_dropout", [(90, 91)], prompt=prompt)
+    training = comfy.pack("attention.mcdm_training")
+    seen, real_loss = [], training.diffusion_loss
+    draws = iter([(False, case) for case in DROPPED])
+
+    def spy(base, patched, target, cond, sigma, noise):
+        if torch.is_grad_enabled():  # the training draws (the validation loss runs without gradients)
+            seen.append((target.detach().cpu().clone(), cond[0][0].detach().cpu().clone(),
+                         cond[0][1].get("concat_latent_image")))
+        return real_loss(base, patched, target, cond, sigma, noise)
+
+    monkeypatch.setattr(training, "diffusion_loss", spy)
+    monkeypatch.setattr(training, "draw_case", lambda generator: next(draws))
+    # one step of five: every draw reads the adapter before its first update
+    comfy.run_node("LikenessTrainMCDM", model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_dropout",
+                   steps=1, learning_rate=1e-4, seed=0, filename_prefix="dropout_spy", batch_size=len(DROPPED))
+    (source,) = comfy.run_node("LoadImage", image="pairs_dropout/pair_00000.source.png")[:1]
+    (target,) = comfy.run_node("LoadImage", image="pairs_dropout/pair_00000.png")[:1]
+    positive, negative, _ = conditionings(comfy, sd15, mcdm, source, prompt=prompt)
+    full = {"text": encode(comfy, clip, prompt)[0][0], "image": positive[0][0][:, 77:],
+            "c_s": positive[0][1]["concat_latent_image"]}
+    with torch.no_grad():
+        grey_c_s = vae.encode(torch.full_like(source, 0.5)) * 0.18215
+        target_latent = vae.encode(target) * 0.18215
+    null = {"text": encode(comfy, clip, "")[0][0], "image": negative[0][0][:, 77:],
+            "c_s": negative[0][1]["concat_latent_image"]}
+    assert torch.allclose(null["c_s"], grey_c_s, rtol=0, atol=1e-7)
+    for name in full:  # each null is far from what it replaces: a case that drops the wrong one fails
+        assert differs(full[name], null[name], floor=0.05), name
+    assert len(seen) == len(DROPPED)
+    for (learnt_target, tokens, c_s), (case, dropped) in zip(seen, DROPPED.items()):
+        want = {name: (null if name in dropped else full)[name] for name in full}
+        assert torch.allclose(learnt_target, target_latent, rtol=0, atol=1e-7), case
+        assert torch.equal(tokens[:, :77], want["text"]), case
+        assert (tokens[:, 77:] - want["image"]).abs().max() <= 1e-5 * want["image"].abs().max(), case
+        assert torch.allclose(c_s.cpu(), want["c_s"], rtol=0, atol=1e-7), case
 
 
 def test_a_pair_without_its_source_prompt_is_refused_by_name(comfy, base_directory, sd15, mcdm):
@@ -524,7 +604,7 @@ def test_trainer_can_be_interrupted_and_writes_nothing(comfy, base_directory, sd
     before = set(likeness.glob("interrupted*"))
     with pytest.raises(model_management.InterruptProcessingException):
         comfy.run_node("LikenessTrainMCDM", model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder="pairs_interrupt",
-                       steps=50, learning_rate=1e-4, seed=0, filename_prefix="interrupted")
+                       steps=50, learning_rate=1e-4, seed=0, filename_prefix="interrupted", batch_size=1)
     assert len(steps_seen) == 3
     assert set(likeness.glob("interrupted*")) == before
 

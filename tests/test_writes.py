@@ -71,7 +71,7 @@ def id_trainer_inputs(comfy, base_directory, shipped_model_files, sd15):
     (clip_vision,) = comfy.run_node("CLIPVisionLoader", clip_name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
     write_id_pairs(base_directory / "input" / "writes_id_pairs")
     return dict(model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis, clip_vision=clip_vision,
-                folder="writes_id_pairs", learning_rate=1e-4, seed=0, shortcut_scale=1.0)
+                folder="writes_id_pairs", learning_rate=1e-4, seed=0, shortcut_scale=1.0, batch_size=1)
 
 
 def test_an_interrupted_id_adapter_save_leaves_no_file(comfy, base_directory, id_trainer_inputs, monkeypatch):

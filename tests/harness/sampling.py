@@ -18,3 +18,41 @@ def txt2img_latent(comfy, model, clip, *, cfg: float = 5.0, steps: int = 2, seed
                             scheduler="normal", positive=encode(comfy, clip, positive),
                             negative=encode(comfy, clip, negative), latent_image=latent, denoise=1.0)
     return out["samples"]
+
+
+class GivenNoise:
+    """A NOISE input that gives one fixed tensor (SamplerCustomAdvanced's interface)."""
+
+    def __init__(self, noise: torch.Tensor) -> None:
+        self.noise, self.seed = noise, 0
+
+    def generate_noise(self, latent: dict) -> torch.Tensor:
+        return self.noise.clone()
+
+
+def first_model_call(comfy, model, positive, latent: dict, sigma: float, noise: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, x0) of the first model call a sampler makes at cfg 1 (CFGGuider, SamplerCustomAdvanced,
+    ComfyUI's calc_cond_batch and apply_model): x is the LATENT, in model space, noised by ComfyUI's
+    own rule with ``noise`` at ``sigma``, and x0 the prediction the sampler gets for ``positive``."""
+    from comfy.samplers import KSAMPLER  # (the module by name would hide the ``comfy`` harness)
+
+    seen = {}
+
+    def first_call(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        seen["x"] = x.clone()
+        seen["x0"] = model_k(x, sigmas[0] * x.new_ones([x.shape[0]]), **(extra_args or {}))
+        return seen["x0"]
+
+    (guider,) = comfy.run_node("CFGGuider", model=model, positive=positive, negative=positive, cfg=1.0)
+    comfy.run_node("SamplerCustomAdvanced", noise=GivenNoise(noise), guider=guider,
+                   sampler=KSAMPLER(first_call), sigmas=torch.tensor([float(sigma), 0.0]),
+                   latent_image=latent)
+    return seen["x"], seen["x0"]
+
+
+def sampled_loss(comfy, model, positive, latent: dict, sigma: float, noise: torch.Tensor) -> float:
+    """‖ε − ε_θ‖² of the sampler's first model call: ε_θ = (x − x0)/σ, as an eps model's sampler reads it."""
+    x, x0 = first_model_call(comfy, model, positive, latent, sigma, noise)
+    predicted = (x - x0) / sigma
+    return float(torch.nn.functional.mse_loss(predicted.float(), noise.to(predicted).float()))
