@@ -23,6 +23,26 @@ NO_LORA = "none"
 IDAdapterType = io.Custom("LIKENESS_ID_ADAPTER")
 
 
+def require_recognition_model(id_adapter, analysis) -> None:
+    """The analysis embeds faces with the recognition network the adapter was trained on, or a
+    ValueError naming both and where to put the one the adapter needs."""
+    from .face_backend import PACK_URL
+
+    wanted = id_adapter.face_recognition
+    if analysis.recognition_model == wanted.model:
+        return
+    if wanted.pack:
+        remedy = (f"Choose model_name '{wanted.pack}' in Likeness Face Analysis: unzip "
+                  f"{PACK_URL.format(name=wanted.pack)} so its .onnx files sit directly in "
+                  f"models/insightface/models/{wanted.pack}/")
+    else:
+        remedy = f"Load the insightface pack whose recognition model is {wanted.model}.onnx in Likeness Face Analysis"
+    raise ValueError(
+        f"analysis={analysis.name!r} cannot be used with id_adapter={id_adapter.source!r}: the analysis embeds faces "
+        f"with {analysis.recognition_model} (insightface {analysis.name}), the adapter was trained on {wanted} "
+        f"embeddings, another network's 512-d space its face mapper never saw. {remedy}.")
+
+
 def register_ipadapter_folder() -> None:
     """models/ipadapter/, shared with ComfyUI_IPAdapter_plus: keep its paths, add our extensions."""
     import folder_paths
@@ -192,7 +212,7 @@ class InfiniteID(io.ComfyNode):
         from ..attention import infinite_id
         from ..attention.schedule import SigmaRange, model_sampling_of
         from ..attention.unet_layers import attention_keys, diffusion_model_of
-        from .face_analysis import crop_faces
+        from .face_analysis import faceid_inputs
 
         require_model_family(model)
         keys = attention_keys(diffusion_model_of(model))
@@ -200,14 +220,14 @@ class InfiniteID(io.ComfyNode):
         require(not missing and len(keys) == len(id_adapter.kv_weights), "id_adapter", id_adapter.kind,
                 f"an adapter for this model's {len(keys)} cross-attention layers (it has "
                 f"{len(id_adapter.kv_weights)}; SD1.5 adapters have 16, SDXL ones 70)")
+        require_recognition_model(id_adapter, analysis)
         if mask is not None:
             require_mask(mask, purpose="where this person goes")
             require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
                     "one mask, (H, W) or (1, H, W): this person's region")
             mask = mask.reshape(mask.shape[-2:]).float().clamp(0, 1)
         weights = infinite_id.parse_mix_weights(mix_weights, image.shape[0])
-        # FaceID-PlusV2 reads CLIP from the aligned 224 face crop, ArcFace from its own 112 crop.
-        faces, _, _, embeddings = crop_faces(analysis, image, crop_size=224)
+        faces, embeddings = faceid_inputs(analysis, image)
         hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
         found = infinite_id.identity_tokens(id_adapter, embeddings, hidden, infinite_id.no_face_clip_hidden(clip_vision),
                                             weights, shortcut_scale, mixing)

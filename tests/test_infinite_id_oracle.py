@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import tiny_faceid
 import tiny_models
+from harness.faceid_reference import hf_clip_vision
 from harness.sampling import encode
 
 STEP_TIMESTEP = 500.0
@@ -63,21 +64,6 @@ def test_identity_tokens_equal_proj_plus_model_with_the_v2_shortcut(comfy, base_
         with torch.no_grad():
             expected = reference(face, clip, shortcut=True, scale=s_scale)
         torch.testing.assert_close(ours.image_tokens(face, clip, s_scale), expected, rtol=1e-4, atol=1e-5)
-
-
-def hf_clip_vision(clip_vision):
-    """transformers' CLIPVisionModelWithProjection with the tiny tower's weights (what IP-Adapter loads)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    settings = {k: v for k, v in tiny_models.TINY_CLIP_VISION.items() if k != "model_type"}
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**settings)).eval()
-    state = {k: v.float() for k, v in clip_vision.get_sd().items()}
-    expected = model.state_dict().keys()
-    if not any(k.startswith("vision_model.") for k in expected):  # transformers 5 names the tower's keys bare
-        state = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not [k for k in missing if "position_ids" not in k] and not unexpected
-    return model
 
 
 def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, oracle, clip_vision):
