@@ -9,8 +9,9 @@ import torch
 import tiny_faceid
 import tiny_insightface
 import tiny_models
+from harness.faceid_reference import identities_of, write_float32_adapter
 from harness.sampling import txt2img_latent
-from harness.workflows import TINY_FACE_PACK
+from harness.workflows import TINY_FACE_PACK, for_tiny_models, load_api
 
 @pytest.fixture(scope="module")
 def clip_vision(comfy, base_directory):
@@ -122,3 +123,63 @@ def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, bas
         _, before, after = training.train_id_adapter(model, adapter, [pair], steps=2, learning_rate=1e-3, seed=3)
         results.append((before, after))
     assert results[0] == results[1]
+
+
+def float32_adapter(comfy, base_directory, kind="sd15"):
+    path = write_float32_adapter(base_directory / "models" / "ipadapter" / f"node_faceid_{kind}_f32.safetensors", kind)
+    return comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)[0]
+
+
+NEW_STACK, NEW_MEAN = "stack: weights as attention log-bias", "mean: weighted mean of tokens"
+
+
+@pytest.mark.parametrize("mode", [NEW_STACK, "stack", NEW_MEAN, "mean"])
+def test_each_mixing_mode_is_its_hand_computation(comfy, tiny_checkpoints, base_directory, parts, mode):
+    """Two people at 0.7 / 0.3. stack: their tokens side by side with log(0.7) / log(0.3) on their
+    keys' logits, the "no face" tokens once per person; mean: 0.7·c_a + 0.3·c_b (Fig. 14), one set
+    of "no face" tokens. The names saved workflows hold ("stack", "mean") compute the same."""
+    import math
+
+    model, _, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    adapter = float32_adapter(comfy, base_directory)
+    images = parts[2]
+    people = [identities_of(run_node(comfy, model, adapter, parts, image=images[i:i + 1]))[0] for i in range(2)]
+    (mixed,) = identities_of(run_node(comfy, model, adapter, parts, image=images, mix_weights="0.7, 0.3",
+                                      mixing=mode))
+    first, second = (person.tokens for person in people)
+    tokens = first.shape[1]
+    if mode.startswith("stack"):
+        torch.testing.assert_close(mixed.tokens, torch.cat([first, second], 1), rtol=1e-5, atol=1e-6)
+        expected_bias = torch.tensor([math.log(0.7)] * tokens + [math.log(0.3)] * tokens)
+        torch.testing.assert_close(mixed.token_bias, expected_bias)
+        torch.testing.assert_close(mixed.uncond_tokens, people[0].uncond_tokens.repeat(1, 2, 1))
+    else:
+        torch.testing.assert_close(mixed.tokens, 0.7 * first + 0.3 * second, rtol=1e-5, atol=1e-6)
+        assert mixed.token_bias is None
+        torch.testing.assert_close(mixed.uncond_tokens, people[0].uncond_tokens)
+    assert (first - second).abs().max() > 1e-2 * first.abs().max()  # two people, not one twice
+
+
+@pytest.mark.parametrize("mixing, valid", [(NEW_STACK, True), (NEW_MEAN, True), ("stack", True), ("mean", True),
+                                           ("average", False)])
+def test_saved_workflows_mixing_values_pass_comfyuis_validation(comfy, shipped_model_files, mixing, valid):
+    """identity_mix as shipped, and as saved before the modes were renamed, through ComfyUI's own
+    prompt validation (what the server runs on a POSTed or queued workflow). ComfyUI 0.3.75 does not
+    check a V3 combo's value against its options; the node's validate_inputs does, for every host."""
+    import asyncio
+
+    import execution
+
+    prompt = for_tiny_models(load_api("identity_mix"))
+    (node_id,) = [k for k, node in prompt.items() if node["class_type"] == "LikenessInfiniteID"]
+    prompt[node_id]["inputs"]["mixing"] = mixing
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("mixing-test", prompt, None))
+    assert ok == valid, (error, node_errors)
+    if not valid:
+        assert "average" in json_text(node_errors) and NEW_STACK in json_text(node_errors)
+
+
+def json_text(value) -> str:
+    import json
+
+    return json.dumps(value)
