@@ -9,7 +9,8 @@ import torch
 import tiny_faceid
 import tiny_insightface
 import tiny_models
-from harness.faceid_reference import identities_of, write_float32_adapter
+from harness.faceid_reference import (authors_faceid_plus, identities_of, model_card_inputs, one_model_call,
+                                      proj_plus_model, write_float32_adapter)
 from harness.sampling import txt2img_latent
 from harness.workflows import TINY_FACE_PACK, for_tiny_models, load_api
 
@@ -183,3 +184,44 @@ def json_text(value) -> str:
     import json
 
     return json.dumps(value)
+
+
+SWITCHES = [dict(mixed_attention=m, cross_attention_merge=c, adain_mean=a)
+            for m in (True, False) for c in (True, False) for a in (False, True)]
+
+
+def test_each_switch_and_the_no_face_tokens_of_the_node_equal_the_functions_run_directly(
+        comfy, tiny_checkpoints, base_directory, parts):
+    """Every combination of mixed_attention, cross_attention_merge and adain_mean, at lora_scale 0.6
+    and shortcut_scale 0.8: the node's model call equals apply_infinite_id run with the same switches
+    on tokens computed here (ProjPlusModel on insightface's own embedding and norm_crop) and the
+    authors' "no face" tokens (get_image_embeds); each switch changes the call."""
+    from PIL import Image
+
+    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    analysis, clip_vision, images = parts
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    adapter = float32_adapter(comfy, base_directory)
+    photo = (images[0].numpy() * 255).round().astype("uint8")
+    card = model_card_inputs(base_directory / "models" / "insightface" / "models" / TINY_FACE_PACK, photo)
+    with torch.no_grad():
+        hidden = clip_vision.encode_image(card.clip_image)["penultimate_hidden_states"].float()
+        tokens = proj_plus_model("sd15")(card.embedding, hidden, shortcut=True, scale=0.8)
+    _, no_face = authors_faceid_plus(clip_vision, "sd15").get_image_embeds(
+        card.embedding, Image.fromarray(photo), s_scale=0.8, shortcut=True)
+    keys = layers.attention_keys(layers.diffusion_model_of(model))
+    calls = {}
+    for switches in SWITCHES:
+        node = run_node(comfy, model, adapter, parts, shortcut_scale=0.8, lora_scale=0.6, **switches)
+        torch.testing.assert_close(identities_of(node)[0].uncond_tokens, no_face.float(), rtol=1e-4, atol=1e-5)
+        direct = infinite_id.apply_infinite_id(model, infinite_id.InfiniteID(
+            tokens=tokens, uncond_tokens=no_face.float(), kv=adapter.kv_weights, lora=adapter.faceid_lora(model, 0.6),
+            **switches), keys)
+        got, expected = one_model_call(comfy, model, node, clip), one_model_call(comfy, model, direct, clip)
+        for row, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"{switches}, row {row}: {m}")
+        calls[tuple(switches.values())] = torch.cat(got)
+    for position, name in enumerate(SWITCHES[0]):
+        flipped = [(on, calls[tuple(not v if i == position else v for i, v in enumerate(on))]) for on in calls]
+        largest = max(float((calls[on] - other).abs().max()) for on, other in flipped)
+        assert largest > 1e-2 * float(calls[(True, True, False)].abs().max()), f"{name} changes nothing"
