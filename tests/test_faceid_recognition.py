@@ -198,3 +198,33 @@ def test_the_installer_lists_the_pack_the_workflows_load(capsys, tmp_path):
     readme = (REPO / "README.md").read_text()
     shipped_table = readme[readme.index("## Model files"):readme.index("Other files some nodes take")]
     assert BUFFALO_ZIP in shipped_table and "models/insightface/models/buffalo_l/" in shipped_table
+
+
+@pytest.mark.slow  # two runs of jobs/train.py, each starting ComfyUI in its own process
+def test_the_training_job_reads_the_adapters_network_and_refuses_another(host, base_directory, tiny_checkpoints,
+                                                                         tmp_path):
+    """jobs/train.py id_adapter without --face-model loads the pack the adapter was trained with
+    (buffalo_l for a file without metadata) and records it; --face-model antelopev2 stops with the error."""
+    import subprocess
+
+    from safetensors import safe_open
+
+    from harness.training_job import id_adapter_inputs, job_command, one_thread_each, run_job
+
+    inputs = {"checkpoint": base_directory / "models" / "checkpoints" / tiny_checkpoints["sd15"],
+              **id_adapter_inputs(tmp_path / "models")}
+    tiny_insightface.write_pack(inputs["insightface"], "antelopev2")
+    command = job_command(host.comfyui, inputs, tmp_path / "default", processes=0, steps=1, trainer="id_adapter")
+    at = command.index("--face-model")
+    run_job(command[:at] + command[at + 2:])
+    with safe_open(str(tmp_path / "default" / "id_adapter.safetensors"), framework="pt") as opened:
+        metadata = opened.metadata()
+    assert (metadata["likeness.face_recognition_model"], metadata["likeness.face_recognition_pack"]) == \
+        ("w600k_r50", "buffalo_l")
+
+    command = job_command(host.comfyui, {**inputs, "face_model": "antelopev2"}, tmp_path / "refused", processes=0,
+                          steps=1, trainer="id_adapter")
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=900, env=one_thread_each())
+    assert refused.returncode != 0
+    assert "glintr100" in refused.stderr and "w600k_r50" in refused.stderr and BUFFALO_ZIP in refused.stderr
+    assert not (tmp_path / "refused" / "id_adapter.safetensors").exists()
