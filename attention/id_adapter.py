@@ -27,13 +27,9 @@ File layout (tencent-ailab/IP-Adapter ``ip_adapter_faceid.py`` and
   processor (``<i>.to_{q,k,v,out}_lora.{down,up}.weight``), which the identity
   stream applies (attention/faceid_lora.py).
 
-Which face recognition network: the face mapper reads one network's 512-d
-ArcFace space. The public FaceID files were trained on insightface buffalo_l's
-w600k_r50 (their model card builds ``FaceAnalysis(name="buffalo_l")``); a file
-Likeness writes records the network in its safetensors metadata
-(``likeness.face_recognition_model``: the network's .onnx name, e.g. w600k_r50;
-``likeness.face_recognition_pack``: the insightface pack that ships it, e.g.
-buffalo_l). A file without them means buffalo_l.
+The face mapper reads one recognition network's 512-d space: buffalo_l's
+w600k_r50 for the public files (their model card); a file Likeness writes
+records its network in the safetensors metadata (FaceRecognition below).
 
 Which layer is which: diffusers registers ``down_blocks`` and ``up_blocks``
 before ``mid_block``, so processors run down blocks, up blocks, then the
@@ -89,7 +85,8 @@ def file_order(keys: list[BlockKey]) -> list[BlockKey]:
 
 @dataclass(frozen=True)
 class FaceRecognition:
-    """The insightface recognition network an adapter's face mapper was trained on."""
+    """The insightface recognition network an adapter's face mapper was trained on; in a file's
+    metadata under RECOGNITION_MODEL_KEY / RECOGNITION_PACK_KEY; a file without them means buffalo_l."""
 
     model: str  # the network, by its .onnx file's name: w600k_r50, glintr100
     pack: str = ""  # the insightface pack that ships it: buffalo_l, antelopev2
