@@ -78,8 +78,11 @@ MODEL_FOLDERS = {
     "clip_vision": "CLIP ViT-H/14 image encoder for IP-Adapter FaceID-PlusV2 (CLIP-ViT-H-14-laion2B-s32B-b79K)",
     "ipadapter": "ip-adapter-faceid-plusv2_sd15 / _sdxl (.bin or .safetensors) from h94/IP-Adapter-FaceID",
     "loras": "the FaceID-PlusV2 LoRA that belongs to the adapter (same source)",
-    "insightface/models/antelopev2": "insightface antelopev2 pack: *.onnx directly in this folder",
-    "insightface/models/buffalo_l": "insightface buffalo_l pack: *.onnx directly in this folder",
+    "insightface/models/buffalo_l": "insightface buffalo_l pack (*.onnx directly in this folder): its w600k_r50 is "
+                                    "what IP-Adapter FaceID / Infinite-ID were trained with; the shipped workflows "
+                                    "load it",
+    "insightface/models/antelopev2": "insightface antelopev2 pack (*.onnx directly in this folder), optional: "
+                                     "detection and FaceSim work with it, FaceID adapters refuse its glintr100",
     "likeness": "Likeness weights: trained face K/V, MCDM unet.pth + adapter.pth "
                 "(bytedance/feature-preserve-portrait-editing)",
     "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_pytorch_model.bin)",
@@ -125,7 +128,10 @@ MODEL_FILES = (
      "what": "open_clip ViT-H/14 (LAION-2B), the CLIP-I/CLIP-T scores' model (architecture ViT-H-14)"},
 )
 # insightface's packs come as one zip from its GitHub release, with the pack's name as the node's
-# value: they are listed once per workflow (the workflow's top-level "models").
+# value (not in the editor's missing-models dialog: its model listing ignores .onnx files).
+# The shipped workflows load buffalo_l: IP-Adapter FaceID-PlusV2 was trained on its w600k_r50
+# embeddings, and the other face nodes work with either pack.
+SHIPPED_INSIGHTFACE_PACK = "buffalo_l"
 INSIGHTFACE_PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{pack}.zip"
 INSIGHTFACE_PACK_FILES = {"antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
                           "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx")}
@@ -420,7 +426,7 @@ def print_model_folders(comfyui: Path) -> None:
     for folder, what in MODEL_FOLDERS.items():
         print(f"  {comfyui / 'models' / folder}/\n      {what}")
     print("\nThe files the shipped workflows load (the editor offers these links when one is missing):")
-    for model in (*MODEL_FILES, *insightface_model_files("antelopev2")):
+    for model in (*MODEL_FILES, *insightface_model_files(SHIPPED_INSIGHTFACE_PACK)):
         print(f"  models/{model['directory']}/{model['name']}\n      {model['url']}")
     print()
 

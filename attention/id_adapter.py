@@ -27,6 +27,10 @@ File layout (tencent-ailab/IP-Adapter ``ip_adapter_faceid.py`` and
   processor (``<i>.to_{q,k,v,out}_lora.{down,up}.weight``), which the identity
   stream applies (attention/faceid_lora.py).
 
+The face mapper reads one recognition network's 512-d space: buffalo_l's
+w600k_r50 for the public files (their model card); a file Likeness writes
+records its network in the safetensors metadata (FaceRecognition below).
+
 Which layer is which: diffusers registers ``down_blocks`` and ``up_blocks``
 before ``mid_block``, so processors run down blocks, up blocks, then the
 middle block — not forward order. In ComfyUI's keys that is every "input"
@@ -51,6 +55,9 @@ IP_ADAPTER = "ip_adapter."
 HEAD_WIDTH = 64  # FaceID-PlusV2's perceiver heads are 64 wide (heads = C // 64)
 LORA_PARTS = tuple(f"to_{which}_lora.{side}.weight" for which in ("q", "k", "v", "out") for side in ("down", "up"))
 
+RECOGNITION_MODEL_KEY = "likeness.face_recognition_model"
+RECOGNITION_PACK_KEY = "likeness.face_recognition_pack"
+
 _IP_KEY = re.compile(r"^(\d+)\.to_([kv])_ip\.weight$")
 _LORA_KEY = re.compile(r"^(\d+)\.to_(q|k|v|out)_lora\.(down|up)\.weight$")
 _STAGE_RANK = {"input": 0, "output": 1, "middle": 2}
@@ -74,6 +81,22 @@ KIND_NAMES = {"sd15": "SD1.5", "sdxl": "SDXL"}
 def file_order(keys: list[BlockKey]) -> list[BlockKey]:
     """A UNet's block keys (forward order) in diffusers' processor order: input, output, middle."""
     return sorted(keys, key=lambda key: _STAGE_RANK[key[0]])  # stable: forward order within a stage
+
+
+@dataclass(frozen=True)
+class FaceRecognition:
+    """The insightface recognition network an adapter's face mapper was trained on; in a file's
+    metadata under RECOGNITION_MODEL_KEY / RECOGNITION_PACK_KEY; a file without them means buffalo_l."""
+
+    model: str  # the network, by its .onnx file's name: w600k_r50, glintr100
+    pack: str = ""  # the insightface pack that ships it: buffalo_l, antelopev2
+
+    def __str__(self) -> str:
+        return f"{self.model} (insightface {self.pack})" if self.pack else self.model
+
+
+# h94/IP-Adapter-FaceID's model card: FaceAnalysis(name="buffalo_l"), whose recogniser is w600k_r50.
+FACEID_RECOGNITION = FaceRecognition("w600k_r50", "buffalo_l")
 
 
 # --- the image projection (ProjModelFaceIdPlus) -------------------------------------------------
@@ -163,12 +186,14 @@ class IDAdapter:
 
     def __init__(self, kind: str, projection: FaceIDPlusProjection,
                  kv_weights: dict[BlockKey, tuple[torch.Tensor, torch.Tensor]],
-                 lora: dict[str, torch.Tensor] | None = None, source: str = "") -> None:
+                 lora: dict[str, torch.Tensor] | None = None, source: str = "",
+                 face_recognition: FaceRecognition = FACEID_RECOGNITION) -> None:
         self.kind = kind
         self.projection = projection
         self.kv_weights = kv_weights
         self.lora = dict(lora or {})  # FaceID's LoRA in the file's own keys (without the prefix)
         self.source = source
+        self.face_recognition = face_recognition  # whose embeddings the face mapper reads
         # A separately released LoRA file (``*_lora.safetensors``), used where the adapter carries none.
         self.lora_file: dict[str, torch.Tensor] | None = None
         self.lora_file_name = ""
@@ -177,7 +202,7 @@ class IDAdapter:
     def with_lora(self, state: dict[str, torch.Tensor] | None, name: str) -> IDAdapter:
         """A copy whose identity stream uses ``state`` (a separate LoRA file) instead of the LoRA the
         adapter file carries; ``state`` None: no LoRA at all. The file's own tensors are kept (saved)."""
-        twin = IDAdapter(self.kind, self.projection, self.kv_weights, self.lora, self.source)
+        twin = IDAdapter(self.kind, self.projection, self.kv_weights, self.lora, self.source, self.face_recognition)
         twin.lora_file, twin.lora_file_name, twin.use_file_lora = state, name, False
         return twin
 
@@ -239,14 +264,16 @@ class IDAdapter:
         return self.projection(face_embeds, clip_hidden, scale)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> IDAdapter:
-        """A copy on ``device`` in ``dtype``; this one stays as it is (ComfyUI may hand it to other nodes)."""
+        """A copy on ``device`` in ``dtype``; this one stays as it is (ComfyUI may hand it to other nodes).
+        Always a copy, also where device and dtype are already these: a trainer changes the copy's
+        tensors in place, and tensors the server loaded under inference mode cannot be trained."""
         def move(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
+            return tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None, copy=True)
 
         projection = _empty_projection(self.projection.shape)
         projection.load_state_dict({k: move(v) for k, v in self.projection.state_dict().items()}, assign=True)
         moved = IDAdapter(self.kind, projection, {key: (move(k), move(v)) for key, (k, v) in self.kv_weights.items()},
-                          {key: move(value) for key, value in self.lora.items()}, self.source)
+                          {key: move(value) for key, value in self.lora.items()}, self.source, self.face_recognition)
         moved.lora_file, moved.lora_file_name, moved.use_file_lora = (self.lora_file, self.lora_file_name,
                                                                        self.use_file_lora)
         return moved
@@ -391,17 +418,38 @@ def build_id_adapter(image_proj: dict[str, torch.Tensor], ip_adapter: dict[str, 
     return IDAdapter(kind, projection, kv_weights, lora, source=name)
 
 
+def read_face_recognition(path: str | Path) -> FaceRecognition:
+    """The recognition network a file records (safetensors metadata); FaceID's own (buffalo_l) where
+    it records none, as h94's files and every .bin."""
+    path = Path(path)
+    if path.suffix.lower() != ".safetensors":
+        return FACEID_RECOGNITION
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as opened:
+        metadata = opened.metadata() or {}
+    if not metadata.get(RECOGNITION_MODEL_KEY):
+        return FACEID_RECOGNITION
+    return FaceRecognition(metadata[RECOGNITION_MODEL_KEY], metadata.get(RECOGNITION_PACK_KEY, ""))
+
+
 def load_id_adapter(path: str | Path) -> IDAdapter:
     """Load an IP-Adapter FaceID-PlusV2 file (SD1.5 or SDXL); a wrong or incomplete file is a ValueError."""
     image_proj, ip_adapter = read_sections(path)
-    return build_id_adapter(image_proj, ip_adapter, Path(path).name)
+    adapter = build_id_adapter(image_proj, ip_adapter, Path(path).name)
+    adapter.face_recognition = read_face_recognition(path)
+    return adapter
 
 
 def save_id_adapter(adapter: IDAdapter, path: str | Path) -> None:
-    """Write the adapter as safetensors in the FaceID-PlusV2 layout (loads back with load_id_adapter)."""
+    """Write the adapter as safetensors in the FaceID-PlusV2 layout (loads back with load_id_adapter),
+    with the recognition network it reads in the metadata."""
     from safetensors.torch import save_file
 
     path = Path(path)
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in adapter.state_dict().items()}
+    metadata = {"format": "pt", "likeness_id_adapter": adapter.kind,
+                RECOGNITION_MODEL_KEY: adapter.face_recognition.model,
+                RECOGNITION_PACK_KEY: adapter.face_recognition.pack}
     with atomic_path(path) as partial:
-        save_file(tensors, str(partial), metadata={"format": "pt", "likeness_id_adapter": adapter.kind})
+        save_file(tensors, str(partial), metadata=metadata)

@@ -19,8 +19,8 @@ original model, as Eq. 5 defines it.
 Several identities (A.7) are stacked: the identity stream attends to every
 reference's tokens, each reference's keys biased by log(weight) so its share
 of the attention follows its weight (equal weights: plain attention over the
-concatenated tokens; a weight of 0 removes that person exactly). Averaging
-the tokens instead is kept as an option.
+concatenated tokens; a weight of 0 removes that person exactly). The other
+mode averages the tokens, Σ w_r·c_r / Σw: Fig. 14's linear interpolation.
 
 The result is ε_text + weight·(ε_id − ε_text): weight 1 is the identity
 stream's prediction (the paper), 0 the text-only model exactly.

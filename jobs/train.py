@@ -25,8 +25,9 @@ are Face Fusion kv files (models/likeness/).
 `id_adapter` is the same loop for Infinite-ID's identity-enhanced training (Likeness Train ID
 Adapter; UNet frozen, text cross-attention off): --checkpoint, --adapter (the FaceID-PlusV2 file to
 continue), --clip-vision (ViT-H), --insightface (the folder holding models/<pack>/, as
-ComfyUI's models/insightface) + --face-model, --folder of <name>.png + <name>.id.png; checkpoints and
-the final <name>.safetensors are FaceID-PlusV2 files (models/ipadapter/, Likeness ID Adapter Loader).
+ComfyUI's models/insightface) + --face-model (default: the pack the adapter was trained with),
+--folder of <name>.png + <name>.id.png; checkpoints and the final <name>.safetensors are
+FaceID-PlusV2 files (models/ipadapter/, Likeness ID Adapter Loader) recording that pack.
 """
 
 from __future__ import annotations
@@ -109,7 +110,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     id_adapter.add_argument("--clip-vision", type=Path, required=True, help="CLIP ViT-H/14 image encoder")
     id_adapter.add_argument("--insightface", type=Path, required=True,
                             help="the folder holding models/<face-model>/*.onnx (as ComfyUI's models/insightface)")
-    id_adapter.add_argument("--face-model", default="antelopev2", help="the insightface pack (default antelopev2)")
+    id_adapter.add_argument("--face-model", default=None,
+                            help="the insightface pack; default: the one the adapter was trained with (buffalo_l for "
+                                 "h94's FaceID files, what a Likeness-trained file records); another is refused")
     id_adapter.add_argument("--face-provider", default="CPU",
                             help="where onnxruntime runs it: CPU (default), CUDA, ROCM, CoreML")
     id_adapter.add_argument("--shortcut-scale", type=float, default=1.0,
@@ -361,6 +364,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
     training, id_adapter_training = pack("attention.training"), pack("attention.id_adapter_training")
     id_adapter, face_backend = pack("attention.id_adapter"), pack("nodes.face_backend")
     IDPairReader = pack("nodes.infinite_id_training").IDPairReader
+    require_recognition_model = pack("nodes.infinite_id").require_recognition_model
     import comfy.clip_vision
     import comfy.sd
     import folder_paths
@@ -372,13 +376,14 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
     first = 0 if resume is None else resume.step
     # the face backend looks for packs in the registered "insightface" folders: this job's only
     folder_paths.folder_names_and_paths["insightface"] = ([str(args.insightface.expanduser().resolve())], set())
+    adapter = id_adapter.load_id_adapter(files["weights"] if resume is not None else args.adapter)
     with torch.inference_mode():
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(args.checkpoint), output_vae=True,
                                                                  output_clip=True)[:3]
         clip_vision = comfy.clip_vision.load(str(args.clip_vision))
-        analysis = face_backend.load_analysis(args.face_model, args.face_provider)
+        analysis = face_backend.load_analysis(args.face_model or adapter.face_recognition.pack, args.face_provider)
+        require_recognition_model(adapter, analysis)
         reader = IDPairReader(args.folder.expanduser().resolve(), model, clip, vae, analysis, clip_vision)
-    adapter = id_adapter.load_id_adapter(files["weights"] if resume is not None else args.adapter)
     progress = Progress(args.steps, first, world.rank)
     losses = progress.losses
 

@@ -49,10 +49,17 @@ class FaceAnalysis(io.ComfyNode):
             description="Loads an insightface model pack from models/insightface/models/<name>/ (the .onnx files "
                         "directly in that folder): its face detector and its ArcFace recognition model.",
             inputs=[
-                io.Combo.Input("model_name", options=list(PACKS), default="antelopev2",
-                               tooltip="antelopev2 (glintr100 ArcFace, used by IP-Adapter FaceID and InstantID) "
-                                       "or buffalo_l (w600k_r50 ArcFace). Unzip the pack into "
-                                       "models/insightface/models/<name>/."),
+                io.Combo.Input("model_name", options=list(PACKS), default="buffalo_l",
+                               tooltip="Which insightface pack; unzip it into models/insightface/models/<name>/. "
+                                       "buffalo_l (recognition network w600k_r50): the one IP-Adapter FaceID-PlusV2 "
+                                       "was trained with, so Likeness Infinite-ID, pair generation and Likeness "
+                                       "Train ID Adapter need it for the public FaceID files (an adapter Likeness "
+                                       "trained names its own in its metadata). antelopev2 (glintr100): InstantID's; "
+                                       "its embeddings are not in w600k_r50's space, so FaceID adapters refuse it. "
+                                       "Face Crop (Face Fusion's face image), Face Region Crop and Pair Prompts "
+                                       "only detect and align (both packs have the same SCRFD-10GF detector and "
+                                       "gender-age model): either pack. Face Similarity (FaceSim) scores with the "
+                                       "chosen pack's network: compare scores from one pack only."),
                 io.Combo.Input("provider", options=list(PROVIDERS), default="CPU",
                                tooltip="Where onnxruntime runs the models. CUDA needs onnxruntime-gpu (install.py "
                                        "installs it where torch sees CUDA); CPU works everywhere."),
@@ -120,7 +127,6 @@ def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 5
     from .face_backend import align, box_mask
 
     faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, input_name), [], [], [], []
-    rec_size = analysis.recognition_size()
     for i, (pixels, found) in enumerate(faces):
         if index >= len(found):
             raise ValueError(f"index={index} cannot be used: image {i} has {len(found)} face(s); expected "
@@ -128,7 +134,7 @@ def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 5
         face = found[index]
         rgb = image[i].detach().float().cpu().numpy()
         crops.append(align(np.ascontiguousarray(rgb), face.kps, crop_size, padding))
-        rec_crop = align(pixels, face.kps, rec_size)
+        rec_crop = analysis.recognition_crop(pixels, face)
         embeddings.append(analysis.embed(rec_crop))
         arcface.append(rec_crop[..., ::-1].astype(np.float32) / 255.0)
         masks.append(box_mask(pixels.shape[0], pixels.shape[1], face.bbox))
@@ -137,6 +143,27 @@ def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 5
         return torch.from_numpy(np.ascontiguousarray(np.stack(arrays))).float()
 
     return batch(crops).clamp(0, 1), batch(arcface), batch(masks), batch(embeddings)
+
+
+# FaceID-PlusV2's CLIP image: its model card's face_align.norm_crop(image, landmark=kps, image_size=224).
+FACEID_CLIP_CROP = 224
+
+
+def faceid_inputs(analysis: FaceAnalyzer, image):
+    """What IP-Adapter FaceID-PlusV2 reads of each image's largest face, as its model card makes it:
+    the norm_crop at 224 for CLIP (B, 224, 224, 3) float RGB 0..1, and the L2-normed embedding
+    (B, 512) of insightface's own 112 recognition crop. Shared by Infinite-ID and its trainer."""
+    import numpy as np
+    import torch
+
+    from .face_backend import norm_crop
+
+    crops, embeddings = [], []
+    for pixels, found in _largest_faces(analysis, image, "image"):
+        crops.append(norm_crop(pixels, found[0].kps, FACEID_CLIP_CROP)[..., ::-1].astype(np.float32) / 255.0)
+        embeddings.append(analysis.embed(analysis.recognition_crop(pixels, found[0])))
+    return (torch.from_numpy(np.ascontiguousarray(np.stack(crops))),
+            torch.from_numpy(np.ascontiguousarray(np.stack(embeddings))).float())
 
 
 class FaceSimilarity(io.ComfyNode):
@@ -194,7 +221,6 @@ def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "z
 
     from ..attention.metrics import scaled
     from .common import require
-    from .face_backend import align
     from .metrics import PAIRINGS, metric_label
 
     require(pairing in PAIRINGS, "pairing", pairing, " or ".join(PAIRINGS))
@@ -203,10 +229,9 @@ def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "z
     if paired:
         require(reference.shape[0] == images.shape[0], "reference", f"{reference.shape[0]} image(s)",
                 f"one reference per image ({images.shape[0]}) with pairing '{pairing}'")
-    rec_size = analysis.recognition_size()
 
     def embedding(pixels, face):
-        return analysis.embed(align(pixels, face.kps, rec_size)).astype(np.float64)
+        return analysis.embed(analysis.recognition_crop(pixels, face)).astype(np.float64)
 
     references = np.stack([embedding(p, faces[0]) for p, faces in _largest_faces(analysis, reference,
                                                                                     "reference")])

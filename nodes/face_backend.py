@@ -2,10 +2,15 @@
 
 insightface, onnxruntime and cv2 are imported only when a node runs. Only the
 calls that insightface 0.7.3 and 2.x share are used: ``FaceAnalysis`` to load
-and route a pack's ``*.onnx`` files, the detector's ``detect(img, input_size=)``
-and the recogniser's ``get_feat``; alignment is our own ArcFace similarity
-transform (the one ``face_align.norm_crop`` estimates), so the UNet crop and
-the 112×112 recognition crop come from the same landmarks the same way.
+and route a pack's ``*.onnx`` files, the detector's ``detect(img, input_size=)``,
+the recogniser's ``get_feat`` and ``face_align.norm_crop``.
+
+The crops a recogniser or IP-Adapter FaceID-PlusV2 reads are insightface's own
+``norm_crop`` of the uint8 pixels (112 for ArcFace, as ``FaceAnalysis.get``
+makes it; 224 for FaceID-PlusV2's CLIP image, as its model card makes it), so
+the embedding and the CLIP input are bit for bit what those give. The face
+image Face Crop returns (any size, padding) is our own warp with the same
+ArcFace similarity transform.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ PROVIDERS = {
 # Large faces (a close-up portrait) are missed at 640 and found at smaller sizes.
 DETECTION_SIZES = (640, 512, 384, 256, 128)
 DETECTION_THRESHOLD = 0.5
+# The release each pack zip comes from (the links install.py and the README list too).
+PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{name}.zip"
 WHERE_TO_GET = ("the insightface model zoo (https://github.com/deepinsight/insightface/tree/master/model_zoo): "
                 "download {name}.zip and unzip it so the .onnx files sit directly in that folder")
 
@@ -132,8 +139,17 @@ class FaceAnalyzer:
     def recognition_size(self) -> int:
         return int(self.recogniser.input_size[0])
 
+    @property
+    def recognition_model(self) -> str:
+        """The recognition network, by its file's name: w600k_r50 (buffalo_l), glintr100 (antelopev2)."""
+        return Path(self.recogniser.model_file).stem
+
+    def recognition_crop(self, image_bgr, face: Face):
+        """The crop the recogniser reads: insightface's norm_crop at its input size (what ``get`` embeds)."""
+        return norm_crop(image_bgr, face.kps, self.recognition_size())
+
     def embed(self, crop_bgr):
-        """The L2-normed ArcFace embedding (512,) of a crop aligned by ``align``."""
+        """The L2-normed ArcFace embedding (512,) of a crop made by ``recognition_crop``."""
         import numpy as np
 
         feature = np.asarray(self.recogniser.get_feat(crop_bgr), dtype=np.float64).reshape(-1)
@@ -197,6 +213,19 @@ def align(image, kps, size: int, padding: float = 0.0):
 
     matrix = similarity_transform(kps, face_template(size, padding))
     return cv2.warpAffine(image, matrix, (size, size), borderValue=0.0)
+
+
+def norm_crop(image_bgr, kps, size: int):
+    """insightface's ``face_align.norm_crop`` (uint8 in, uint8 out): the ArcFace template scaled to
+    ``size``, fitted to ``kps`` by scikit-image's similarity estimate in the points' own precision."""
+    import warnings
+
+    import numpy as np
+    from insightface.utils import face_align
+
+    with warnings.catch_warnings():  # scikit-image >= 0.26 deprecates the estimate() norm_crop calls
+        warnings.simplefilter("ignore", FutureWarning)
+        return face_align.norm_crop(image_bgr, landmark=np.asarray(kps), image_size=size)
 
 
 def to_bgr_uint8(image):

@@ -22,6 +22,32 @@ NO_LORA = "none"
 
 IDAdapterType = io.Custom("LIKENESS_ID_ADAPTER")
 
+# Identity mixing, named for what each computes (Infinite-ID A.7); the values are what the attention
+# code calls them. Workflows saved before the rename hold "stack" / "mean": still accepted.
+MIXING = {"stack: weights as attention log-bias": "stack", "mean: weighted mean of tokens": "mean"}
+ACCEPTED_MIXING = {**MIXING, "stack": "stack", "mean": "mean"}
+DEFAULT_MIXING = next(iter(MIXING))
+
+
+def require_recognition_model(id_adapter, analysis) -> None:
+    """The analysis embeds faces with the recognition network the adapter was trained on, or a
+    ValueError naming both and where to put the one the adapter needs."""
+    from .face_backend import PACK_URL
+
+    wanted = id_adapter.face_recognition
+    if analysis.recognition_model == wanted.model:
+        return
+    if wanted.pack:
+        remedy = (f"Choose model_name '{wanted.pack}' in Likeness Face Analysis: unzip "
+                  f"{PACK_URL.format(name=wanted.pack)} so its .onnx files sit directly in "
+                  f"models/insightface/models/{wanted.pack}/")
+    else:
+        remedy = f"Load the insightface pack whose recognition model is {wanted.model}.onnx in Likeness Face Analysis"
+    raise ValueError(
+        f"analysis={analysis.name!r} cannot be used with id_adapter={id_adapter.source!r}: the analysis embeds faces "
+        f"with {analysis.recognition_model} (insightface {analysis.name}), the adapter was trained on {wanted} "
+        f"embeddings, another network's 512-d space its face mapper never saw. {remedy}.")
+
 
 def register_ipadapter_folder() -> None:
     """models/ipadapter/, shared with ComfyUI_IPAdapter_plus: keep its paths, add our extensions."""
@@ -159,12 +185,16 @@ class InfiniteID(io.ComfyNode):
                                  tooltip="Align identity keys/values to the text ones (Eq. 7–8): on for style "
                                          "prompts such as line art."),
                 io.String.Input("mix_weights", default="",
-                                tooltip="One weight per reference image, e.g. '0.7, 0.3' to interpolate two "
-                                        "people; empty = equal weights."),
-                io.Combo.Input("mixing", options=["stack", "mean"], default="stack", optional=True,
-                               tooltip="Several reference images: stack = the identity stream attends to every "
-                                       "reference's tokens, each weighted by its mix weight (paper A.7); mean = "
-                                       "one set of tokens, the weighted mean of theirs."),
+                                tooltip="One weight per reference image, e.g. '0.7, 0.3'; empty = equal weights. "
+                                        "What a weight does depends on mixing: a log-bias on that person's "
+                                        "attention (stack) or the share of their tokens (mean)."),
+                io.Combo.Input("mixing", options=list(MIXING), default=DEFAULT_MIXING, optional=True,
+                               tooltip="Several reference images. stack: the identity stream attends to all their "
+                                       "tokens side by side (paper A.7, Fig. 13, with equal weights), reference "
+                                       "r's attention logits shifted by log(w_r/Σw), so its share of the "
+                                       "attention follows its weight and a weight of 0 removes it. mean: one set "
+                                       "of tokens, Σ w_r·tokens_r / Σw, the linear interpolation between "
+                                       "identities of Fig. 14."),
                 io.Float.Input("lora_scale", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
                                tooltip="Scale of FaceID's LoRA on the identity stream (1 as IP-Adapter FaceID "
                                        "runs it; 0 = no LoRA). The text stream never gets it."),
@@ -185,14 +215,21 @@ class InfiniteID(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, mixing: str = DEFAULT_MIXING) -> bool | str:
+        # Replaces ComfyUI's own list check for mixing, so that saved workflows' old values load.
+        if mixing in ACCEPTED_MIXING:
+            return True
+        return f"mixing={mixing!r}: expected one of {', '.join(repr(m) for m in MIXING)}"
+
+    @classmethod
     def execute(cls, model, id_adapter, analysis, clip_vision, image, weight: float, mixed_attention: bool,
                 cross_attention_merge: bool, adain_mean: bool, mix_weights: str, shortcut_scale: float,
-                start_percent: float, end_percent: float, mixing: str = "stack",
+                start_percent: float, end_percent: float, mixing: str = DEFAULT_MIXING,
                 lora_scale: float = 1.0, mask=None) -> io.NodeOutput:
         from ..attention import infinite_id
         from ..attention.schedule import SigmaRange, model_sampling_of
         from ..attention.unet_layers import attention_keys, diffusion_model_of
-        from .face_analysis import crop_faces
+        from .face_analysis import faceid_inputs
 
         require_model_family(model)
         keys = attention_keys(diffusion_model_of(model))
@@ -200,17 +237,18 @@ class InfiniteID(io.ComfyNode):
         require(not missing and len(keys) == len(id_adapter.kv_weights), "id_adapter", id_adapter.kind,
                 f"an adapter for this model's {len(keys)} cross-attention layers (it has "
                 f"{len(id_adapter.kv_weights)}; SD1.5 adapters have 16, SDXL ones 70)")
+        require_recognition_model(id_adapter, analysis)
+        require(mixing in ACCEPTED_MIXING, "mixing", mixing, f"one of {', '.join(MIXING)}")
         if mask is not None:
             require_mask(mask, purpose="where this person goes")
             require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
                     "one mask, (H, W) or (1, H, W): this person's region")
             mask = mask.reshape(mask.shape[-2:]).float().clamp(0, 1)
         weights = infinite_id.parse_mix_weights(mix_weights, image.shape[0])
-        # FaceID-PlusV2 reads CLIP from the aligned 224 face crop, ArcFace from its own 112 crop.
-        faces, _, _, embeddings = crop_faces(analysis, image, crop_size=224)
+        faces, embeddings = faceid_inputs(analysis, image)
         hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
         found = infinite_id.identity_tokens(id_adapter, embeddings, hidden, infinite_id.no_face_clip_hidden(clip_vision),
-                                            weights, shortcut_scale, mixing)
+                                            weights, shortcut_scale, ACCEPTED_MIXING[mixing])
         try:
             lora = id_adapter.faceid_lora(model, lora_scale) if lora_scale > 0 else None
         except ValueError as error:

@@ -8,7 +8,7 @@ from ..attention import recipes
 from .common import (chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor, numbered_path,
                      optimiser_inputs, require, require_model_family, trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
-from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder
+from .infinite_id import IDAdapterType, IPADAPTER_FOLDER, register_ipadapter_folder, require_recognition_model
 
 CATEGORY = "likeness/infinite_id"
 IDENTITY_SUFFIX = ".id"
@@ -33,7 +33,9 @@ class TrainIDAdapter(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the target images."),
                 IDAdapterType.Input("id_adapter", tooltip="The adapter to start from (FaceID-PlusV2 or a "
                                     "Likeness-trained one)."),
-                FaceAnalysisType.Input("analysis", tooltip="Aligns and embeds the identity images."),
+                FaceAnalysisType.Input("analysis", tooltip="Aligns and embeds the identity images: the pack whose "
+                                       "recognition model the adapter was trained with (buffalo_l for the public "
+                                       "FaceID files); the file written records it."),
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H/14 image encoder."),
                 io.String.Input("folder", default="id_adapter_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
@@ -77,6 +79,7 @@ class TrainIDAdapter(io.ComfyNode):
             id_adapter.faceid_lora(model, lora_scale)
         except ValueError as error:
             raise ValueError(f"id_adapter={id_adapter.source!r} cannot be used with this model: {error}") from error
+        require_recognition_model(id_adapter, analysis)
         reader = IDPairReader(dataset_folder(folder), model, clip, vae, analysis, clip_vision)
         pairs = [reader[index] for index in range(len(reader))]
         progress = training_progress(steps)
@@ -116,11 +119,11 @@ class IDPairReader:
         import torch
 
         from ..attention.id_adapter_training import Pair
-        from .face_analysis import crop_faces
+        from .face_analysis import faceid_inputs
 
         example = self.examples[index]
         with torch.no_grad():  # jobs/train.py reads pairs inside the training loop: no graph through the encoders
-            faces, _, _, embeddings = crop_faces(self.analysis, image_file_tensor(example.face), crop_size=224)
+            faces, embeddings = faceid_inputs(self.analysis, image_file_tensor(example.face))
             hidden = self.clip_vision.encode_image(faces)["penultimate_hidden_states"]
             target = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.image)))
         return Pair(target, embeddings, hidden, self.empty)

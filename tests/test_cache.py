@@ -14,7 +14,7 @@ def id_trainer_prompt(folder: str, prefix: str) -> dict:
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "v1-5-pruned-emaonly.safetensors"}},
         "2": {"class_type": "LikenessIDAdapterLoader", "inputs": {"adapter_name": "ip-adapter-faceid-plusv2_sd15.bin"}},
-        "3": {"class_type": "LikenessFaceAnalysis", "inputs": {"model_name": "antelopev2", "provider": "CPU"}},
+        "3": {"class_type": "LikenessFaceAnalysis", "inputs": {"model_name": "buffalo_l", "provider": "CPU"}},
         "4": {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"}},
         "5": {"class_type": "LikenessTrainIDAdapter", "inputs": {
             "model": ["1", 0], "clip": ["1", 1], "vae": ["1", 2], "id_adapter": ["2", 0], "analysis": ["3", 0],

@@ -42,8 +42,8 @@ def analysis(comfy, pack):
 
 @pytest.fixture
 def registered_root(comfy, base_directory, tmp_path, monkeypatch):
-    """An "insightface" folder registered with ComfyUI (as extra_model_paths.yaml does), with the
-    shipped workflows' pack (which other tests place in the models folder) set aside meanwhile."""
+    """An "insightface" folder registered with ComfyUI (as extra_model_paths.yaml does), with an
+    antelopev2 pack in the models folder (should another test place one there) set aside meanwhile."""
     import folder_paths
 
     shipped = base_directory / "models" / "insightface" / "models" / "antelopev2"

@@ -11,8 +11,10 @@ import torch
 import tiny_faceid
 import tiny_insightface
 import tiny_models
+from harness.faceid_reference import (authors_faceid_plus, identities_of, model_card_inputs, one_model_call,
+                                      proj_plus_model, write_float32_adapter)
 from harness.sampling import txt2img_latent
-from harness.workflows import TINY_FACE_PACK
+from harness.workflows import TINY_FACE_PACK, for_tiny_models, load_api
 
 @pytest.fixture(scope="module")
 def clip_vision(comfy, base_directory):
@@ -126,3 +128,104 @@ def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, bas
                                                      no_face_hidden=torch.zeros_like(hidden))
         results.append((before, after))
     assert results[0] == results[1]
+
+
+def float32_adapter(comfy, base_directory, kind="sd15"):
+    path = write_float32_adapter(base_directory / "models" / "ipadapter" / f"node_faceid_{kind}_f32.safetensors", kind)
+    return comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)[0]
+
+
+NEW_STACK, NEW_MEAN = "stack: weights as attention log-bias", "mean: weighted mean of tokens"
+
+
+@pytest.mark.parametrize("mode", [NEW_STACK, "stack", NEW_MEAN, "mean"])
+def test_each_mixing_mode_is_its_hand_computation(comfy, tiny_checkpoints, base_directory, parts, mode):
+    """Two people at 0.7 / 0.3. stack: their tokens side by side with log(0.7) / log(0.3) on their
+    keys' logits, the "no face" tokens once per person; mean: 0.7·c_a + 0.3·c_b (Fig. 14), one set
+    of "no face" tokens. The names saved workflows hold ("stack", "mean") compute the same."""
+    import math
+
+    model, _, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    adapter = float32_adapter(comfy, base_directory)
+    images = parts[2]
+    people = [identities_of(run_node(comfy, model, adapter, parts, image=images[i:i + 1]))[0] for i in range(2)]
+    (mixed,) = identities_of(run_node(comfy, model, adapter, parts, image=images, mix_weights="0.7, 0.3",
+                                      mixing=mode))
+    first, second = (person.tokens for person in people)
+    tokens = first.shape[1]
+    if mode.startswith("stack"):
+        torch.testing.assert_close(mixed.tokens, torch.cat([first, second], 1), rtol=1e-5, atol=1e-6)
+        expected_bias = torch.tensor([math.log(0.7)] * tokens + [math.log(0.3)] * tokens)
+        torch.testing.assert_close(mixed.token_bias, expected_bias)
+        torch.testing.assert_close(mixed.uncond_tokens, people[0].uncond_tokens.repeat(1, 2, 1))
+    else:
+        torch.testing.assert_close(mixed.tokens, 0.7 * first + 0.3 * second, rtol=1e-5, atol=1e-6)
+        assert mixed.token_bias is None
+        torch.testing.assert_close(mixed.uncond_tokens, people[0].uncond_tokens)
+    assert (first - second).abs().max() > 1e-2 * first.abs().max()  # two people, not one twice
+
+
+@pytest.mark.parametrize("mixing, valid", [(NEW_STACK, True), (NEW_MEAN, True), ("stack", True), ("mean", True),
+                                           ("average", False)])
+def test_saved_workflows_mixing_values_pass_comfyuis_validation(comfy, shipped_model_files, mixing, valid):
+    """identity_mix as shipped, and as saved before the modes were renamed, through ComfyUI's own
+    prompt validation (what the server runs on a POSTed or queued workflow). ComfyUI 0.3.75 does not
+    check a V3 combo's value against its options; the node's validate_inputs does, for every host."""
+    import asyncio
+
+    import execution
+
+    prompt = for_tiny_models(load_api("identity_mix"))
+    (node_id,) = [k for k, node in prompt.items() if node["class_type"] == "LikenessInfiniteID"]
+    prompt[node_id]["inputs"]["mixing"] = mixing
+    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("mixing-test", prompt, None))
+    assert ok == valid, (error, node_errors)
+    if not valid:
+        assert "average" in json_text(node_errors) and NEW_STACK in json_text(node_errors)
+
+
+def json_text(value) -> str:
+    import json
+
+    return json.dumps(value)
+
+
+SWITCHES = [dict(mixed_attention=m, cross_attention_merge=c, adain_mean=a)
+            for m in (True, False) for c in (True, False) for a in (False, True)]
+
+
+def test_each_switch_and_the_no_face_tokens_of_the_node_equal_the_functions_run_directly(
+        comfy, tiny_checkpoints, base_directory, parts):
+    """Every combination of mixed_attention, cross_attention_merge and adain_mean, at lora_scale 0.6
+    and shortcut_scale 0.8: the node's model call equals apply_infinite_id run with the same switches
+    on tokens computed here (ProjPlusModel on insightface's own embedding and norm_crop) and the
+    authors' "no face" tokens (get_image_embeds); each switch changes the call."""
+    from PIL import Image
+
+    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    analysis, clip_vision, images = parts
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    adapter = float32_adapter(comfy, base_directory)
+    photo = (images[0].numpy() * 255).round().astype("uint8")
+    card = model_card_inputs(base_directory / "models" / "insightface" / "models" / TINY_FACE_PACK, photo)
+    with torch.no_grad():
+        hidden = clip_vision.encode_image(card.clip_image)["penultimate_hidden_states"].float()
+        tokens = proj_plus_model("sd15")(card.embedding, hidden, shortcut=True, scale=0.8)
+    _, no_face = authors_faceid_plus(clip_vision, "sd15").get_image_embeds(
+        card.embedding, Image.fromarray(photo), s_scale=0.8, shortcut=True)
+    keys = layers.attention_keys(layers.diffusion_model_of(model))
+    calls = {}
+    for switches in SWITCHES:
+        node = run_node(comfy, model, adapter, parts, shortcut_scale=0.8, lora_scale=0.6, **switches)
+        torch.testing.assert_close(identities_of(node)[0].uncond_tokens, no_face.float(), rtol=1e-4, atol=1e-5)
+        direct = infinite_id.apply_infinite_id(model, infinite_id.InfiniteID(
+            tokens=tokens, uncond_tokens=no_face.float(), kv=adapter.kv_weights, lora=adapter.faceid_lora(model, 0.6),
+            **switches), keys)
+        got, expected = one_model_call(comfy, model, node, clip), one_model_call(comfy, model, direct, clip)
+        for row, (ours, theirs) in enumerate(zip(got, expected, strict=True)):
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=lambda m: f"{switches}, row {row}: {m}")
+        calls[tuple(switches.values())] = torch.cat(got)
+    for position, name in enumerate(SWITCHES[0]):
+        flipped = [(on, calls[tuple(not v if i == position else v for i, v in enumerate(on))]) for on in calls]
+        largest = max(float((calls[on] - other).abs().max()) for on, other in flipped)
+        assert largest > 1e-2 * float(calls[(True, True, False)].abs().max()), f"{name} changes nothing"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import tiny_faceid
 import tiny_models
 from harness import required
+from harness.faceid_reference import hf_clip_vision
 from harness.sampling import encode
 
 STEP_TIMESTEP = 500.0
@@ -64,21 +65,6 @@ def test_identity_tokens_equal_proj_plus_model_with_the_v2_shortcut(comfy, base_
         with torch.no_grad():
             expected = reference(face, clip, shortcut=True, scale=s_scale)
         torch.testing.assert_close(ours.image_tokens(face, clip, s_scale), expected, rtol=1e-4, atol=1e-5)
-
-
-def hf_clip_vision(clip_vision):
-    """transformers' CLIPVisionModelWithProjection with the tiny tower's weights (what IP-Adapter loads)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    settings = {k: v for k, v in tiny_models.TINY_CLIP_VISION.items() if k != "model_type"}
-    model = CLIPVisionModelWithProjection(CLIPVisionConfig(**settings)).eval()
-    state = {k: v.float() for k, v in clip_vision.get_sd().items()}
-    expected = model.state_dict().keys()
-    if not any(k.startswith("vision_model.") for k in expected):  # transformers 5 names the tower's keys bare
-        state = {k[len("vision_model."):] if k.startswith("vision_model.") else k: v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not [k for k in missing if "position_ids" not in k] and not unexpected
-    return model
 
 
 def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, oracle, clip_vision):
@@ -323,9 +309,9 @@ def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, bas
     assert (identity - alone).abs().max() > 1e-2 * alone.abs().max()
 
 
-def kohya_lora(comfy, model, ip: dict, kind: str) -> dict:
+def kohya_lora(comfy, model, ip: dict, kind: str, alpha: float | None = None, dtype=torch.float16) -> dict:
     """The adapter's LoRA as a separate kohya-format file (what h94 releases as *_lora.safetensors),
-    named through ComfyUI's key map for this model."""
+    named through ComfyUI's key map for this model; ``alpha`` None: alpha = rank, as h94's."""
     import comfy.lora as comfy_lora
 
     id_adapter = comfy.pack("attention.id_adapter")
@@ -343,9 +329,9 @@ def kohya_lora(comfy, model, ip: dict, kind: str) -> dict:
             for part in names:
                 prefix = prefix_of[((kind_name, key), part)]
                 down, up = ip[f"{number}.to_{part}_lora.down.weight"], ip[f"{number}.to_{part}_lora.up.weight"]
-                state[f"{prefix}.lora_down.weight"] = down.half()
-                state[f"{prefix}.lora_up.weight"] = up.half()
-                state[f"{prefix}.alpha"] = torch.tensor(float(down.shape[0]))
+                state[f"{prefix}.lora_down.weight"] = down.to(dtype)
+                state[f"{prefix}.lora_up.weight"] = up.to(dtype)
+                state[f"{prefix}.alpha"] = torch.tensor(float(down.shape[0] if alpha is None else alpha))
     return state
 
 
@@ -369,3 +355,60 @@ def test_a_separate_lora_file_gives_what_the_adapters_own_lora_gives(comfy, tiny
     own, separate, none = outputs.values()
     torch.testing.assert_close(separate, own, rtol=1e-3, atol=1e-3)  # fp16 file vs fp16 adapter, same values
     assert (none - own).abs().max() > 1e-2 * own.abs().max()
+
+
+LORA_SCALE = 0.6  # neither 0 nor the reference's 1, where a dropped or doubled scale would not show
+ALPHA = 2.0  # of rank tiny_faceid.LORA_RANK (4): the file's weights count half
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+@pytest.mark.parametrize("source", ["adapter file", "kohya file, alpha 2 of rank 4"])
+def test_the_lora_at_another_scale_and_alpha_equals_the_processors_at_that_scale(comfy, tiny_checkpoints,
+                                                                              base_directory, oracle, kind, source):
+    """lora_scale 0.6, from the adapter file (no alpha) or a separate file with alpha 2 at rank 4:
+    the identity rows' self- and cross-attention equal LoRAAttnProcessor2_0 / LoRAIPAttnProcessor2_0
+    built with lora_scale=0.6 and network_alpha=2 (IP-Adapter's LoRALinearLayer scales by alpha/rank)."""
+    from safetensors.torch import save_file
+
+    _, processors = oracle
+    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
+    adapter, state = adapter_for(comfy, base_directory, kind, seed=13)
+    ip = file_section(state, "ip_adapter")
+    alpha = None
+    if source != "adapter file":
+        alpha, name = ALPHA, f"oracle_faceid_{kind}_alpha_lora.safetensors"
+        loras = base_directory / "models" / "loras"
+        loras.mkdir(parents=True, exist_ok=True)
+        save_file(kohya_lora(comfy, model, ip, kind, alpha=ALPHA, dtype=torch.float32), str(loras / name))
+        (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=f"oracle_faceid_{kind}_13.safetensors",
+                                    lora=name)
+    lora = adapter.to(dtype=torch.float32).faceid_lora(model, LORA_SCALE)
+    unet = layers.diffusion_model_of(model)
+    key = LAYERS[kind][-1]
+    self_number, cross_number = layer_file_numbers(comfy, kind, key)
+    for kind_name in ("attn1", "attn2"):
+        settings = infinite_id_settings(comfy, adapter, model, lora=lora, mixed_attention=False)
+        recorder = LayerRecorder(kind_name, key)
+        patched = recorder.install(infinite_id.apply_infinite_id(model, settings, layers.attention_keys(unet)))
+        one_model_call(comfy, model, patched, clip)
+        n, context, cond_or_uncond = recorder.inputs["identity"]
+        comfy_attention = getattr(layers.transformer_block(unet, key), kind_name)
+        hidden = comfy_attention.to_q.weight.shape[0]
+        attention = diffusers_attention(comfy_attention, cross=kind_name == "attn2")
+        if kind_name == "attn1":
+            processor = processors.LoRAAttnProcessor2_0(hidden_size=hidden, rank=tiny_faceid.LORA_RANK,
+                                                        network_alpha=alpha, lora_scale=LORA_SCALE)
+            processor.load_state_dict(lora_processor_state(ip, self_number, with_ip=False))
+            with torch.no_grad():
+                expected = processor(attention, n.float())
+        else:
+            processor = processors.LoRAIPAttnProcessor2_0(
+                hidden_size=hidden, cross_attention_dim=context.shape[-1], rank=tiny_faceid.LORA_RANK,
+                network_alpha=alpha, lora_scale=LORA_SCALE, scale=1.0, num_tokens=settings.tokens.shape[1])
+            processor.load_state_dict(lora_processor_state(ip, cross_number, with_ip=True))
+            uncond = comfy.pack("attention.rows").row_mask(1, cond_or_uncond, n.shape[0])
+            ip_tokens = torch.where(uncond.view(-1, 1, 1), settings.uncond_tokens, settings.tokens)
+            with torch.no_grad():
+                expected = processor(attention, n.float(), torch.cat([context.float(), ip_tokens], 1))
+        torch.testing.assert_close(recorder.outputs["identity"], expected, rtol=1e-4, atol=1e-4)

@@ -67,7 +67,7 @@ def write_id_pairs(folder):
 def id_trainer_inputs(comfy, base_directory, shipped_model_files, sd15):
     model, clip, vae = sd15
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name="ip-adapter-faceid-plusv2_sd15.bin")
-    (analysis,) = comfy.run_node("LikenessFaceAnalysis", model_name="antelopev2", provider="CPU")
+    (analysis,) = comfy.run_node("LikenessFaceAnalysis", model_name="buffalo_l", provider="CPU")
     (clip_vision,) = comfy.run_node("CLIPVisionLoader", clip_name="CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
     write_id_pairs(base_directory / "input" / "writes_id_pairs")
     return dict(model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis, clip_vision=clip_vision,

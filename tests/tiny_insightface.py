@@ -17,7 +17,8 @@ We keep the real packs' file names anyway, so the folder looks like a user's.
   ``max_input`` makes it blind above an input size, to test the retries.
 - The recogniser maps 1×3×112×112 to 1×512 with a fixed random projection of
   8×8-pooled pixels: identical crops give identical embeddings, different
-  crops different ones.
+  crops different ones. Each pack's recogniser has its own projection
+  (RECOGNITION_SEEDS), as glintr100 and w600k_r50 embed one face differently.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ PACK_FILES = {
     "antelopev2": ("scrfd_10g_bnkps.onnx", "glintr100.onnx"),
     "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx"),
 }
+# Two recognition networks, two embedding spaces: the projection's seed per recogniser file.
+RECOGNITION_SEEDS = {"w600k_r50.onnx": SEED, "glintr100.onnx": SEED + 1}
 
 
 @dataclass(frozen=True)
@@ -250,7 +253,7 @@ def _write_files(folder: Path, name: str, faces: tuple[TinyFace, ...], detector:
     if detector:
         onnx.save(detector_model(faces, max_input), str(folder / det_file))
     if recognition:
-        onnx.save(recognition_model(), str(folder / rec_file))
+        onnx.save(recognition_model(RECOGNITION_SEEDS[rec_file]), str(folder / rec_file))
     if genderage:
         onnx.save(genderage_model(), str(folder / GENDERAGE_FILE))
     return folder

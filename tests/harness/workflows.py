@@ -10,7 +10,7 @@ from .paths import REPO
 
 WORKFLOWS = REPO / "workflows"
 TINY_FACE_PACK = "buffalo_l"  # written by tests/tiny_insightface.py
-SHIPPED_FACE_PACK = "antelopev2"  # the pack the shipped workflows choose
+SHIPPED_FACE_PACK = "buffalo_l"  # the pack the shipped workflows choose (install.SHIPPED_INSIGHTFACE_PACK)
 
 
 def shipped_workflows() -> list[str]:
