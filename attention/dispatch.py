@@ -21,7 +21,10 @@ the same layers, so the key gets one :class:`AttentionDispatcher` that
 * runs the Likeness processors around it in a defined order: lower
   ``order`` first, then registration order. Each processor receives the
   projected q/k/v and an ``attend`` continuation, so it can change q/k/v,
-  call ``attend`` several times, or change the result.
+  call ``attend`` several times, or change the result;
+* runs a processor only in the passes it is designed for (``passes``): a
+  model call is the image being made unless the patch that runs it for its
+  own inputs marks it (:class:`Pass`, under :data:`PASS` in the options).
 
 Dispatchers are only ever placed on a ``clone()`` of a ModelPatcher, so the
 model the user passed in keeps computing what it computed before.
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from enum import Enum
 from typing import Callable, Iterable, Protocol
 
 import torch
@@ -45,6 +49,32 @@ ATTENTION_MASK = "likeness_attention_mask"
 
 log = logging.getLogger("likeness")
 
+# transformer_options key: which pass a model call is. Absent: the image being made.
+PASS = "likeness_pass"
+
+
+class Pass(str, Enum):
+    """The model calls Likeness runs. Auxiliary passes are those a patch runs for its own inputs;
+    another Likeness patch acts in one only where it is designed for it (its ``passes``)."""
+
+    IMAGE = "image"  # the picture being made (Infinite-ID's text stream is this pass)
+    FACE_REFERENCE = "face reference"  # Face Fusion's pass of the reference face(s)
+    IDENTITY_STREAM = "identity stream"  # Infinite-ID's identity stream of the same latent
+
+
+# What a patch that says nothing acts in: the image only.
+IMAGE_ONLY = frozenset({Pass.IMAGE})
+
+
+def pass_of(options: dict) -> Pass:
+    """The pass of a model call, from its transformer_options (or an attention's extra_options)."""
+    return options.get(PASS, Pass.IMAGE)
+
+
+def acts_in(patch, options: dict) -> bool:
+    """Whether ``patch`` (a processor, input patch or wrapper with ``passes``) acts in this call."""
+    return pass_of(options) in getattr(patch, "passes", IMAGE_ONLY)
+
 
 class AttentionProcessor(Protocol):
     """A Likeness change to one attention layer.
@@ -55,6 +85,7 @@ class AttentionProcessor(Protocol):
     """
 
     order: int
+    passes: frozenset  # the Pass values it acts in (default: the image only)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  extra_options: dict, attend: Attend) -> torch.Tensor: ...
@@ -116,7 +147,8 @@ class AttentionDispatcher:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
         attend: Attend = self._innermost
         for processor in reversed(self.processors):
-            attend = _bind(processor, attend)
+            if acts_in(processor, extra_options):
+                attend = _bind(processor, attend)
         out = attend(q, k, v, extra_options)
         if self.callbacks:
             sigma = float(extra_options["sigmas"].detach().flatten()[0]) if "sigmas" in extra_options else 1e9

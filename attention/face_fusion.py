@@ -35,8 +35,8 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .dispatch import ATTENTION_MASK
-from .infinite_id import AUXILIARY_PASS, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
+from .dispatch import ATTENTION_MASK, PASS, Pass, pass_of
+from .infinite_id import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
 from .masks import mask_to_tokens
 from .rows import COND, UNCOND, row_mask, rows_of
 from .schedule import SigmaRange, current_sigma
@@ -49,7 +49,7 @@ UNET = "likeness_unet"
 ORDER = 150  # after FFA-style self-attention changes; cross-attention keys are added late
 WRAPPER_KEY = "likeness_face_fusion"
 # Per-call state of the image's own streams (Infinite-ID's): the face pass is not one of them.
-IMAGE_STREAM_KEYS = (TEXT_STREAM, IDENTITY_STREAM, LORA_STATE)
+IMAGE_STREAM_KEYS = (TEXT_STREAM, IDENTITY_STREAM, ACTIVE_IDENTITY, LORA_STATE)
 
 
 def reference_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -161,16 +161,19 @@ class FaceFusionWrapper:
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         sigma = current_sigma(transformer_options)
         active = [i for i in self.fusion.identities if i.active(sigma)]
-        if not active or sigma is None:
+        # The faces fuse into the image only (Infinite-ID's identity stream reads them through the
+        # text stream's K/V, Eq. 5): no face call for any other pass.
+        if not active or sigma is None or pass_of(transformer_options) is not Pass.IMAGE:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         context_f, y_f = self._prompt(context, y, transformer_options, x.shape[0])
         face_options = {key: value for key, value in transformer_options.items() if key not in IMAGE_STREAM_KEYS}
-        face_options.update({"cond_or_uncond": [COND], UNET: executor.class_obj, AUXILIARY_PASS: True})
+        face_options.update({"cond_or_uncond": [COND], UNET: executor.class_obj, PASS: Pass.FACE_REFERENCE})
         states = []
         for group in _face_groups(active):
             inputs = [face_input(self.fusion.model_sampling, i.latent.to(x.device), i.noise.to(x.device), sigma,
                                  i.clean) for i in group]
             faces = torch.cat([face for face, _ in inputs]).to(x.dtype)
+            faces = _with_source_channels(faces, group, x.shape[1])
             count = faces.shape[0]
             captured: dict = {}
             executor(faces, torch.cat([t for _, t in inputs]).to(timesteps), _rows_like(context_f, 0, count),
@@ -196,6 +199,20 @@ class FaceFusionWrapper:
         return _rows_like(context, row, 1), _rows_like(y, row, 1)
 
 
+def _with_source_channels(faces: torch.Tensor, group: list[Identity], channels: int) -> torch.Tensor:
+    """An editing model (MCDM, InstructPix2Pix) reads a source latent beside the noisy one: the face
+    pass gives each reference its own latent there, as the model reads an unedited portrait."""
+    extra = channels - faces.shape[1]
+    if extra == 0:
+        return faces
+    sources = torch.cat([identity.latent for identity in group]).to(faces)
+    if extra != sources.shape[1]:
+        raise ValueError(f"the model takes {channels} input channels and the face latent has {faces.shape[1]}: "
+                         f"expected a model of {faces.shape[1]} channels, or an editing model of "
+                         f"{2 * faces.shape[1]} (noisy latent + source latent)")
+    return torch.cat([faces, sources], 1)
+
+
 class FaceCapture:
     """attn2_patch: keeps each layer's normed face hidden states during the face call."""
 
@@ -205,10 +222,12 @@ class FaceCapture:
     def __deepcopy__(self, memo):
         return self
 
+    passes = frozenset({Pass.FACE_REFERENCE})
+
     def __call__(self, n, context, value, extra_options):
         captured = extra_options.get(FACE_PASS)
         block = extra_options.get("block")
-        if captured is not None and block is not None:
+        if captured is not None and block is not None and pass_of(extra_options) is Pass.FACE_REFERENCE:
             key = (block[0], block[1], extra_options.get("block_index", 0))
             if key in self.fusion.layers:
                 captured[key] = n
@@ -272,6 +291,7 @@ class FaceFusionProcessor:
     """Dispatcher processor on attn2: text keys plus every active person's face keys."""
 
     order = ORDER
+    passes = frozenset({Pass.IMAGE})
 
     def __init__(self, fusion: FaceFusion) -> None:
         self.fusion = fusion

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .adain import adain_tokens
+from .dispatch import Pass, acts_in
 from .feature_bank import FeatureBank, StoredStates, TimestepOf, timestep_key
 from .masks import region_on_grid
 from .rows import sample_index
@@ -38,6 +39,9 @@ CONTENT_TOKENS = "likeness_ffa_content_tokens"
 # extra_options key: (queries,) booleans, the queries FFA acts on where the mask covers part of the grid.
 FFA_REGION = "likeness_ffa_region"
 ORDER = 50  # runs outside (before) identity patches that add keys
+# Infinite-ID's identity stream predicts the same picture as its text stream: stylised in both, the
+# blend of the two keeps the style. A face reference pass is read as the plain model reads it.
+PASSES = frozenset({Pass.IMAGE, Pass.IDENTITY_STREAM})
 PLACEMENTS = ("auto", "device", "cpu")
 # "auto" moves the cache to the GPU for a run only when it takes at most this share of the memory
 # left free once ComfyUI has loaded the model (the rest is the sampling's own working memory).
@@ -155,7 +159,11 @@ class FFAInputs:
     def __init__(self, fusion: FeatureFusion) -> None:
         self.fusion = fusion
 
+    passes = PASSES
+
     def __call__(self, n, context, value, extra_options):
+        if not acts_in(self, extra_options):
+            return n, context, value
         found = self.fusion.features_for(extra_options, n.shape[0], n.device)
         if found is None:
             return n, context, value
@@ -181,6 +189,7 @@ class FFAProcessor:
     """Dispatcher processor: AdaIN on the content values, temperature, fused attention."""
 
     order = ORDER
+    passes = PASSES
 
     def __init__(self, fusion: FeatureFusion) -> None:
         self.fusion = fusion

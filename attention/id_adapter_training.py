@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import recipes
+from .dispatch import PASS, Pass
 from .infinite_id import ACTIVE_IDENTITY, IDENTITY_STREAM, WRAPPER_KEY, InfiniteID, apply_infinite_id
 from .recipes import Recipe
 from .schedule import model_sampling_of
@@ -53,7 +54,8 @@ class IdentityStreamOnly:
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         return executor(x, timesteps, context, y, control,
-                        {**transformer_options, IDENTITY_STREAM: {}, ACTIVE_IDENTITY: self.settings}, **kwargs)
+                        {**transformer_options, IDENTITY_STREAM: {}, ACTIVE_IDENTITY: self.settings,
+                         PASS: Pass.IDENTITY_STREAM}, **kwargs)
 
 
 def identity_stream(model, settings: InfiniteID, keys: list[BlockKey]):

@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from .adain import adain_mean
+from .dispatch import PASS, Pass, pass_of
 from .faceid_lora import FaceIDLoRA
 from .masks import mask_to_tokens, region_on_grid
 from .rows import UNCOND, row_mask
@@ -60,8 +61,6 @@ ACTIVE_IDENTITY = "likeness_infinite_id_active"
 # the patches of one block call one extra_options dict; processors may see copies of it, so the
 # value is a dict that every copy shares.
 LORA_STATE = "likeness_infinite_id_lora"
-# Set by other Likeness passes that are not the image being made (Face Fusion's face pass).
-AUXILIARY_PASS = "likeness_auxiliary_pass"
 MIXING = ("stack", "mean")
 ORDER = 120
 WRAPPER_KEY = "likeness_infinite_id"
@@ -205,7 +204,8 @@ class InfiniteIDWrapper:
         return self
 
     def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        if current_sigma(transformer_options) is None or transformer_options.get(AUXILIARY_PASS):
+        # Runs on the image only: a face reference pass is read as the plain model reads it.
+        if current_sigma(transformer_options) is None or pass_of(transformer_options) is not Pass.IMAGE:
             return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
         blends = [(s, s.blend(x)) for s in self.identities if s.active(transformer_options)]
         blends = [(s, b) for s, b in blends if b is not None]
@@ -216,7 +216,8 @@ class InfiniteIDWrapper:
         out = text
         for settings, blend in blends:
             identity = executor(x, timesteps, context, y, control,
-                                {**transformer_options, IDENTITY_STREAM: text_kv, ACTIVE_IDENTITY: settings},
+                                {**transformer_options, IDENTITY_STREAM: text_kv, ACTIVE_IDENTITY: settings,
+                                 PASS: Pass.IDENTITY_STREAM},
                                 **kwargs)
             out = out + blend * (identity - text)
         return out
@@ -253,6 +254,7 @@ class MixedAttentionProcessor:
     """attn1: keeps K_t/V_t in the text stream; mixed attention (Eq. 5) in the identity stream."""
 
     order = ORDER
+    passes = frozenset({Pass.IMAGE, Pass.IDENTITY_STREAM})
 
     def __init__(self, settings: InfiniteID) -> None:
         self.settings = settings
@@ -283,6 +285,7 @@ class CrossAttentionMergeProcessor:
     """attn2: image cross-attention (+ the text's, Eq. 6) in the identity stream; the text stream as it is."""
 
     order = ORDER
+    passes = frozenset({Pass.IMAGE, Pass.IDENTITY_STREAM})
 
     def __init__(self, settings: InfiniteID) -> None:
         self.settings = settings
@@ -323,7 +326,7 @@ class LoRAInputs:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        if IDENTITY_STREAM in extra_options:
+        if pass_of(extra_options) is Pass.IDENTITY_STREAM:
             extra_options.setdefault(LORA_STATE, {})[self.kind] = (n, context, value)
         return n, context, value
 
@@ -338,7 +341,7 @@ class LoRAOutput:
         return self
 
     def __call__(self, n, extra_options):
-        if not _runs_for(self.settings, extra_options):
+        if pass_of(extra_options) is not Pass.IDENTITY_STREAM or not _runs_for(self.settings, extra_options):
             return n
         hidden = extra_options.get(LORA_STATE, {}).pop(f"{self.kind}_out", None)
         if hidden is None:

@@ -58,23 +58,127 @@ def forward(comfy, model, clip, z_t):
     return out["samples"]
 
 
-def test_ffa_and_infinite_id_on_one_model_each_contribute_in_either_order(comfy, sd15, features, base_directory):
+def face_latent(size: int = 8, seed: int = 3) -> dict:
+    return {"samples": torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(seed))}
+
+
+def with_face_fusion(comfy, model, size: int = 8):
+    return comfy.run_node("LikenessFaceFusion", model=model, face=face_latent(size), weight=1.0,
+                          kv="self-attention to_k/to_v (training-free)", start_percent=0.0, end_percent=1.0,
+                          face_noise="noised", noise_seed=0, uncond=True)[0]
+
+
+def patcher(name: str, comfy, bank, base_directory):
+    """The Likeness patch ``name`` as a function of the model it is put on."""
+    return {"ffa": lambda model: with_ffa(comfy, model, bank),
+            "face_fusion": lambda model: with_face_fusion(comfy, model),
+            "infinite_id": lambda model: with_infinite_id(comfy, model, base_directory)}[name]
+
+
+PATCHES = ("ffa", "face_fusion", "infinite_id")
+ORDERED_PAIRS = [(a, b) for a in PATCHES for b in PATCHES if a != b]
+
+
+@pytest.fixture(scope="module")
+def alone(comfy, sd15, features, base_directory):
+    """The plain model's result and each patch's alone, computed once."""
     model, clip = sd15
     z_t, bank = features
-    plain = forward(comfy, model, clip, z_t)
-    ffa_only = forward(comfy, with_ffa(comfy, model, bank), clip, z_t)
-    identity_only = forward(comfy, with_infinite_id(comfy, model, base_directory), clip, z_t)
-    for first, second in ((with_ffa, with_infinite_id), (with_infinite_id, with_ffa)):
-        one = first(comfy, model, bank) if first is with_ffa else first(comfy, model, base_directory)
-        both_model = second(comfy, one, bank) if second is with_ffa else second(comfy, one, base_directory)
+    results = {"plain": forward(comfy, model, clip, z_t)}
+    for name in PATCHES:
+        results[name] = forward(comfy, patcher(name, comfy, bank, base_directory)(model), clip, z_t)
+    return results
+
+
+def test_each_likeness_patch_acts_alone(alone):
+    for name in PATCHES:
+        assert differs(alone[name], alone["plain"]), name
+
+
+@pytest.mark.parametrize("first, second", ORDERED_PAIRS)
+def test_two_likeness_patches_on_one_model_each_still_act(comfy, sd15, features, base_directory, alone, first,
+                                                          second):
+    """``second`` put on a model that already has ``first``: the result differs from each patch alone
+    by far more than rounding, so neither silenced the other."""
+    model, clip = sd15
+    z_t, bank = features
+    both_model = patcher(second, comfy, bank, base_directory)(patcher(first, comfy, bank, base_directory)(model))
+    if "infinite_id" in (first, second) and "ffa" in (first, second):
         # The LoRA's input recorder sees what the projections see: it runs after FFA's input mix.
         attn1_patches = both_model.model_options["transformer_options"]["patches"]["attn1_patch"]
         assert type(attn1_patches[-1]).__name__ == "LoRAInputs", [type(p).__name__ for p in attn1_patches]
-        both = forward(comfy, both_model, clip, z_t)
-        assert torch.isfinite(both).all()
-        assert differs(both, ffa_only), "Infinite-ID must still contribute beside FFA"
-        assert differs(both, identity_only), "FFA must still contribute beside Infinite-ID"
-    assert differs(ffa_only, plain) and differs(identity_only, plain)
+    both = forward(comfy, both_model, clip, z_t)
+    assert torch.isfinite(both).all()
+    assert differs(both, alone[first]), f"{second} must still act beside {first}"
+    assert differs(both, alone[second]), f"{first} must still act beside {second}"
+
+
+def face_pass_keys_values(comfy, monkeypatch, model, clip, z_t) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every K_f/V_f Face Fusion computes from the face pass during one run, in call order."""
+    face_fusion = comfy.pack("attention.face_fusion")
+    original = face_fusion.face_keys_values
+    seen = []
+
+    def recording(*args, **kwargs):
+        k_f, v_f = original(*args, **kwargs)
+        seen.append((k_f.detach().clone(), v_f.detach().clone()))
+        return k_f, v_f
+
+    monkeypatch.setattr(face_fusion, "face_keys_values", recording)
+    forward(comfy, model, clip, z_t)
+    monkeypatch.setattr(face_fusion, "face_keys_values", original)
+    return seen
+
+
+@pytest.mark.parametrize("ffa_first", [True, False])
+def test_the_face_pass_is_the_same_with_and_without_ffa(comfy, monkeypatch, sd15, features, ffa_first):
+    """FFA acts on the image being made only: Face Fusion's face pass (an auxiliary pass) gives
+    bit-identical K_f/V_f whether FFA is on the model or not."""
+    model, clip = sd15
+    z_t, bank = features
+    reference = face_pass_keys_values(comfy, monkeypatch, with_face_fusion(comfy, model), clip, z_t)
+    both = (with_face_fusion(comfy, with_ffa(comfy, model, bank)) if ffa_first
+            else with_ffa(comfy, with_face_fusion(comfy, model), bank))
+    beside_ffa = face_pass_keys_values(comfy, monkeypatch, both, clip, z_t)
+    assert len(reference) == len(beside_ffa) > 0
+    for (k_plain, v_plain), (k_ffa, v_ffa) in zip(reference, beside_ffa):
+        assert torch.equal(k_plain, k_ffa) and torch.equal(v_plain, v_ffa)
+
+
+def test_a_face_latent_of_another_size_works_beside_ffa(comfy, sd15, features, alone):
+    """The face pass at 6x6 beside an 8x8 image with FFA: FFA's cached 8x8 features are never
+    offered to the face pass, and the face still acts."""
+    model, clip = sd15
+    z_t, bank = features
+    both = forward(comfy, with_face_fusion(comfy, with_ffa(comfy, model, bank), size=6), clip, z_t)
+    assert torch.isfinite(both).all()
+    assert differs(both, alone["ffa"]), "the face must act beside FFA"
+
+
+def test_face_fusion_and_infinite_id_on_an_editing_model(comfy, base_directory, tiny_checkpoints):
+    """The MCDM conditioning beside Face Fusion (whose face pass reads each reference as the
+    editing model reads an unedited portrait: its own latent as the source) and beside Infinite-ID:
+    each acts on the 8-channel model."""
+    import tiny_mcdm
+    from test_mcdm import conditionings, mcdm_guider, one_step, portrait
+
+    files = tiny_mcdm.write(base_directory / "models")
+    mcdm = comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name=files["adapter"],
+                          clip_vision_name=files["clip_vision"])
+    checkpoint = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    positive, negative, latent = conditionings(comfy, checkpoint, mcdm, portrait(64))
+    model = mcdm[0]
+    sigmas = model.model.model_sampling.sigma(torch.tensor([900.0, 600.0, 300.0]))
+    start = {"samples": torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(4))}
+
+    def edit(patched):
+        return one_step(comfy, mcdm_guider(comfy, patched, positive, negative, (3.0, 2.0, 4.0)), start, sigmas)
+
+    plain = edit(model)
+    fused = edit(with_face_fusion(comfy, model))
+    assert torch.isfinite(fused).all() and differs(fused, plain), "Face Fusion must act on the editing model"
+    identity = edit(with_infinite_id(comfy, model, base_directory))
+    assert torch.isfinite(identity).all() and differs(identity, plain), "Infinite-ID must act on the editing model"
 
 
 def per_run_state(model) -> dict:

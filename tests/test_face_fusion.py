@@ -102,7 +102,7 @@ def test_a_clean_face_is_the_latent_itself_at_the_smallest_timestep(comfy, famil
 
 def test_the_face_pass_reads_the_positive_prompt_when_cond_and_uncond_run_apart(comfy, family, monkeypatch):
     name, model, clip = family
-    auxiliary = comfy.pack("attention.infinite_id").AUXILIARY_PASS
+    dispatch = comfy.pack("attention.dispatch")
     # What ComfyUI does when cond and uncond together do not fit in memory.
     monkeypatch.setattr(model.model, "memory_required", lambda *a, **k: float("inf"))
     spy = UNetCalls(comfy.pack("attention.face_fusion").FACE_PASS).install(monkeypatch, model)
@@ -121,7 +121,8 @@ def test_the_face_pass_reads_the_positive_prompt_when_cond_and_uncond_run_apart(
         if name == "sdxl":  # the pooled prompt and size embedding of the positive, not the negative's
             assert relative_difference(uncond["y"][0], cond["y"][0]) > FLOOR
             assert torch.equal(face["y"][0], cond["y"][0]), call["cond_or_uncond"]
-        assert face["options"].get(auxiliary) is True, "other Likeness wrappers leave the face pass alone"
+        assert face["options"].get(dispatch.PASS) is dispatch.Pass.FACE_REFERENCE, \
+            "marked, so that other Likeness patches leave the face pass alone"
 
 
 def test_the_face_acts_only_inside_its_start_end_window(comfy, tiny_checkpoints, monkeypatch):
@@ -201,12 +202,14 @@ def test_beside_infinite_id_the_face_pass_is_one_plain_call(comfy, tiny_checkpoi
             else fuse(comfy, identity_only, face_latent()))
     spy = UNetCalls(face_fusion.FACE_PASS).install(monkeypatch, model)
     out = txt2img_latent(comfy, both, clip, steps=2)
-    # Infinite-ID runs two streams per model call; the face pass is never split into them and carries
-    # neither stream's state, whichever wrapper is outside.
+    # Infinite-ID runs two streams per model call; one face pass per model call, whichever wrapper
+    # is outside (the identity stream reads the face through the text stream's K/V), carrying
+    # neither stream's state.
+    dispatch = comfy.pack("attention.dispatch")
     streams = len(spy.images) // 2
-    assert len(spy.faces) == (streams if face_first else 2 * streams) and streams == 2
+    assert len(spy.faces) == streams and streams == 2
     for call in spy.faces:
-        assert call["options"][infinite_id.AUXILIARY_PASS] is True
+        assert call["options"][dispatch.PASS] is dispatch.Pass.FACE_REFERENCE
         assert not {infinite_id.TEXT_STREAM, infinite_id.IDENTITY_STREAM} & set(call["options"])
     spy.calls.clear()
     assert relative_difference(out, txt2img_latent(comfy, identity_only, clip, steps=2)) > FLOOR, \
