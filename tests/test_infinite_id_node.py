@@ -171,14 +171,14 @@ def test_saved_workflows_mixing_values_pass_comfyuis_validation(comfy, shipped_m
     """identity_mix as shipped, and as saved before the modes were renamed, through ComfyUI's own
     prompt validation (what the server runs on a POSTed or queued workflow). ComfyUI 0.3.75 does not
     check a V3 combo's value against its options; the node's validate_inputs does, for every host."""
-    import asyncio
-
     import execution
+
+    from harness.inprocess import run_coroutine
 
     prompt = for_tiny_models(load_api("identity_mix"))
     (node_id,) = [k for k, node in prompt.items() if node["class_type"] == "LikenessInfiniteID"]
     prompt[node_id]["inputs"]["mixing"] = mixing
-    ok, error, _, node_errors = asyncio.run(execution.validate_prompt("mixing-test", prompt, None))
+    ok, error, _, node_errors = run_coroutine(execution.validate_prompt("mixing-test", prompt, None))
     assert ok == valid, (error, node_errors)
     if not valid:
         assert "average" in json_text(node_errors) and NEW_STACK in json_text(node_errors)

@@ -20,4 +20,6 @@ def test_a_long_mixed_run_keeps_serving_and_does_not_grow(server, base_directory
     assert figures.succeeded + figures.failed_as_expected + figures.interrupted == figures.prompts
     assert figures.failed_as_expected >= 20 and figures.succeeded >= 200
     assert server.get("/system_stats")["system"]
-    assert figures.growth < 0.05, figures.as_dict()
+    # A leak of 0.25 MB a prompt grows a ~1.4 GB server by 2.5% in 150 prompts.
+    assert figures.second_half_growth < 0.025, figures.as_dict()
+    assert figures.growth < 0.08, figures.as_dict()

@@ -14,6 +14,15 @@ from pathlib import Path
 import torch
 
 
+def run_coroutine(coroutine):
+    """``asyncio.run`` on a thread of its own: a test earlier in the session (the browser driver's
+    sync API) may leave an event loop running in this thread, where asyncio.run refuses to start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coroutine).result()
+
+
 class ComfyInProcess:
     def __init__(self, comfyui: Path, base_directory: Path, pack_dir: Path) -> None:
         sys.path.insert(0, str(comfyui))

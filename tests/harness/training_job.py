@@ -98,14 +98,15 @@ def job_command(comfyui: Path, inputs: dict[str, Path], output: Path, *, process
     inputs["identities"] with the files id_adapter_inputs writes."""
     launcher = [sys.executable] if processes == 0 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    # Only the chosen trainer's inputs are read: each test writes only those.
     models = {
-        "mcdm": ["--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
-                 "--folder", str(inputs["folder"])],
-        "face_kv": ["--folder", str(inputs["faces"])],
-        "id_adapter": ["--adapter", str(inputs.get("id_adapter")), "--clip-vision", str(inputs.get("id_clip_vision")),
-                       "--insightface", str(inputs.get("insightface")), "--face-model", str(inputs.get("face_model")),
-                       "--folder", str(inputs.get("identities"))],
-    }[trainer]
+        "mcdm": lambda: ["--adapter", str(inputs["adapter"]), "--clip-vision", str(inputs["clip_vision"]),
+                         "--folder", str(inputs["folder"])],
+        "face_kv": lambda: ["--folder", str(inputs["faces"])],
+        "id_adapter": lambda: ["--adapter", str(inputs["id_adapter"]), "--clip-vision", str(inputs["id_clip_vision"]),
+                               "--insightface", str(inputs["insightface"]), "--face-model", str(inputs["face_model"]),
+                               "--folder", str(inputs["identities"])],
+    }[trainer]()
     command = [*launcher, str(TINY_JOB), trainer, "--comfyui", str(comfyui), "--checkpoint", str(inputs["checkpoint"]),
                *models, "--steps", str(steps), "--batch", str(batch),
                "--accumulate", str(accumulate), "--checkpoint-every", str(checkpoint_every),
