@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import (editing, face_analysis, face_fusion, face_training, infinite_id, infinite_id_training, magicstyle,
-               mcdm, mcdm_training, metrics, pairs, face_region, sweep)
+from . import (face_analysis, face_fusion, infinite_id, magicstyle, metrics, portrait_editing, portrait_editing_mcdm,
+               small_faces, sweep)
 from .common import register_model_folders
 
-FAMILIES = (magicstyle, face_fusion, face_training, face_analysis, infinite_id, infinite_id_training, editing, mcdm,
-            pairs, mcdm_training, metrics, face_region, sweep)
+FAMILIES = (magicstyle, face_fusion, face_analysis, infinite_id, portrait_editing, portrait_editing_mcdm, metrics,
+            small_faces, sweep)
 register_model_folders()
 
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.adain import adain_latent
-from ..attention.feature_bank import FeatureBank, merge_banks, model_fingerprint
-from ..attention.ffa import PLACEMENTS, FeatureFusion, apply_ffa
-from ..attention.inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
-from ..attention.schedule import SigmaRange, model_sampling_of
-from ..attention.unet_layers import LAYER_SETS, attention_keys, attention_levels, diffusion_model_of, select_keys
+from ..attention.magicstyle.ddim_inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
+from ..attention.magicstyle.feature_bank import FeatureBank, merge_banks, model_fingerprint
+from ..attention.magicstyle.ffa import PLACEMENTS, FeatureFusion, apply_ffa
+from ..attention.shared.adain import adain_latent
+from ..attention.shared.layer_table import LAYER_SETS, attention_keys, attention_levels, diffusion_model_of, select_keys
+from ..attention.shared.sigmas import SigmaRange, model_sampling_of
 from .common import (FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require,
                      require_mask, require_model_family)
 
@@ -252,7 +252,7 @@ class SaveFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, features: FeatureBank, filename_prefix: str) -> io.NodeOutput:
-        from ..attention.feature_io import save_bank
+        from ..attention.magicstyle.feature_files import save_bank
 
         path = features_path(filename_prefix)
         save_bank(features, path)
@@ -283,7 +283,7 @@ class LoadFeatures(io.ComfyNode):
     def execute(cls, file: str) -> io.NodeOutput:
         import comfy.model_management
 
-        from ..attention.feature_io import load_bank
+        from ..attention.magicstyle.feature_files import load_bank
 
         bank = load_bank(features_path(file, existing=True), device=comfy.model_management.unet_offload_device())
         require(bank.latent is not None, "file", file, "features saved with their latent (save them again)")

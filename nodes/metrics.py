@@ -19,7 +19,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..attention.metrics import cosine_matrix, per_image, scaled
+from ..attention.measuring.metrics import cosine_matrix, per_image, scaled
 from .common import OPEN_CLIP_FOLDER, model_file_fingerprint, model_path, require
 from .face_analysis import FaceAnalysisType
 

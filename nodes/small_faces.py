@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.face_region import FaceRegion, crop_regions, paste_back_batch, square_box
+from ..attention.faces.insightface_backend import FaceAnalyzer
+from ..attention.magicstyle.face_region import FaceRegion, crop_regions, paste_back_batch, square_box
 from .face_analysis import FaceAnalysisType, _largest_faces
-from .face_backend import FaceAnalyzer
 
 CATEGORY = "likeness/face"
 
-# A tuple of attention.face_region.FaceRegion, one per image of the batch it was cut from.
+# A tuple of attention.magicstyle.face_region.FaceRegion, one per image of the batch it was cut from.
 FaceRegionType = io.Custom("LIKENESS_FACE_REGION")
 
 

@@ -159,7 +159,7 @@ class SweepGrid(io.ComfyNode):
     def execute(cls, images: list, values: list, label: list, analysis=None, face_reference=None, no_face=None,
                 clip_checkpoint=None, architecture=None, clip_reference=None, prompt=None, clip_i_on=None,
                 pairing=None, scale=None) -> io.NodeOutput:
-        from . import plots
+        from ..attention.measuring import plots
 
         label = _first(label, "value")
         require(len(images) == len(values), "values", f"{len(values)} value(s)",

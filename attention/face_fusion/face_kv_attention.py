@@ -35,12 +35,12 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from .dispatch import ATTENTION_MASK, PASS, Pass, pass_of
-from .infinite_id import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
-from .masks import mask_to_tokens
-from .rows import COND, UNCOND, row_mask, rows_of
-from .schedule import SigmaRange, current_sigma
-from .unet_layers import BlockKey, transformer_block
+from ..infinite_id.identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
+from ..shared.dispatch import ATTENTION_MASK, PASS, Pass, pass_of
+from ..shared.layer_table import BlockKey, transformer_block
+from ..shared.rows import COND, UNCOND, row_mask, rows_of
+from ..shared.sigmas import SigmaRange, current_sigma
+from ..shared.token_masks import mask_to_tokens
 
 FACE_PASS = "likeness_face_pass"  # face call: dict the capture fills with h_f per layer
 FACE_STATES = "likeness_face_states"  # main call: the h_f of every active reference, per layer
@@ -338,8 +338,8 @@ def apply_face_fusion(model, identity: Identity, layers: list[BlockKey]):
     """A clone of ``model`` that fuses ``identity``; chained calls add people to one patch."""
     import comfy.patcher_extension
 
-    from .dispatch import dispatchers, patched_clone
-    from .schedule import model_sampling_of
+    from ..shared.dispatch import dispatchers, patched_clone
+    from ..shared.sigmas import model_sampling_of
 
     wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     existing = model.get_wrappers(wrapper_type, WRAPPER_KEY)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .unet_layers import BlockKey
+from ..shared.layer_table import BlockKey
 
 METADATA_KEY = "likeness_face_kv"
 FORMAT_VERSION = 1

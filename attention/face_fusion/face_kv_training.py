@@ -6,7 +6,7 @@ The UNet stays frozen; gradients reach only the per-layer projections,
 which start from the layers' self-attention to_k / to_v (the training-free
 default), so step 0 is exactly the untrained behaviour.
 
-The face pass is the one sampling runs (attention/face_fusion.py's
+The face pass is the one sampling runs (attention/face_fusion/face_kv_attention.py's
 ``face_input``): each example's face is noised to the step's sigma with its
 own fixed noise, drawn from ``face_noise_seed(seed, index)``, so the trained
 projections see the h_f they will see at inference and a run reproduces.
@@ -20,13 +20,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import recipes
-from .face_fusion import Identity, apply_face_fusion, reference_noise
-from .recipes import Recipe
-from .schedule import SigmaRange, model_sampling_of
-from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
-                       unwrapped)
-from .unet_layers import BlockKey, attention_keys, diffusion_model_of, transformer_block
+from ..shared import recipes
+from ..shared.layer_table import BlockKey, attention_keys, diffusion_model_of, transformer_block
+from ..shared.recipes import Recipe
+from ..shared.sigmas import SigmaRange, model_sampling_of
+from ..shared.training_loop import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy,
+                                    optimise, shared, unwrapped)
+from .face_kv_attention import Identity, apply_face_fusion, reference_noise
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 FACE_SUFFIX = ".face"  # <stem>.face.png beside <stem>.png

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .unet_layers import BlockKey, transformer_block
+from ..shared.layer_table import BlockKey, transformer_block
 
 PROJECTIONS = ("q", "k", "v", "out")
 REFERENCE_SCALE = 1.0  # LoRAIPAttnProcessor2_0's default lora_scale

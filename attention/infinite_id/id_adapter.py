@@ -25,7 +25,7 @@ File layout (tencent-ailab/IP-Adapter ``ip_adapter_faceid.py`` and
   (self- and cross-attention alternate), so the image projections sit at
   the odd numbers ``2n+1``; FaceID files also carry a LoRA at every
   processor (``<i>.to_{q,k,v,out}_lora.{down,up}.weight``), which the identity
-  stream applies (attention/faceid_lora.py).
+  stream applies (attention/infinite_id/faceid_lora.py).
 
 The face mapper reads one recognition network's 512-d space: buffalo_l's
 w600k_r50 for the public files (their model card); a file Likeness writes
@@ -47,8 +47,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .atomic import atomic_path
-from .unet_layers import BlockKey
+from ..shared.atomic_files import atomic_path
+from ..shared.layer_table import BlockKey
 
 IMAGE_PROJ = "image_proj."
 IP_ADAPTER = "ip_adapter."
@@ -207,7 +207,7 @@ class IDAdapter:
         return twin
 
     def faceid_lora(self, model=None, scale: float = 1.0):
-        """The FaceID LoRA for the identity rows (attention.faceid_lora.FaceIDLoRA), or None.
+        """The FaceID LoRA for the identity rows (attention.infinite_id.faceid_lora.FaceIDLoRA), or None.
         A separate LoRA file is placed on ``model``'s layers through ComfyUI's key map."""
         from . import faceid_lora
 

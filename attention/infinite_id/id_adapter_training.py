@@ -7,7 +7,7 @@ tokens of an identity image while the model denoises a different image of
 the same person, so identity cannot leak in through the prompt.
 
 The forward is sampling's own (rule 8): the identity stream of
-attention/infinite_id.py with mixed attention, the merge and AdaIN-mean off
+attention/infinite_id/identity_streams.py with mixed attention, the merge and AdaIN-mean off
 (what text off means there), FaceID's LoRA applied as Likeness Infinite-ID
 applies it (frozen: Infinite-ID trains the mappers and the image
 cross-attention only), and the file written carries that LoRA at the
@@ -23,14 +23,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import recipes
-from .dispatch import PASS, Pass
-from .infinite_id import ACTIVE_IDENTITY, IDENTITY_STREAM, WRAPPER_KEY, InfiniteID, apply_infinite_id
-from .recipes import Recipe
-from .schedule import model_sampling_of
-from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
-                       unwrapped)
-from .unet_layers import BlockKey, attention_keys, diffusion_model_of
+from ..shared import recipes
+from ..shared.dispatch import PASS, Pass
+from ..shared.layer_table import BlockKey, attention_keys, diffusion_model_of
+from ..shared.recipes import Recipe
+from ..shared.sigmas import model_sampling_of
+from ..shared.training_loop import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy,
+                                    optimise, shared, unwrapped)
+from .identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, WRAPPER_KEY, InfiniteID, apply_infinite_id
 
 
 @dataclass
@@ -108,7 +108,7 @@ def train_id_adapter(model, adapter, pairs: Sequence[Pair], *, steps: int, seed:
                      validation: int | None = None):
     """(trained adapter, validation loss before, after). The input adapter is left as it is.
     ``pairs``: a list, or a sequence that reads each pair when first asked (jobs/train.py's).
-    ``no_face_hidden``: CLIP's hidden states of the "no face" image (infinite_id.no_face_clip_hidden),
+    ``no_face_hidden``: CLIP's hidden states of the "no face" image (identity_streams.no_face_clip_hidden),
     what a dropped identity (probability ``identity_dropout``) is read from. ``scale`` is s_scale,
     ``lora_scale`` FaceID's LoRA scale as Likeness Infinite-ID takes them. Under torchrun (``world``)
     the mappers and K/V train as DistributedDataParallel; ``resume`` continues a checkpoint's

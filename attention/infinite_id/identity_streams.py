@@ -13,7 +13,7 @@ layer's K_t/V_t; then the identity stream, which reads them:
 
 The identity stream is IP-Adapter FaceID-PlusV2's model: its LoRA (q, k, v,
 out of every attention layer, trained with the identity tokens) acts in the
-identity stream only (attention/faceid_lora.py); the text stream stays the
+identity stream only (attention/infinite_id/faceid_lora.py); the text stream stays the
 original model, as Eq. 5 defines it.
 
 Several identities (A.7) are stacked: the identity stream attends to every
@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .adain import adain_mean
-from .dispatch import PASS, Pass, pass_of
+from ..shared.adain import adain_mean
+from ..shared.dispatch import PASS, Pass, pass_of
+from ..shared.layer_table import BlockKey
+from ..shared.rows import UNCOND, row_mask
+from ..shared.sigmas import SigmaRange, current_sigma
+from ..shared.token_masks import mask_to_tokens, region_on_grid
 from .faceid_lora import FaceIDLoRA
-from .masks import mask_to_tokens, region_on_grid
-from .rows import UNCOND, row_mask
-from .schedule import SigmaRange, current_sigma
-from .unet_layers import BlockKey
 
 # transformer_options keys: which stream a UNet call is, and the text stream's K_t/V_t per layer.
 TEXT_STREAM = "likeness_infinite_id_text_stream"
@@ -355,7 +355,7 @@ def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
     Infinite-ID, the identity is added (one text stream, one identity stream per identity)."""
     import comfy.patcher_extension
 
-    from .dispatch import patched_clone
+    from ..shared.dispatch import patched_clone
 
     wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     existing = model.get_wrappers(wrapper_type, WRAPPER_KEY)

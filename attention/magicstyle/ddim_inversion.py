@@ -14,10 +14,10 @@ import logging
 
 import torch
 
+from ..shared.layer_table import BlockKey
+from ..shared.sigmas import model_sampling_of
 from .feature_bank import PRECISIONS, FeatureBank, FeatureCapture, cache_bytes, model_fingerprint, timestep_key
 from .ffa import free_for_run, keep_on_device
-from .schedule import model_sampling_of
-from .unet_layers import BlockKey
 
 FLIP_FLOOR = 1e-4  # FlipSigmas' stand-in for the final 0, where the model is not defined
 CAPTURES = ("qkv", "kv", "none")

@@ -28,9 +28,9 @@ from typing import Callable
 
 import torch
 
-from .rows import COND, rows_of
-from .schedule import current_sigma
-from .unet_layers import BlockKey, attention_geometry, tokens_at
+from ..shared.layer_table import BlockKey, attention_geometry, tokens_at
+from ..shared.rows import COND, rows_of
+from ..shared.sigmas import current_sigma
 
 FORMAT_VERSION = 2  # 2: fp8 with scales, or fp16; 1: fp16 only (still read)
 PRECISIONS = {"fp8": torch.float8_e4m3fn, "fp16": torch.float16}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from ..shared.atomic_files import atomic_path
 from .feature_bank import FORMAT_VERSION, FeatureBank, StoredStates
 
 METADATA_KEY = "likeness_features"

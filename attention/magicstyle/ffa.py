@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import torch
 
-from .adain import adain_tokens
-from .dispatch import Pass, acts_in
+from ..shared.adain import adain_tokens
+from ..shared.dispatch import Pass, acts_in
+from ..shared.layer_table import BlockKey
+from ..shared.rows import sample_index
+from ..shared.sigmas import SigmaRange, current_sigma
+from ..shared.token_masks import region_on_grid
 from .feature_bank import FeatureBank, StoredStates, TimestepOf, timestep_key
-from .masks import region_on_grid
-from .rows import sample_index
-from .schedule import SigmaRange, current_sigma
-from .unet_layers import BlockKey
 
 # extra_options key through which the input patch tells the processor how
 # many of the context tokens are the content's.
@@ -236,7 +236,7 @@ def apply_ffa(model, fusion: FeatureFusion):
     """A clone of ``model`` with Feature Fusion Attention on ``fusion.layers``."""
     import comfy.patcher_extension
 
-    from .dispatch import add_input_patch, patched_clone
+    from ..shared.dispatch import add_input_patch, patched_clone
 
     processor = FFAProcessor(fusion)
     patched = patched_clone(model, [("attn1", key, processor) for key in sorted(fusion.layers)])

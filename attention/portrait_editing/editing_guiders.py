@@ -6,7 +6,7 @@ marks the negative's rows 1, as every pack reading it expects; the further
 prompts follow.
 
 Each returns a denoised (x0) prediction that is the papers' combination of ε
-predictions (see attention.editing): Eq. 3 and Eq. 1 weigh x0 predictions
+predictions (see attention.portrait_editing.editing_math): Eq. 3 and Eq. 1 weigh x0 predictions
 directly (their weights sum to 1), Eq. 2 adds (1 − Σ wᵢ)·x for its weights.
 
 comfy.samplers is imported at the top because the guiders subclass its
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import comfy.samplers
 
-from . import editing
+from . import editing_math
 
 
 def _cfg(guider, pair, uncond_index, cond_index, x, timestep, model_options, conds):
@@ -50,13 +50,13 @@ class MaskGuidedCFGGuider(comfy.samplers.CFGGuider):
             conds[2] = None  # the source side is the source latent: no prediction needed
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         target = _cfg(self, out, 1, 0, x, timestep, model_options, conds)
-        mask = editing.mask_to_latent(self.mask, x)
+        mask = editing_math.mask_to_latent(self.mask, x)
         if self.mode == "latent":
             # Predicting x0 = s outside keeps the latent there on the noised source's trajectory.
             source = self.inner_model.process_latent_in(self.source_latent.to(x))
         else:
             source = _cfg(self, out, 1, 2, x, timestep, model_options, conds)
-        return editing.blend(target, source, mask)
+        return editing_math.blend(target, source, mask)
 
 
 class PairCFGGuider(comfy.samplers.CFGGuider):
@@ -73,11 +73,11 @@ class PairCFGGuider(comfy.samplers.CFGGuider):
         conds = [self.conds.get(k) for k in ("positive", "negative", "source", "target")]
         out = comfy.samplers.calc_cond_batch(self.inner_model, conds, x, timestep, model_options)
         shared, source, target = (_cfg(self, out, 1, i, x, timestep, model_options, conds) for i in (0, 2, 3))
-        return editing.pair_combination(x, shared, source, target, self.s_d, self.s_a, self.s_b)
+        return editing_math.pair_combination(x, shared, source, target, self.s_d, self.s_a, self.s_b)
 
 
 class MCDMCFGGuider(comfy.samplers.CFGGuider):
-    """Eq. 1's three scales over the released code's four rows (see attention.mcdm.GuidanceRows);
+    """Eq. 1's three scales over the released code's four rows (see attention.portrait_editing.mcdm.GuidanceRows);
     with a source conditioning and a mask, Eq. 3 blends the target and source predictions.
     Eq. 1's row weights 1 − s1, s1 − s2, s2 − s3, s3 sum to 1 for every choice of scales, so
     no setting needs Eq. 2's (1 − Σ wᵢ)·x term."""
@@ -108,4 +108,4 @@ class MCDMCFGGuider(comfy.samplers.CFGGuider):
         if conds[4] is None:
             return target
         source = mcdm.combine(out["negative"], out["source"], image_only, out["image_spatial"], *self.scales)
-        return editing.blend(target, source, editing.mask_to_latent(self.mask, x))
+        return editing_math.blend(target, source, editing_math.mask_to_latent(self.mask, x))

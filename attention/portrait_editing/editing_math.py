@@ -100,8 +100,8 @@ def noise_differences(model, latent: torch.Tensor, source: list, target: list, *
                       seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """|ε(p_b) − ε(p_a)| after one denoising step from the input noised to ``strength``,
     once per seed: (seeds, B, C, h, w), and the noises used (DiffEdit / the paper's Sec. 3.4)."""
-    from .schedule import model_sampling_of
-    from .training import denoised_predictions
+    from ..shared.sigmas import model_sampling_of
+    from ..shared.training_loop import denoised_predictions
 
     sampling = model_sampling_of(model)
     timestep = torch.tensor([strength * 999.0])

@@ -255,7 +255,7 @@ class MCDM:
     (the model's latent scale); InstructPix2Pix on the unscaled latent."""
 
     adapter: EmbeddingAdapter | None = None
-    image_encoder: object | None = None  # attention.clip_b32.ImageEncoder
+    image_encoder: object | None = None  # attention.portrait_editing.clip_b32.ImageEncoder
     scaled_concat: bool = True
     names: dict = field(default_factory=dict)
 

@@ -26,12 +26,13 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import mcdm, recipes
-from .atomic import atomic_path
-from .recipes import Recipe
-from .schedule import model_sampling_of
-from .training import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy, optimise, shared,
-                       unwrapped)
+from ..shared import recipes
+from ..shared.atomic_files import atomic_path
+from ..shared.recipes import Recipe
+from ..shared.sigmas import model_sampling_of
+from ..shared.training_loop import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy,
+                                    optimise, shared, unwrapped)
+from . import mcdm
 
 IDENTITY_PAIRS = 0.05
 DROPOUT_CASES = ("spatial", "image", "text", "all")  # each 5%: 20% in all

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .masks import mask_to_tokens
+from .token_masks import mask_to_tokens
 
 EPS = 1e-5
 

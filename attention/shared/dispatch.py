@@ -39,7 +39,7 @@ from typing import Callable, Iterable, Protocol
 
 import torch
 
-from .unet_layers import BlockKey
+from .layer_table import BlockKey
 
 Attend = Callable[..., torch.Tensor]
 ATTENTION_KINDS = ("attn1", "attn2")

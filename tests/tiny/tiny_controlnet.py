@@ -6,7 +6,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import tiny_models
+from . import tiny_models
 
 FILE = "tiny_controlnet_sd15.safetensors"
 SEED = 20261127

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-import tiny_models
+from . import tiny_models
 
 ID_DIM = 512  # ArcFace gives 512 whatever the model
 CLIP_DIM = 32  # stands in for CLIP ViT-H's 1280

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from einops import rearrange
 
-import tiny_models
+from . import tiny_models
 
 SEED = 20261126
 UNET = "tiny_mcdm/unet.pth"

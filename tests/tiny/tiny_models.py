@@ -28,7 +28,7 @@ SDXL_ADM = TINY_CLIP["projection_dim"] + 6 * 256  # pooled clip_g + size/crop em
 
 CLIP_VISION_FILE = "tiny_clip_vision.safetensors"
 # A CLIP vision tower of ComfyUI's own class, small: hidden width 32 stands in
-# for ViT-H's 1280 (tests/tiny_faceid.py's CLIP_DIM), 28-pixel images, 5 tokens.
+# for ViT-H's 1280 (tests/tiny/tiny_faceid.py's CLIP_DIM), 28-pixel images, 5 tokens.
 TINY_CLIP_VISION = {"hidden_size": 32, "image_size": 28, "intermediate_size": 64, "layer_norm_eps": 1e-5,
                     "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3,
                     "num_hidden_layers": 3, "patch_size": 14, "projection_dim": 16, "hidden_act": "gelu"}

@@ -1,6 +1,6 @@
 """Numbers for the issues, measured the same way each time.
 
-    <host python> tests/benchmark.py            (or: python3 tests/run.py builds the host first)
+    <host python> tests/tools/benchmark.py      (or: python3 tests/run.py builds the host first)
 
 Timings on these machines are noisy: each figure is a ratio or a median
 from one run, never a test assertion.
@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.base import make_base_directory  # noqa: E402
 from harness.paths import PACK_NAME, REPO, TESTS, host_root, load_installer  # noqa: E402
@@ -40,15 +40,16 @@ def magicstyle(size: int = 256, steps: int = 10, bytes_size: int | None = 512, b
     Cache bytes come from a real 512×512 inversion of ``bytes_steps`` steps,
     scaled to 30 (a 30-step one takes ~20 minutes here); step times are
     per step, so 10 steps at 256×256 measure them."""
-    attention = _attention_modules(("inversion", "ffa", "schedule", "unet_layers", "feature_bank"))
-    import tiny_models
+    attention = _attention_modules(("magicstyle.ddim_inversion", "magicstyle.ffa", "shared.sigmas",
+                                    "shared.layer_table", "magicstyle.feature_bank"))
     from harness.magicstyle_bench import full_sd15, measure
+    from tiny import tiny_models
 
     return measure(full_sd15(tiny_models.initialise), attention, size=size, steps=steps, bytes_size=bytes_size,
                    bytes_steps=bytes_steps)
 
 
-def _attention_modules(names):
+def _attention_modules(paths):
     import importlib
 
     sys.path.insert(0, str(host_root_comfyui()))
@@ -56,7 +57,7 @@ def _attention_modules(names):
 
     comfy.cli_args.args.cpu = True
     sys.path.insert(0, str(REPO))  # nodes.py is never imported here, so attention/ cannot shadow it
-    return {name: importlib.import_module(f"attention.{name}") for name in names}
+    return {path.rsplit(".", 1)[-1]: importlib.import_module(f"attention.{path}") for path in paths}
 
 
 def patch_worker(kind: str, size: int, steps: int) -> None:
@@ -64,10 +65,11 @@ def patch_worker(kind: str, size: int, steps: int) -> None:
     Each kind runs in its own process so that peak memory is its own."""
     import resource
 
-    attention = _attention_modules(("face_fusion", "infinite_id", "schedule", "unet_layers"))
-    import tiny_models
+    attention = _attention_modules(("face_fusion.face_kv_attention", "infinite_id.identity_streams", "shared.sigmas",
+                                    "shared.layer_table"))
     from harness.face_bench import sample_steps, with_face, with_infinite_id
     from harness.magicstyle_bench import full_sd15
+    from tiny import tiny_models
 
     model = full_sd15(tiny_models.initialise)
     latent = torch_zeros(size)
@@ -105,20 +107,22 @@ def patches_vs_vanilla(kinds=("face", "infinite_id"), size: int = 256, steps: in
 
 def editing(size: int = 256, steps: int = 5) -> dict:
     """Issue 6's figures: mask generation and a mask-guided edit, full-size random SD1.5 on this CPU."""
-    attention = _attention_modules(("editing", "guiders", "schedule"))
-    import tiny_models
+    attention = _attention_modules(("portrait_editing.editing_math", "portrait_editing.editing_guiders",
+                                    "shared.sigmas"))
     from harness.editing_bench import measure as measure_editing
     from harness.magicstyle_bench import full_sd15
+    from tiny import tiny_models
 
     return measure_editing(full_sd15(tiny_models.initialise), attention, size=size, steps=steps)
 
 
 def mcdm(size: int = 256, steps: int = 5) -> dict:
     """The MCDM guider's cost: full-size random 8-channel SD1.5 on this CPU."""
-    attention = _attention_modules(("guiders", "mcdm", "editing", "schedule"))
-    import tiny_models
+    attention = _attention_modules(("portrait_editing.editing_guiders", "portrait_editing.mcdm",
+                                    "portrait_editing.editing_math", "shared.sigmas"))
     from harness.editing_bench import measure_mcdm
     from harness.magicstyle_bench import full_sd15
+    from tiny import tiny_models
 
     return measure_mcdm(full_sd15(tiny_models.initialise, in_channels=8), attention, size=size, steps=steps)
 
@@ -128,9 +132,9 @@ MEMORY_ROWS = (("sd15", 512), ("sd15", 768), ("sdxl", 1024), ("sdxl", 1536))
 
 def memory_worker(kind: str, side: int, steps: int = 30) -> None:
     """One row of the Memory table in this process (a full-size model each): prints its JSON."""
-    attention = _attention_modules(("inversion", "unet_layers", "feature_bank"))
-    import tiny_models
+    attention = _attention_modules(("magicstyle.ddim_inversion", "shared.layer_table", "magicstyle.feature_bank"))
     from harness.magicstyle_bench import empty_conditioning, full_sd15, full_sdxl, measure_cache
+    from tiny import tiny_models
 
     if kind == "sd15":
         model, cond = full_sd15(tiny_models.initialise), empty_conditioning(768)
@@ -156,12 +160,12 @@ def magicstyle_memory(rows=MEMORY_ROWS) -> dict:
 
 def soak_figures(prompts: int = 300) -> dict:
     """Issue 12's soak: resident memory of one server before and after hundreds of mixed prompts."""
-    _attention_modules(("unet_layers",))  # ComfyUI importable, on the CPU
-    import tiny_models
+    _attention_modules(("shared.layer_table",))  # ComfyUI importable, on the CPU
     from harness.server import ComfyServer
     from harness.soak import soak
     from harness.workflows import place_tiny_models
     from harness.paths import cache_root
+    from tiny import tiny_models
 
     with tempfile.TemporaryDirectory() as folder:
         base = make_base_directory(Path(folder) / "base")
@@ -180,10 +184,10 @@ def soak_figures(prompts: int = 300) -> dict:
 
 def pair_figures() -> dict:
     """Issue 13: jobs/make_pairs.py's pairs per minute with one and with two servers."""
-    _attention_modules(("unet_layers",))
-    import tiny_models
+    _attention_modules(("shared.layer_table",))
     from harness.pairs_bench import pair_throughput
     from harness.paths import cache_root
+    from tiny import tiny_models
 
     tiny_models.register()
     checkpoints = tiny_models.write_checkpoints(cache_root() / f"tiny-{tiny_models.recipe_digest()}")
@@ -192,10 +196,10 @@ def pair_figures() -> dict:
 
 def scale_figures() -> dict:
     """Issue 13: one pair and one training step of a full-size SD1.5 UNet, for the paper-scale arithmetic."""
-    _attention_modules(("unet_layers",))
-    import tiny_models
+    _attention_modules(("shared.layer_table",))
     from harness.magicstyle_bench import full_sd15
     from harness.scale_bench import paper_scale
+    from tiny import tiny_models
 
     return paper_scale(full_sd15(tiny_models.initialise), full_sd15(tiny_models.initialise, in_channels=8))
 
@@ -204,10 +208,10 @@ def training_figures(steps: int = 12) -> dict:
     """Issue 13: jobs/train.py's optimiser steps per second on the tiny models, each process held to
     one CPU thread (as each would hold one GPU): one process with a batch of 1 and of 2, and two
     processes with a batch of 1 each (gloo) — the same global batch of 2 as one process's batch of 2."""
-    _attention_modules(("unet_layers",))
-    import tiny_models
+    _attention_modules(("shared.layer_table",))
     from harness.paths import cache_root
     from harness.training_job import steps_per_second, training_inputs
+    from tiny import tiny_models
 
     tiny_models.register()
     checkpoints = tiny_models.write_checkpoints(cache_root() / f"tiny-{tiny_models.recipe_digest()}")

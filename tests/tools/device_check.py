@@ -1,6 +1,6 @@
 """Checks for a machine with a GPU, run by hand (never by the test suite).
 
-    python tests/device_check.py COMFYUI_DIR [--bench]
+    python tests/tools/device_check.py COMFYUI_DIR [--bench]
 
 Runs the MagicStyle invariants on ComfyUI's default device and dtype (CUDA,
 fp16 on a GPU, where users run), without the server or the node layer:
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 
 
@@ -31,15 +31,16 @@ def load(comfyui: str) -> dict:
 
     comfy.cli_args.args.cpu = not torch.cuda.is_available()  # lets the script be tried on a CPU too
 
-    return {name: importlib.import_module(f"attention.{name}")
-            for name in ("inversion", "ffa", "schedule", "unet_layers", "feature_bank", "dispatch", "face_fusion",
-                         "infinite_id")}
+    return {path.rsplit(".", 1)[-1]: importlib.import_module(f"attention.{path}")
+            for path in ("magicstyle.ddim_inversion", "magicstyle.ffa", "shared.sigmas", "shared.layer_table",
+                         "magicstyle.feature_bank", "shared.dispatch", "face_fusion.face_kv_attention",
+                         "infinite_id.identity_streams")}
 
 
 def tiny_unet(kind: str):
     """A tiny UNet loaded the way UNETLoader loads a user's file."""
     import comfy.sd
-    import tiny_models
+    from tiny import tiny_models
 
     classes = tiny_models.register()
     config_dict = tiny_models.SD15_UNET if kind == "sd15" else tiny_models.SDXL_UNET
@@ -65,7 +66,7 @@ def invariants(attention, kind: str) -> dict:
     def forward(attention, model, latent, cond, steps, cfg=1.0):
         return bench_forward(model, latent, cond, steps, cfg, attention)
 
-    inversion, ffa, schedule, layers = (attention[n] for n in ("inversion", "ffa", "schedule", "unet_layers"))
+    inversion, ffa, schedule, layers = (attention[n] for n in ("ddim_inversion", "ffa", "sigmas", "layer_table"))
     model = tiny_unet(kind)
     steps, cond = 10, conditioning(kind)
     calm_model = calm(model, 1e-3)
@@ -90,7 +91,7 @@ def invariants(attention, kind: str) -> dict:
     before = forward(attention, model, start, cond, steps, cfg=5.0)
     forward(attention, fused(content, style, 0.8, 0.2), start, cond, steps, cfg=5.0)
     after = forward(attention, model, start, cond, steps, cfg=5.0)
-    face_fusion = attention["face_fusion"]
+    face_fusion = attention["face_kv_attention"]
     face = face_fusion.Identity(latent=torch.randn(1, 4, 8, 8), noise=torch.randn(1, 4, 8, 8), weight=1.0,
                                 sigma_range=schedule.SigmaRange.always())
     with_face = forward(attention, face_fusion.apply_face_fusion(model, face, keys), start, cond, steps, cfg=5.0)
@@ -130,8 +131,8 @@ def main() -> int:
         report[kind]["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(report, indent=1), flush=True)
     if args.bench:
-        import tiny_models
         from harness.magicstyle_bench import full_sd15, measure
+        from tiny import tiny_models
 
         from harness.face_bench import measure_gpu
 

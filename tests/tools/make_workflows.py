@@ -1,6 +1,6 @@
 """Regenerate the UI-format workflows from their API-format twins.
 
-    <host python> tests/make_workflows.py
+    <host python> tests/tools/make_workflows.py
 
 The API twins (workflows/api/*.json, tests/workflows/api/*.json) are
 written by hand; the real graph editor lays each one out and serialises it
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.base import make_base_directory  # noqa: E402
 from harness.editor import GraphEditor  # noqa: E402
