@@ -173,7 +173,7 @@ def latest_checkpoint(output: Path) -> int | None:
     return max(steps, default=None)
 
 
-def config_of(args: argparse.Namespace, world_size: int) -> dict:
+def resume_config(args: argparse.Namespace, world_size: int) -> dict:
     """What a resumed run must share with the run it continues (the global batch, not its split)."""
     return {"trainer": args.trainer, "seed": args.seed, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
@@ -208,7 +208,7 @@ def write_state(files: dict[str, Path], optimizer: dict, state: dict) -> None:
         Path(partial).write_text(json.dumps(state, indent=1))
 
 
-class Progress:
+class StepProgress:
     """The loop's on_step: every step's loss by step number, and on rank 0 progress lines (step,
     loss, seconds per step and the time left)."""
 
@@ -241,7 +241,7 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
     import comfy.sd
 
     world = training.world_from_environment(device)
-    config = config_of(args, world.size)
+    config = resume_config(args, world.size)
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
     if resume is not None:
@@ -261,7 +261,7 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
     adapter = (mcdm.adapter_from_state_dict(mcdm.load_state_dict(args.adapter)) if args.adapter is not None
                else mcdm.EmbeddingAdapter(width, 1024, null.image.clip_tokens.shape[1]))
 
-    progress = Progress(args.steps, first, world.rank)
+    progress = StepProgress(args.steps, first, world.rank)
     losses = progress.losses
 
     def on_checkpoint(done: int, unet, trained_adapter, optimizer) -> None:
@@ -314,7 +314,7 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
     import comfy.sd
 
     world = training.world_from_environment(device)
-    config = config_of(args, world.size)
+    config = resume_config(args, world.size)
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
     with torch.inference_mode():
@@ -323,7 +323,7 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         reader = FaceExampleReader(args.folder.expanduser().resolve(), model, clip, vae)
     initial = face_kv.load_face_kv_file(files["weights"]) if resume is not None else None
     info = {"model_fingerprint": fingerprint(model)}
-    progress = Progress(args.steps, first, world.rank)
+    progress = StepProgress(args.steps, first, world.rank)
     losses = progress.losses
 
     def on_checkpoint(done: int, weights: dict, optimizer) -> None:
@@ -374,7 +374,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
     import folder_paths
 
     world = training.world_from_environment(device)
-    config = {**config_of(args, world.size), "shortcut_scale": args.shortcut_scale, "lora_scale": args.lora_scale,
+    config = {**resume_config(args, world.size), "shortcut_scale": args.shortcut_scale, "lora_scale": args.lora_scale,
               "identity_dropout": args.identity_dropout}
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
@@ -388,7 +388,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
         analysis = face_backend.load_analysis(args.face_model or adapter.face_recognition.pack, args.face_provider)
         require_recognition_model(adapter, analysis)
         reader = IDPairReader(args.folder.expanduser().resolve(), model, clip, vae, analysis, clip_vision)
-    progress = Progress(args.steps, first, world.rank)
+    progress = StepProgress(args.steps, first, world.rank)
     losses = progress.losses
 
     def on_checkpoint(done: int, trained, optimizer) -> None:

@@ -37,7 +37,7 @@ def _largest_faces(analysis: FaceAnalyzer, images, input_name: str, on_missing: 
     return found
 
 
-class FaceAnalysis(io.ComfyNode):
+class LikenessFaceAnalysis(io.ComfyNode):
     """Loads an insightface pack (detector + ArcFace recogniser) for the face nodes."""
 
     @classmethod
@@ -79,7 +79,7 @@ class FaceAnalysis(io.ComfyNode):
         return io.NodeOutput(load_analysis(model_name, provider))
 
 
-class FaceCrop(io.ComfyNode):
+class LikenessFaceCrop(io.ComfyNode):
     """One face per image: aligned crops, its box as a mask, and its ArcFace embedding."""
 
     @classmethod
@@ -166,7 +166,7 @@ def faceid_inputs(analysis: FaceAnalyzer, image):
             torch.from_numpy(np.ascontiguousarray(np.stack(embeddings))).float())
 
 
-class FaceSimilarity(io.ComfyNode):
+class LikenessFaceSimilarity(io.ComfyNode):
     """FaceSim of the papers: cosine similarity of ArcFace embeddings, reference vs generated."""
 
     @classmethod
@@ -254,4 +254,4 @@ def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "z
     return mean, "\n".join(lines), scores
 
 
-NODES = [FaceAnalysis, FaceCrop, FaceSimilarity]
+NODES = [LikenessFaceAnalysis, LikenessFaceCrop, LikenessFaceSimilarity]

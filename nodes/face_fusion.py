@@ -24,7 +24,7 @@ def kv_choices() -> list[str]:
     return [TRAINING_FREE, *sorted(files)]
 
 
-class FaceFusion(io.ComfyNode):
+class LikenessFaceFusion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -103,7 +103,7 @@ def load_face_kv(name: str):
                                         f"'{TRAINING_FREE}' or a .safetensors file in models/likeness/"))
 
 
-class TrainFaceKV(io.ComfyNode):
+class LikenessTrainFaceKV(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -184,4 +184,4 @@ class FaceExampleReader:
         return Batch(target, face, cond)
 
 
-NODES = [FaceFusion, TrainFaceKV]
+NODES = [LikenessFaceFusion, LikenessTrainFaceKV]

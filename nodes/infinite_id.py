@@ -29,9 +29,9 @@ IDAdapterType = io.Custom("LIKENESS_ID_ADAPTER")
 
 # Identity mixing, named for what each computes (Infinite-ID A.7); the values are what the attention
 # code calls them. Workflows saved before the rename hold "stack" / "mean": still accepted.
-MIXING = {"stack: weights as attention log-bias": "stack", "mean: weighted mean of tokens": "mean"}
-ACCEPTED_MIXING = {**MIXING, "stack": "stack", "mean": "mean"}
-DEFAULT_MIXING = next(iter(MIXING))
+MIXING_LABELS = {"stack: weights as attention log-bias": "stack", "mean: weighted mean of tokens": "mean"}
+ACCEPTED_MIXING = {**MIXING_LABELS, "stack": "stack", "mean": "mean"}
+DEFAULT_MIXING = next(iter(MIXING_LABELS))
 
 
 def require_recognition_model(id_adapter, analysis) -> None:
@@ -88,7 +88,7 @@ def companion_lora(adapter_name: str) -> str | None:
     return next((name for name in lora_files() if os.path.basename(name) == wanted), None)
 
 
-class IDAdapterLoader(io.ComfyNode):
+class LikenessIDAdapterLoader(io.ComfyNode):
     """The identity stream's weights: FaceID-PlusV2's projection and image K/V per layer."""
 
     @classmethod
@@ -155,7 +155,7 @@ def load_lora_file(name: str) -> dict:
         raise ValueError(f"lora={name!r} cannot be read ({error}); the file may be truncated") from error
 
 
-class InfiniteID(io.ComfyNode):
+class LikenessInfiniteID(io.ComfyNode):
     """Identity stream + text stream: mixed attention, cross-attention merge, AdaIN-mean."""
 
     @classmethod
@@ -193,7 +193,7 @@ class InfiniteID(io.ComfyNode):
                                 tooltip="One weight per reference image, e.g. '0.7, 0.3'; empty = equal weights. "
                                         "What a weight does depends on mixing: a log-bias on that person's "
                                         "attention (stack) or the share of their tokens (mean)."),
-                io.Combo.Input("mixing", options=list(MIXING), default=DEFAULT_MIXING, optional=True,
+                io.Combo.Input("mixing", options=list(MIXING_LABELS), default=DEFAULT_MIXING, optional=True,
                                tooltip="Several reference images. stack: the identity stream attends to all their "
                                        "tokens side by side (paper A.7, Fig. 13, with equal weights), reference "
                                        "r's attention logits shifted by log(w_r/Σw), so its share of the "
@@ -224,7 +224,7 @@ class InfiniteID(io.ComfyNode):
         # Replaces ComfyUI's own list check for mixing, so that saved workflows' old values load.
         if mixing in ACCEPTED_MIXING:
             return True
-        return f"mixing={mixing!r}: expected one of {', '.join(repr(m) for m in MIXING)}"
+        return f"mixing={mixing!r}: expected one of {', '.join(repr(m) for m in MIXING_LABELS)}"
 
     @classmethod
     def execute(cls, model, id_adapter, analysis, clip_vision, image, weight: float, mixed_attention: bool,
@@ -243,7 +243,7 @@ class InfiniteID(io.ComfyNode):
                 f"an adapter for this model's {len(keys)} cross-attention layers (it has "
                 f"{len(id_adapter.kv_weights)}; SD1.5 adapters have 16, SDXL ones 70)")
         require_recognition_model(id_adapter, analysis)
-        require(mixing in ACCEPTED_MIXING, "mixing", mixing, f"one of {', '.join(MIXING)}")
+        require(mixing in ACCEPTED_MIXING, "mixing", mixing, f"one of {', '.join(MIXING_LABELS)}")
         if mask is not None:
             require_mask(mask, purpose="where this person goes")
             require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
@@ -272,7 +272,7 @@ register_ipadapter_folder()
 
 
 
-class TrainIDAdapter(io.ComfyNode):
+class LikenessTrainIDAdapter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -376,7 +376,7 @@ class IDPairReader:
     def __getitem__(self, index: int):
         import torch
 
-        from ..attention.infinite_id.id_adapter_training import Pair
+        from ..attention.infinite_id.id_adapter_training import IdentityPair
         from .face_analysis import faceid_inputs
 
         example = self.examples[index]
@@ -384,7 +384,7 @@ class IDPairReader:
             faces, embeddings = faceid_inputs(self.analysis, image_file_tensor(example.face))
             hidden = self.clip_vision.encode_image(faces)["penultimate_hidden_states"]
             target = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.image)))
-        return Pair(target, embeddings, hidden, self.empty)
+        return IdentityPair(target, embeddings, hidden, self.empty)
 
 
-NODES = [IDAdapterLoader, InfiniteID, TrainIDAdapter]
+NODES = [LikenessIDAdapterLoader, LikenessInfiniteID, LikenessTrainIDAdapter]

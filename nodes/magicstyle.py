@@ -27,7 +27,7 @@ LAYERS_TOOLTIP = ("all = every self-attention layer (MagicStyle; SD1.5 16, SDXL 
                   "attention at full resolution, output blocks 3-5).")
 
 
-class Invert(io.ComfyNode):
+class LikenessInvert(io.ComfyNode):
     """CSDI: deterministic DDIM inversion that keeps self-attention features."""
 
     @classmethod
@@ -92,7 +92,7 @@ class Invert(io.ComfyNode):
         return io.NodeOutput(out, bank)
 
 
-class AdaINLatent(io.ComfyNode):
+class LikenessAdaINLatent(io.ComfyNode):
     """z_T^CS = AdaIN(z_T^C, z_T^S): the starting latent of MagicStyle's FFF."""
 
     @classmethod
@@ -127,7 +127,7 @@ class AdaINLatent(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-class FeatureFusionAttention(io.ComfyNode):
+class LikenessFeatureFusionAttention(io.ComfyNode):
     """FFA (Algorithm 1): Q = α·Q_c + β·Q_cur, K = [K_c; K_s], V = [AdaIN(V_c, V_s); V_s]."""
 
     @classmethod
@@ -192,7 +192,7 @@ class FeatureFusionAttention(io.ComfyNode):
         return io.NodeOutput(apply_ffa(model, fusion))
 
 
-class FeaturesFromBatch(io.ComfyNode):
+class LikenessFeaturesFromBatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -214,7 +214,7 @@ class FeaturesFromBatch(io.ComfyNode):
         return io.NodeOutput(features.select(batch_index, length))
 
 
-class MergeFeatures(io.ComfyNode):
+class LikenessMergeFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -232,7 +232,7 @@ class MergeFeatures(io.ComfyNode):
         return io.NodeOutput(merge_banks([first, second]))
 
 
-class SaveFeatures(io.ComfyNode):
+class LikenessSaveFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -259,7 +259,7 @@ class SaveFeatures(io.ComfyNode):
         return io.NodeOutput(path.name, ui={"text": [path.name]})
 
 
-class LoadFeatures(io.ComfyNode):
+class LikenessLoadFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -290,4 +290,5 @@ class LoadFeatures(io.ComfyNode):
         return io.NodeOutput(bank, {"samples": bank.latent})
 
 
-NODES = [Invert, AdaINLatent, FeatureFusionAttention, FeaturesFromBatch, MergeFeatures, SaveFeatures, LoadFeatures]
+NODES = [LikenessInvert, LikenessAdaINLatent, LikenessFeatureFusionAttention, LikenessFeaturesFromBatch,
+         LikenessMergeFeatures, LikenessSaveFeatures, LikenessLoadFeatures]

@@ -16,7 +16,7 @@ from .common import dataset_folder, require, require_mask, require_model_family
 CATEGORY = "likeness/editing"
 
 
-class MaskGuidedGuider(io.ComfyNode):
+class LikenessMaskGuidedGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -61,7 +61,7 @@ class MaskGuidedGuider(io.ComfyNode):
         return io.NodeOutput(guider)
 
 
-class PairGuider(io.ComfyNode):
+class LikenessPairGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -100,7 +100,7 @@ class PairGuider(io.ComfyNode):
         return io.NodeOutput(guider)
 
 
-class SplitPair(io.ComfyNode):
+class LikenessSplitPair(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -121,7 +121,7 @@ class SplitPair(io.ComfyNode):
         return io.NodeOutput(pair[:, :, : width // 2], pair[:, :, width // 2:])
 
 
-class EditMask(io.ComfyNode):
+class LikenessEditMask(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -178,7 +178,7 @@ def fill_template(template: str, gender: str, source_domain: str, target_domain:
     return template.replace("[X]", gender).replace("[Y]", source_domain).replace("[Z]", target_domain)
 
 
-class PairPrompts(io.ComfyNode):
+class LikenessPairPrompts(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         from .face_analysis import FaceAnalysisType
@@ -227,7 +227,7 @@ class PairPrompts(io.ComfyNode):
         return io.NodeOutput(*prompts, gender, ui={"text": [f"[X] = {gender}", *prompts]})
 
 
-class SavePairs(io.ComfyNode):
+class LikenessSavePairs(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -283,4 +283,5 @@ class SavePairs(io.ComfyNode):
         return io.NodeOutput(str(path), ui={"text": [f"{len(names)} pairs in {path}: {', '.join(names)}"]})
 
 
-NODES = [MaskGuidedGuider, PairGuider, SplitPair, EditMask, PairPrompts, SavePairs]
+NODES = [LikenessMaskGuidedGuider, LikenessPairGuider, LikenessSplitPair, LikenessEditMask, LikenessPairPrompts,
+         LikenessSavePairs]

@@ -36,7 +36,7 @@ def _path(folder: str, input_name: str, name: str, files: list[str]) -> str:
     return model_path(folder, input_name, name, f"a file in models/{folder}/ (found: {', '.join(files) or 'none'})")
 
 
-class MCDMLoader(io.ComfyNode):
+class LikenessMCDMLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -108,7 +108,7 @@ class MCDMLoader(io.ComfyNode):
         return io.NodeOutput(model, state)
 
 
-class MCDMConditioning(io.ComfyNode):
+class LikenessMCDMConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -159,7 +159,7 @@ class MCDMConditioning(io.ComfyNode):
                              model_mcdm.with_image(negative, null, null_concat), {"samples": latent})
 
 
-class MCDMGuider(io.ComfyNode):
+class LikenessMCDMGuider(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -246,18 +246,18 @@ class PairReader:
     def __getitem__(self, index: int):
         import torch
 
-        from ..attention.portrait_editing.mcdm_training import Pair
+        from ..attention.portrait_editing.mcdm_training import EditPair
 
         with torch.no_grad():  # jobs/train.py reads pairs inside the training loop: no graph through the encoders
-            return self._read(index, Pair)
+            return self._read(index, EditPair)
 
-    def _read(self, index: int, Pair):
+    def _read(self, index: int, EditPair):
         example = self.examples[index]
         target, source = image_file_tensor(example.image), image_file_tensor(example.face)
         require(target.shape == source.shape, "folder", self.name,
                 f"pairs of equal size ({example.image.name} and {example.face.name} differ)")
         self.shape = self.shape or source.shape
-        return Pair(self.inputs(source), self.inputs(target), self.text(example.caption),
+        return EditPair(self.inputs(source), self.inputs(target), self.text(example.caption),
                     self.text(self.source_prompts[index]))
 
     def null(self):
@@ -276,7 +276,7 @@ class PairReader:
         return Null(ImageInputs(latent, clip_tokens), spatial)
 
 
-class TrainMCDM(io.ComfyNode):
+class LikenessTrainMCDM(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -347,4 +347,4 @@ class TrainMCDM(io.ComfyNode):
             f"{unet_path.name} + {adapter_path.name}: loss {before:.4f} → {after:.4f}"]})
 
 
-NODES = [MCDMLoader, MCDMConditioning, MCDMGuider, TrainMCDM]
+NODES = [LikenessMCDMLoader, LikenessMCDMConditioning, LikenessMCDMGuider, LikenessTrainMCDM]

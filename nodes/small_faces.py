@@ -20,7 +20,7 @@ CATEGORY = "likeness/face"
 FaceRegionType = io.Custom("LIKENESS_FACE_REGION")
 
 
-class FaceRegionCrop(io.ComfyNode):
+class LikenessFaceRegionCrop(io.ComfyNode):
     """The face's square region, resized to the model's native size, and how to put it back."""
 
     @classmethod
@@ -71,7 +71,7 @@ class FaceRegionCrop(io.ComfyNode):
         return io.NodeOutput(crops, tuple(regions), masks)
 
 
-class PasteBack(io.ComfyNode):
+class LikenessPasteBack(io.ComfyNode):
     """The restored crop resized back onto its region and blended under the feathered mask."""
 
     @classmethod
@@ -98,4 +98,4 @@ class PasteBack(io.ComfyNode):
         return io.NodeOutput(paste_back_batch(image, restored, list(region)))
 
 
-NODES = [FaceRegionCrop, PasteBack]
+NODES = [LikenessFaceRegionCrop, LikenessPasteBack]

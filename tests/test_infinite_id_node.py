@@ -121,7 +121,7 @@ def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, bas
     for prompt in ("a portrait photo", "a red car on a bridge"):
         with torch.inference_mode():
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        pair = training.Pair(target, face, hidden, cond)
+        pair = training.IdentityPair(target, face, hidden, cond)
         _, before, after = training.train_id_adapter(model, adapter, [pair], steps=2, recipe=recipe, seed=3,
                                                      no_face_hidden=torch.zeros_like(hidden))
         results.append((before, after))

@@ -34,7 +34,7 @@ from .identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, WRAPPER_KEY, Inf
 
 
 @dataclass
-class Pair:
+class IdentityPair:
     target: torch.Tensor  # model-space latent of the target image
     face_embed: torch.Tensor  # (1, 512) ArcFace of the identity image
     clip_hidden: torch.Tensor  # (1, T, clip) CLIP penultimate states of its aligned face
@@ -100,9 +100,9 @@ def with_sampling_lora(adapter, model, lora_scale: float):
     return twin
 
 
-def train_id_adapter(model, adapter, pairs: Sequence[Pair], *, steps: int, seed: int, no_face_hidden: torch.Tensor,
-                     recipe: Recipe = recipes.ID_ADAPTER, scale: float = 1.0, lora_scale: float = 1.0,
-                     identity_dropout: float = recipes.ID_ADAPTER_IDENTITY_DROPOUT,
+def train_id_adapter(model, adapter, pairs: Sequence[IdentityPair], *, steps: int, seed: int,
+                     no_face_hidden: torch.Tensor, recipe: Recipe = recipes.ID_ADAPTER, scale: float = 1.0,
+                     lora_scale: float = 1.0, identity_dropout: float = recipes.ID_ADAPTER_IDENTITY_DROPOUT,
                      on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                      world: World = World(), resume: Resume | None = None, on_checkpoint=None,
                      validation: int | None = None):
@@ -143,7 +143,7 @@ def train_id_adapter(model, adapter, pairs: Sequence[Pair], *, steps: int, seed:
         patched = identity_stream(model, settings, keys)
         no_face = (torch.zeros(1, trained.projection.shape.id_dim), normal_copy(no_face_hidden))
 
-        def loss_of(pair: Pair, sigma, noise, generator=None) -> torch.Tensor:
+        def loss_of(pair: IdentityPair, sigma, noise, generator=None) -> torch.Tensor:
             dropped = generator is not None and float(torch.rand(1, generator=generator)) < identity_dropout
             face_embed, clip_hidden = no_face if dropped else (pair.face_embed, pair.clip_hidden)
             tokens, settings.kv = shared_mappers(normal_copy(face_embed).to(device, torch.float32),

@@ -46,7 +46,7 @@ class ImageInputs:
 
 
 @dataclass
-class Pair:
+class EditPair:
     source: ImageInputs  # x_A, the input image
     target_image: ImageInputs  # x_B, the edited image
     text: list  # CONDITIONING of the target prompt p_b
@@ -77,7 +77,7 @@ class Draw:
     target: torch.Tensor
 
 
-def draw_of(pair: Pair, identity: bool, dropped: str | None, *, empty_text: list, null: Null) -> Draw:
+def draw_of(pair: EditPair, identity: bool, dropped: str | None, *, empty_text: list, null: Null) -> Draw:
     """An identity pair is x_A → x_A under p_a; otherwise x_A → x_B under p_b. Dropout then
     replaces the image tokens' input, c_s and/or the text, whichever pair was drawn."""
     target, text = (pair.source.latent, pair.source_text) if identity else (pair.target, pair.text)
@@ -120,7 +120,7 @@ class NormalCopies(Sequence):
         return self.copies[index]
 
 
-def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[Pair], *, empty_text: list, null: Null,
+def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[EditPair], *, empty_text: list, null: Null,
                steps: int, seed: int, recipe: Recipe = recipes.MCDM,
                on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                world: World = World(), resume: Resume | None = None, on_checkpoint=None,
@@ -148,7 +148,7 @@ def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[Pair], *, 
         shared_unet, shared_adapter = shared(unet, world), shared(trained_adapter, world)
         trained.model.diffusion_model = shared_unet  # what ComfyUI's apply_model calls
 
-        def loss_of(pair: Pair, sigma: torch.Tensor, noise: torch.Tensor, generator) -> torch.Tensor:
+        def loss_of(pair: EditPair, sigma: torch.Tensor, noise: torch.Tensor, generator) -> torch.Tensor:
             identity, dropped = draw_case(generator) if generator is not None else (False, None)
             draw = draw_of(pair, identity, dropped, empty_text=empty_text, null=null)
             tokens = shared_adapter(draw.image.clip_tokens.to(device), draw.image.latent.to(device))
