@@ -163,10 +163,11 @@ class FaceExampleReader:
     when first asked: the node asks for all of them, jobs/train.py only for those its process draws."""
 
     def __init__(self, folder, model, clip, vae):
-        from ..attention.face_fusion.face_kv_training import find_examples
+        from ..attention.face_fusion.face_kv_training import FACE_SUFFIX
+        from ..attention.shared.training_folders import find_examples
 
         self.model, self.clip, self.vae = model, clip, vae
-        self.examples = find_examples(folder)
+        self.examples = find_examples(folder, FACE_SUFFIX)
 
     def __len__(self) -> int:
         return len(self.examples)

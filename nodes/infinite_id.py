@@ -361,8 +361,8 @@ class IDPairReader:
     def __init__(self, folder, model, clip, vae, analysis, clip_vision):
         import torch
 
-        from ..attention.face_fusion.face_kv_training import find_examples
         from ..attention.infinite_id.identity_streams import no_face_clip_hidden
+        from ..attention.shared.training_folders import find_examples
 
         self.model, self.vae, self.analysis, self.clip_vision = model, vae, analysis, clip_vision
         self.examples = find_examples(folder, IDENTITY_SUFFIX)

@@ -223,7 +223,7 @@ class PairReader:
     process draws. ``name`` is the folder as the user gave it, for errors."""
 
     def __init__(self, name: str, folder, clip, vae, encoder):
-        from ..attention.face_fusion.face_kv_training import find_examples
+        from ..attention.shared.training_folders import find_examples
 
         self.name, self.clip, self.vae, self.encoder = name, clip, vae, encoder
         self.examples = find_examples(folder, SOURCE_SUFFIX)

@@ -389,7 +389,7 @@ def test_save_pairs_writes_a_training_folder_and_numbers_on(comfy, base_director
     assert len(list(folder.glob("*.png"))) == 8
     assert (folder / "pair_00004.txt").read_text() == "a man in a suit"
     assert (folder / "pair_00004.source.txt").read_text() == "a man in a sweater"
-    examples = comfy.pack("attention.face_fusion.face_kv_training").find_examples(folder, ".source")
+    examples = comfy.pack("attention.shared.training_folders").find_examples(folder, ".source")
     assert [e.image.name for e in examples] == [f"pair_{i:05d}.png" for i in range(1, 5)]
     with pytest.raises(ValueError, match="target"):
         comfy.run_node("LikenessSavePairs", source=sources, target=targets[:1], prompt="", source_prompt="",

@@ -15,7 +15,6 @@ projections see the h_f they will see at inference and a run reproduces.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
@@ -28,35 +27,7 @@ from ..shared.training_loop import (Batching, Resume, World, diffusion_loss, lea
                                     optimise, shared, unwrapped)
 from .face_kv_attention import Identity, apply_face_fusion, reference_noise
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 FACE_SUFFIX = ".face"  # <stem>.face.png beside <stem>.png
-
-
-@dataclass
-class Example:
-    image: Path
-    face: Path
-    caption: str
-
-
-def find_examples(folder: Path, companion: str = FACE_SUFFIX) -> list[Example]:
-    """<stem>.png (target), <stem><companion>.png (its face crop, or identity image), <stem>.txt (caption)."""
-    if not folder.is_dir():
-        raise ValueError(f"folder={str(folder)!r} is not a folder; expected a folder of <name>.png, "
-                         f"<name>{companion}.png and <name>.txt files")
-    examples = []
-    for image in sorted(folder.iterdir()):
-        if image.suffix.lower() not in IMAGE_SUFFIXES or Path(image.stem).suffix:
-            continue
-        faces = [image.with_name(image.stem + companion + s) for s in IMAGE_SUFFIXES]
-        face = next((f for f in faces if f.exists()), None)
-        caption = image.with_suffix(".txt")
-        if face is None:
-            raise ValueError(f"{image.name} has no companion image: expected {faces[0].name} beside it")
-        examples.append(Example(image, face, caption.read_text().strip() if caption.exists() else ""))
-    if not examples:
-        raise ValueError(f"folder={str(folder)!r} holds no <name>.png + <name>{companion}.png pairs")
-    return examples
 
 
 def initial_projections(model, layers: list[BlockKey]) -> dict[BlockKey, tuple[torch.nn.Parameter, torch.nn.Parameter]]:
