@@ -270,7 +270,7 @@ def outputs_of(server: Server, entry: dict, built: PairPrompt) -> tuple[bytes, b
 
 # --- the job ----------------------------------------------------------------------------------------------------
 
-class Progress:
+class PairProgress:
     def __init__(self, total: int, done: int) -> None:
         self.total, self.done, self.start_done = total, done, done
         self.start = time.monotonic()
@@ -306,7 +306,7 @@ def run_job(identities: Path, poses: Path, source: str, targets: list[str], pair
             kept += 1
         else:
             todo.put((pair, 0))
-    progress = Progress(pairs, kept)
+    progress = PairProgress(pairs, kept)
     print(f"[pairs] {kept} of {pairs} already made in {output}; {todo.qsize()} to make on {len(servers)} server(s)",
           file=sys.stderr, flush=True)
     live = [Server(url) for url in servers]

@@ -47,7 +47,7 @@ CHECKPOINT_PREFIX = "step_"
 
 
 def common_arguments(command: argparse.ArgumentParser, recipe, default_name: str) -> None:
-    """The options every trainer takes; the optimiser's default to ``recipe`` (attention/recipes.py),
+    """The options every trainer takes; the optimiser's default to ``recipe`` (attention/shared/recipes.py),
     the same values the trainer node's inputs default to."""
     command.add_argument("--comfyui", type=Path, required=True,
                          help="the ComfyUI folder (its main.py) to use as a library")
@@ -82,7 +82,7 @@ def recipe_of(args: argparse.Namespace, default):
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
-    recipes = import_pack()("attention.recipes")
+    recipes = import_pack()("attention.shared.recipes")
     parser = argparse.ArgumentParser(prog="jobs/train.py", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="trainer", required=True)
     mcdm = commands.add_parser("mcdm", help="fine-tune an 8-channel MCDM UNet + embedding adapter on a pairs folder "
@@ -173,7 +173,7 @@ def latest_checkpoint(output: Path) -> int | None:
     return max(steps, default=None)
 
 
-def config_of(args: argparse.Namespace, world_size: int) -> dict:
+def resume_config(args: argparse.Namespace, world_size: int) -> dict:
     """What a resumed run must share with the run it continues (the global batch, not its split)."""
     return {"trainer": args.trainer, "seed": args.seed, "learning_rate": args.learning_rate,
             "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
@@ -201,14 +201,14 @@ def write_state(files: dict[str, Path], optimizer: dict, state: dict) -> None:
     """The optimiser's state, then the .json that makes the checkpoint count."""
     import torch
 
-    atomic_path = import_pack()("attention.atomic").atomic_path
+    atomic_path = import_pack()("attention.shared.atomic_files").atomic_path
     with atomic_path(files["optimizer"]) as partial:
         torch.save(optimizer, partial)
     with atomic_path(files["state"]) as partial:
         Path(partial).write_text(json.dumps(state, indent=1))
 
 
-class Progress:
+class StepProgress:
     """The loop's on_step: every step's loss by step number, and on rank 0 progress lines (step,
     loss, seconds per step and the time left)."""
 
@@ -233,13 +233,15 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
 
     device = start_comfyui(args.comfyui.expanduser().resolve(), int(os.environ.get("LOCAL_RANK", "0")))
     pack = import_pack()
-    training, mcdm_training, mcdm = pack("attention.training"), pack("attention.mcdm_training"), pack("attention.mcdm")
-    ImageEncoder = pack("attention.clip_b32").ImageEncoder
-    PairReader = pack("nodes.mcdm_training").PairReader
+    training, mcdm_training, mcdm = (pack("attention.shared.training_loop"),
+                                     pack("attention.portrait_editing.mcdm_training"),
+                                     pack("attention.portrait_editing.mcdm"))
+    ImageEncoder = pack("attention.portrait_editing.clip_b32").ImageEncoder
+    PairReader = pack("nodes.portrait_editing_mcdm").PairReader
     import comfy.sd
 
     world = training.world_from_environment(device)
-    config = config_of(args, world.size)
+    config = resume_config(args, world.size)
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
     if resume is not None:
@@ -259,7 +261,7 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
     adapter = (mcdm.adapter_from_state_dict(mcdm.load_state_dict(args.adapter)) if args.adapter is not None
                else mcdm.EmbeddingAdapter(width, 1024, null.image.clip_tokens.shape[1]))
 
-    progress = Progress(args.steps, first, world.rank)
+    progress = StepProgress(args.steps, first, world.rank)
     losses = progress.losses
 
     def on_checkpoint(done: int, unet, trained_adapter, optimizer) -> None:
@@ -273,7 +275,7 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, trained_adapter, before, after = mcdm_training.train_mcdm(
         model, adapter, reader, empty_text=empty_text, null=null, steps=args.steps,
-        recipe=recipe_of(args, pack("attention.recipes").MCDM), seed=args.seed, on_step=progress,
+        recipe=recipe_of(args, pack("attention.shared.recipes").MCDM), seed=args.seed, on_step=progress,
         batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
         on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
@@ -305,13 +307,14 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
 
     device = start_comfyui(args.comfyui.expanduser().resolve(), int(os.environ.get("LOCAL_RANK", "0")))
     pack = import_pack()
-    training, face_kv_training = pack("attention.training"), pack("attention.face_kv_training")
-    face_kv, fingerprint = pack("attention.face_kv"), pack("attention.feature_bank").model_fingerprint
-    FaceExampleReader = pack("nodes.face_training").FaceExampleReader
+    training, face_kv_training = pack("attention.shared.training_loop"), pack("attention.face_fusion.face_kv_training")
+    face_kv, fingerprint = (pack("attention.face_fusion.face_kv_files"),
+                            pack("attention.magicstyle.feature_bank").model_fingerprint)
+    FaceExampleReader = pack("nodes.face_fusion").FaceExampleReader
     import comfy.sd
 
     world = training.world_from_environment(device)
-    config = config_of(args, world.size)
+    config = resume_config(args, world.size)
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
     with torch.inference_mode():
@@ -320,7 +323,7 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         reader = FaceExampleReader(args.folder.expanduser().resolve(), model, clip, vae)
     initial = face_kv.load_face_kv_file(files["weights"]) if resume is not None else None
     info = {"model_fingerprint": fingerprint(model)}
-    progress = Progress(args.steps, first, world.rank)
+    progress = StepProgress(args.steps, first, world.rank)
     losses = progress.losses
 
     def on_checkpoint(done: int, weights: dict, optimizer) -> None:
@@ -335,9 +338,9 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         print(f"face_kv: {len(reader)} examples, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     weights, before, after = face_kv_training.train_face_kv(
-        model, reader, steps=args.steps, recipe=recipe_of(args, pack("attention.recipes").FACE_KV), seed=args.seed,
-        on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
-        initial=initial, on_checkpoint=on_checkpoint, validation=args.validation)
+        model, reader, steps=args.steps, recipe=recipe_of(args, pack("attention.shared.recipes").FACE_KV),
+        seed=args.seed, on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world,
+        resume=resume, initial=initial, on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "examples": len(reader), "processes": world.size,
                "loss_before": before, "loss_after": after, "losses": losses, "config": config}
     if world.rank == 0:
@@ -361,16 +364,17 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
 
     device = start_comfyui(args.comfyui.expanduser().resolve(), int(os.environ.get("LOCAL_RANK", "0")))
     pack = import_pack()
-    training, id_adapter_training = pack("attention.training"), pack("attention.id_adapter_training")
-    id_adapter, face_backend = pack("attention.id_adapter"), pack("nodes.face_backend")
-    IDPairReader = pack("nodes.infinite_id_training").IDPairReader
+    training, id_adapter_training = (pack("attention.shared.training_loop"),
+                                     pack("attention.infinite_id.id_adapter_training"))
+    id_adapter, face_backend = pack("attention.infinite_id.id_adapter"), pack("attention.faces.insightface_backend")
+    IDPairReader = pack("nodes.infinite_id").IDPairReader
     require_recognition_model = pack("nodes.infinite_id").require_recognition_model
     import comfy.clip_vision
     import comfy.sd
     import folder_paths
 
     world = training.world_from_environment(device)
-    config = {**config_of(args, world.size), "shortcut_scale": args.shortcut_scale, "lora_scale": args.lora_scale,
+    config = {**resume_config(args, world.size), "shortcut_scale": args.shortcut_scale, "lora_scale": args.lora_scale,
               "identity_dropout": args.identity_dropout}
     resume, files = resume_point(args, config, device, training)
     first = 0 if resume is None else resume.step
@@ -384,7 +388,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
         analysis = face_backend.load_analysis(args.face_model or adapter.face_recognition.pack, args.face_provider)
         require_recognition_model(adapter, analysis)
         reader = IDPairReader(args.folder.expanduser().resolve(), model, clip, vae, analysis, clip_vision)
-    progress = Progress(args.steps, first, world.rank)
+    progress = StepProgress(args.steps, first, world.rank)
     losses = progress.losses
 
     def on_checkpoint(done: int, trained, optimizer) -> None:
@@ -400,7 +404,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, before, after = id_adapter_training.train_id_adapter(
         model, adapter, reader, steps=args.steps, seed=args.seed, no_face_hidden=reader.no_face_hidden,
-        recipe=recipe_of(args, pack("attention.recipes").ID_ADAPTER), scale=args.shortcut_scale,
+        recipe=recipe_of(args, pack("attention.shared.recipes").ID_ADAPTER), scale=args.shortcut_scale,
         # a checkpoint's file carries the LoRA at --lora-scale already: read back at 1, it runs as before
         lora_scale=args.lora_scale if resume is None else 1.0, identity_dropout=args.identity_dropout,
         on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,

@@ -140,7 +140,7 @@ def numbered_path(folder_name: str, prefix: str) -> Path:
 def optimiser_inputs(examples: str, recipe) -> list:
     """steps, learning_rate, seed and (optional, for prompts saved before them) weight_decay,
     max_grad_norm, batch_size: every Likeness trainer's optimiser inputs, each defaulting to the
-    trainer's recipe (attention/recipes.py; README, Training recipes)."""
+    trainer's recipe (attention/shared/recipes.py; README, Training recipes)."""
     return [
         io.Int.Input("steps", default=500, min=1, max=100000,
                      tooltip=f"Optimiser steps, each over batch_size {examples}."),
@@ -197,7 +197,7 @@ class TrainingProgress:
         self._bar.update_absolute(step + 1, self.steps)
 
     def curve(self, before: float, after: float, title: str):
-        from .plots import loss_curve
+        from ..attention.measuring.plots import loss_curve
 
         return loss_curve(self.losses, before, after, title)
 

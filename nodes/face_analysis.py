@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.metrics import SCALES
-from .face_backend import DETECTION_THRESHOLD, PACKS, PROVIDERS, FaceAnalyzer, load_analysis
+from ..attention.faces.insightface_backend import DETECTION_THRESHOLD, PACKS, PROVIDERS, FaceAnalyzer, load_analysis
+from ..attention.measuring.metrics import SCALES
 
 CATEGORY = "likeness/face"
 
@@ -20,7 +20,7 @@ FaceEmbedding = io.Custom("LIKENESS_FACE_EMBEDDING")
 
 def _largest_faces(analysis: FaceAnalyzer, images, input_name: str, on_missing: str = "error") -> list:
     """Per image of the batch: (uint8 BGR pixels, faces largest first); no face raises unless ``on_missing`` allows."""
-    from .face_backend import to_bgr_uint8
+    from ..attention.faces.insightface_backend import to_bgr_uint8
 
     found = []
     for i, image in enumerate(images):
@@ -37,7 +37,7 @@ def _largest_faces(analysis: FaceAnalyzer, images, input_name: str, on_missing: 
     return found
 
 
-class FaceAnalysis(io.ComfyNode):
+class LikenessFaceAnalysis(io.ComfyNode):
     """Loads an insightface pack (detector + ArcFace recogniser) for the face nodes."""
 
     @classmethod
@@ -69,8 +69,8 @@ class FaceAnalysis(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model_name: str, **_) -> tuple:
+        from ..attention.faces.insightface_backend import insightface_roots
         from .common import files_fingerprint
-        from .face_backend import insightface_roots
 
         return files_fingerprint(*(root / "models" / model_name for root in insightface_roots()))
 
@@ -79,7 +79,7 @@ class FaceAnalysis(io.ComfyNode):
         return io.NodeOutput(load_analysis(model_name, provider))
 
 
-class FaceCrop(io.ComfyNode):
+class LikenessFaceCrop(io.ComfyNode):
     """One face per image: aligned crops, its box as a mask, and its ArcFace embedding."""
 
     @classmethod
@@ -124,7 +124,7 @@ def crop_faces(analysis: FaceAnalyzer, image, index: int = 0, crop_size: int = 5
     import numpy as np
     import torch
 
-    from .face_backend import align, box_mask
+    from ..attention.faces.insightface_backend import align, box_mask
 
     faces, crops, arcface, masks, embeddings = _largest_faces(analysis, image, input_name), [], [], [], []
     for i, (pixels, found) in enumerate(faces):
@@ -156,7 +156,7 @@ def faceid_inputs(analysis: FaceAnalyzer, image):
     import numpy as np
     import torch
 
-    from .face_backend import norm_crop
+    from ..attention.faces.insightface_backend import norm_crop
 
     crops, embeddings = [], []
     for pixels, found in _largest_faces(analysis, image, "image"):
@@ -166,7 +166,7 @@ def faceid_inputs(analysis: FaceAnalyzer, image):
             torch.from_numpy(np.ascontiguousarray(np.stack(embeddings))).float())
 
 
-class FaceSimilarity(io.ComfyNode):
+class LikenessFaceSimilarity(io.ComfyNode):
     """FaceSim of the papers: cosine similarity of ArcFace embeddings, reference vs generated."""
 
     @classmethod
@@ -219,7 +219,7 @@ def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "z
     import numpy as np
     import torch
 
-    from ..attention.metrics import scaled
+    from ..attention.measuring.metrics import scaled
     from .common import require
     from .metrics import PAIRINGS, metric_label
 
@@ -254,4 +254,4 @@ def face_similarity(analysis: FaceAnalyzer, reference, images, no_face: str = "z
     return mean, "\n".join(lines), scores
 
 
-NODES = [FaceAnalysis, FaceCrop, FaceSimilarity]
+NODES = [LikenessFaceAnalysis, LikenessFaceCrop, LikenessFaceSimilarity]

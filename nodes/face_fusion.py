@@ -1,14 +1,17 @@
-"""Face Fusion nodes: identity-preserving generation from face photos."""
+"""Face Fusion nodes: identity-preserving generation from face photos (LikenessFaceFusion), and
+LikenessTrainFaceKV, which trains Face Fusion's Linear_kf / Linear_vf with the UNet frozen."""
 
 from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.face_fusion import Identity, apply_face_fusion, reference_noise
-from ..attention.schedule import SigmaRange, model_sampling_of
-from ..attention.unet_layers import attention_keys, diffusion_model_of
-from .common import (LIKENESS_FOLDER, model_file_fingerprint, model_path, require, require_mask,
-                     require_model_family)
+from ..attention.face_fusion.face_kv_attention import Identity, apply_face_fusion, reference_noise
+from ..attention.shared import recipes
+from ..attention.shared.layer_table import attention_keys, diffusion_model_of
+from ..attention.shared.sigmas import SigmaRange, model_sampling_of
+from .common import (LIKENESS_FOLDER, chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor,
+                     model_file_fingerprint, model_path, numbered_path, optimiser_inputs, require, require_mask,
+                     require_model_family, trainer_outputs, training_progress)
 
 CATEGORY = "likeness/face"
 TRAINING_FREE = "self-attention to_k/to_v (training-free)"
@@ -21,7 +24,7 @@ def kv_choices() -> list[str]:
     return [TRAINING_FREE, *sorted(files)]
 
 
-class FaceFusion(io.ComfyNode):
+class LikenessFaceFusion(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -94,10 +97,92 @@ class FaceFusion(io.ComfyNode):
 def load_face_kv(name: str):
     """Trained Linear_kf/Linear_vf weights, per layer, from models/likeness/."""
 
-    from ..attention.face_kv import load_face_kv_file
+    from ..attention.face_fusion.face_kv_files import load_face_kv_file
 
     return load_face_kv_file(model_path(LIKENESS_FOLDER, "kv", name,
                                         f"'{TRAINING_FREE}' or a .safetensors file in models/likeness/"))
 
 
-NODES = [FaceFusion]
+class LikenessTrainFaceKV(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessTrainFaceKV",
+            display_name="Likeness Train Face KV",
+            category=CATEGORY,
+            description="Trains only Face Fusion's Linear_kf/Linear_vf (the UNet stays frozen) with the diffusion "
+                        "loss on a folder of <name>.png targets, <name>.face.png face crops and <name>.txt "
+                        "captions, and saves them to models/likeness/ for Likeness Face Fusion.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (frozen)."),
+                io.Clip.Input("clip", tooltip="Encodes the captions."),
+                io.Vae.Input("vae", tooltip="Encodes the images and face crops."),
+                io.String.Input("folder", default="face_kv_dataset",
+                                tooltip="Training folder, absolute or inside ComfyUI's input folder."),
+                *optimiser_inputs("images", recipes.FACE_KV),
+                io.String.Input("filename_prefix", default="face_kv",
+                                tooltip="File name in models/likeness/; a counter is added."),
+            ],
+            outputs=trainer_outputs("weights"),
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, **_) -> tuple:
+        return files_fingerprint(dataset_folder(folder))
+
+    @classmethod
+    def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
+                filename_prefix: str, weight_decay: float = recipes.FACE_KV.weight_decay,
+                max_grad_norm: float = recipes.FACE_KV.max_grad_norm,
+                batch_size: int = recipes.FACE_KV.batch) -> io.NodeOutput:
+        from ..attention.face_fusion.face_kv_files import save_face_kv
+        from ..attention.face_fusion.face_kv_training import train_face_kv
+        from ..attention.magicstyle.feature_bank import model_fingerprint
+        from ..attention.shared.training_loop import Batching
+
+        require_model_family(model)
+        recipe = chosen_recipe(recipes.FACE_KV, learning_rate, weight_decay, max_grad_norm, batch_size)
+        reader = FaceExampleReader(dataset_folder(folder), model, clip, vae)
+        examples = reader.examples
+        batches = [reader[index] for index in range(len(reader))]
+        progress = training_progress(steps)
+        weights, before, after = train_face_kv(model, batches, steps=steps, recipe=recipe, seed=seed,
+                                               on_step=progress, batching=Batching(recipe.batch))
+        path = numbered_path(LIKENESS_FOLDER, filename_prefix)
+        save_face_kv(weights, path, {"steps": steps, "learning_rate": learning_rate, "weight_decay": weight_decay,
+                                     "max_grad_norm": max_grad_norm, "batch_size": batch_size,
+                                     "examples": len(examples), "loss_before": before, "loss_after": after,
+                                     "model_fingerprint": model_fingerprint(model)})
+        return io.NodeOutput(path.name, before, after, progress.curve(before, after, f"Face K/V training: {path.name}"),
+                             ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+
+
+class FaceExampleReader:
+    """A face training folder as examples, each read and encoded (target and face latents, caption)
+    when first asked: the node asks for all of them, jobs/train.py only for those its process draws."""
+
+    def __init__(self, folder, model, clip, vae):
+        from ..attention.face_fusion.face_kv_training import FACE_SUFFIX
+        from ..attention.shared.training_folders import find_examples
+
+        self.model, self.clip, self.vae = model, clip, vae
+        self.examples = find_examples(folder, FACE_SUFFIX)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from ..attention.face_fusion.face_kv_training import Batch
+
+        example = self.examples[index]
+        with torch.no_grad():  # jobs/train.py reads examples inside the training loop: no graph through the VAE
+            target = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.image)))
+            face = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.face)))
+            cond = self.clip.encode_from_tokens_scheduled(self.clip.tokenize(example.caption))
+        return Batch(target, face, cond)
+
+
+NODES = [LikenessFaceFusion, LikenessTrainFaceKV]

@@ -1,4 +1,5 @@
-"""Infinite-ID nodes (Wu et al., ECCV 2024): identity-preserved generation from face photos.
+"""Infinite-ID nodes (Wu et al., ECCV 2024): identity-preserved generation from face photos, and
+LikenessTrainIDAdapter, its identity-enhanced training.
 
 The identity stream's weights come in the IP-Adapter FaceID-PlusV2 layout
 (``models/ipadapter/``), so the files users already have load as they are.
@@ -10,7 +11,10 @@ import os
 
 from comfy_api.latest import io
 
-from .common import model_file_fingerprint, model_path, require, require_mask, require_model_family
+from ..attention.shared import recipes
+from .common import (chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor, model_file_fingerprint,
+                     model_path, numbered_path, optimiser_inputs, require, require_mask, require_model_family,
+                     trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
 
 CATEGORY = "likeness/infinite_id"
@@ -19,20 +23,21 @@ LORAS_FOLDER = "loras"
 ADAPTER_EXTENSIONS = {".safetensors", ".bin"}
 LORA_FROM_ADAPTER = "from the adapter file"
 NO_LORA = "none"
+IDENTITY_SUFFIX = ".id"  # <name>.id.png (identity image) beside <name>.png
 
 IDAdapterType = io.Custom("LIKENESS_ID_ADAPTER")
 
 # Identity mixing, named for what each computes (Infinite-ID A.7); the values are what the attention
 # code calls them. Workflows saved before the rename hold "stack" / "mean": still accepted.
-MIXING = {"stack: weights as attention log-bias": "stack", "mean: weighted mean of tokens": "mean"}
-ACCEPTED_MIXING = {**MIXING, "stack": "stack", "mean": "mean"}
-DEFAULT_MIXING = next(iter(MIXING))
+MIXING_LABELS = {"stack: weights as attention log-bias": "stack", "mean: weighted mean of tokens": "mean"}
+ACCEPTED_MIXING = {**MIXING_LABELS, "stack": "stack", "mean": "mean"}
+DEFAULT_MIXING = next(iter(MIXING_LABELS))
 
 
 def require_recognition_model(id_adapter, analysis) -> None:
     """The analysis embeds faces with the recognition network the adapter was trained on, or a
     ValueError naming both and where to put the one the adapter needs."""
-    from .face_backend import PACK_URL
+    from ..attention.faces.insightface_backend import PACK_URL
 
     wanted = id_adapter.face_recognition
     if analysis.recognition_model == wanted.model:
@@ -83,7 +88,7 @@ def companion_lora(adapter_name: str) -> str | None:
     return next((name for name in lora_files() if os.path.basename(name) == wanted), None)
 
 
-class IDAdapterLoader(io.ComfyNode):
+class LikenessIDAdapterLoader(io.ComfyNode):
     """The identity stream's weights: FaceID-PlusV2's projection and image K/V per layer."""
 
     @classmethod
@@ -120,7 +125,7 @@ class IDAdapterLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> io.NodeOutput:
-        from ..attention.id_adapter import load_id_adapter
+        from ..attention.infinite_id.id_adapter import load_id_adapter
 
         register_ipadapter_folder()
         path = model_path(IPADAPTER_FOLDER, "adapter_name", adapter_name,
@@ -150,7 +155,7 @@ def load_lora_file(name: str) -> dict:
         raise ValueError(f"lora={name!r} cannot be read ({error}); the file may be truncated") from error
 
 
-class InfiniteID(io.ComfyNode):
+class LikenessInfiniteID(io.ComfyNode):
     """Identity stream + text stream: mixed attention, cross-attention merge, AdaIN-mean."""
 
     @classmethod
@@ -188,7 +193,7 @@ class InfiniteID(io.ComfyNode):
                                 tooltip="One weight per reference image, e.g. '0.7, 0.3'; empty = equal weights. "
                                         "What a weight does depends on mixing: a log-bias on that person's "
                                         "attention (stack) or the share of their tokens (mean)."),
-                io.Combo.Input("mixing", options=list(MIXING), default=DEFAULT_MIXING, optional=True,
+                io.Combo.Input("mixing", options=list(MIXING_LABELS), default=DEFAULT_MIXING, optional=True,
                                tooltip="Several reference images. stack: the identity stream attends to all their "
                                        "tokens side by side (paper A.7, Fig. 13, with equal weights), reference "
                                        "r's attention logits shifted by log(w_r/Σw), so its share of the "
@@ -219,16 +224,16 @@ class InfiniteID(io.ComfyNode):
         # Replaces ComfyUI's own list check for mixing, so that saved workflows' old values load.
         if mixing in ACCEPTED_MIXING:
             return True
-        return f"mixing={mixing!r}: expected one of {', '.join(repr(m) for m in MIXING)}"
+        return f"mixing={mixing!r}: expected one of {', '.join(repr(m) for m in MIXING_LABELS)}"
 
     @classmethod
     def execute(cls, model, id_adapter, analysis, clip_vision, image, weight: float, mixed_attention: bool,
                 cross_attention_merge: bool, adain_mean: bool, mix_weights: str, shortcut_scale: float,
                 start_percent: float, end_percent: float, mixing: str = DEFAULT_MIXING,
                 lora_scale: float = 1.0, mask=None) -> io.NodeOutput:
-        from ..attention import infinite_id
-        from ..attention.schedule import SigmaRange, model_sampling_of
-        from ..attention.unet_layers import attention_keys, diffusion_model_of
+        from ..attention.infinite_id import identity_streams
+        from ..attention.shared.layer_table import attention_keys, diffusion_model_of
+        from ..attention.shared.sigmas import SigmaRange, model_sampling_of
         from .face_analysis import faceid_inputs
 
         require_model_family(model)
@@ -238,30 +243,148 @@ class InfiniteID(io.ComfyNode):
                 f"an adapter for this model's {len(keys)} cross-attention layers (it has "
                 f"{len(id_adapter.kv_weights)}; SD1.5 adapters have 16, SDXL ones 70)")
         require_recognition_model(id_adapter, analysis)
-        require(mixing in ACCEPTED_MIXING, "mixing", mixing, f"one of {', '.join(MIXING)}")
+        require(mixing in ACCEPTED_MIXING, "mixing", mixing, f"one of {', '.join(MIXING_LABELS)}")
         if mask is not None:
             require_mask(mask, purpose="where this person goes")
             require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
                     "one mask, (H, W) or (1, H, W): this person's region")
             mask = mask.reshape(mask.shape[-2:]).float().clamp(0, 1)
-        weights = infinite_id.parse_mix_weights(mix_weights, image.shape[0])
+        weights = identity_streams.parse_mix_weights(mix_weights, image.shape[0])
         faces, embeddings = faceid_inputs(analysis, image)
         hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
-        found = infinite_id.identity_tokens(id_adapter, embeddings, hidden, infinite_id.no_face_clip_hidden(clip_vision),
-                                            weights, shortcut_scale, ACCEPTED_MIXING[mixing])
+        found = identity_streams.identity_tokens(id_adapter, embeddings, hidden,
+                                                 identity_streams.no_face_clip_hidden(clip_vision), weights,
+                                                 shortcut_scale, ACCEPTED_MIXING[mixing])
         try:
             lora = id_adapter.faceid_lora(model, lora_scale) if lora_scale > 0 else None
         except ValueError as error:
             raise ValueError(f"id_adapter={id_adapter.source!r} cannot be used with this model: {error}") from error
         sampling = model_sampling_of(model)
-        settings = infinite_id.InfiniteID(
+        settings = identity_streams.InfiniteID(
             tokens=found.tokens, uncond_tokens=found.uncond, token_bias=found.bias, lora=lora,
             kv=id_adapter.kv_weights, weight=weight,
             mixed_attention=mixed_attention, cross_attention_merge=cross_attention_merge, adain_mean=adain_mean,
             sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent), mask=mask)
-        return io.NodeOutput(infinite_id.apply_infinite_id(model, settings, keys))
+        return io.NodeOutput(identity_streams.apply_infinite_id(model, settings, keys))
 
 
 register_ipadapter_folder()
 
-NODES = [IDAdapterLoader, InfiniteID]
+
+
+class LikenessTrainIDAdapter(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LikenessTrainIDAdapter",
+            display_name="Likeness Train ID Adapter",
+            category=CATEGORY,
+            description="Identity-enhanced training (Infinite-ID Sec. 3.2): trains the face mapper, the CLIP mapper "
+                        "and the image cross-attention with the UNet frozen and the text cross-attention off, on "
+                        "pairs <name>.id.png (identity image) + <name>.png (another image of the same person). "
+                        "It runs Likeness Infinite-ID's identity stream, FaceID's LoRA included (frozen, as the "
+                        "adapter's loader chose it), and writes the FaceID-PlusV2 layout to models/ipadapter/ "
+                        "with that LoRA, so sampling reads back what was trained.",
+            inputs=[
+                io.Model.Input("model", tooltip="The base model (frozen)."),
+                io.Clip.Input("clip", tooltip="Encodes an empty prompt (SDXL still needs its pooled vector)."),
+                io.Vae.Input("vae", tooltip="Encodes the target images."),
+                IDAdapterType.Input("id_adapter", tooltip="The adapter to start from (FaceID-PlusV2 or a "
+                                    "Likeness-trained one)."),
+                FaceAnalysisType.Input("analysis", tooltip="Aligns and embeds the identity images: the pack whose "
+                                       "recognition model the adapter was trained with (buffalo_l for the public "
+                                       "FaceID files); the file written records it."),
+                io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H/14 image encoder."),
+                io.String.Input("folder", default="id_adapter_dataset",
+                                tooltip="Training folder, absolute or inside ComfyUI's input folder."),
+                *optimiser_inputs("pairs", recipes.ID_ADAPTER),
+                io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=4.0, step=0.05,
+                               tooltip="FaceID-PlusV2's s_scale during training."),
+                io.Float.Input("lora_scale", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
+                               tooltip="Scale of FaceID's LoRA during training, as Likeness Infinite-ID's "
+                                       "lora_scale (0 = no LoRA). The file written carries the LoRA at this "
+                                       "scale, so sample it at lora_scale 1."),
+                io.Float.Input("identity_dropout", default=recipes.ID_ADAPTER_IDENTITY_DROPOUT, min=0.0, max=1.0,
+                               step=0.01, optional=True,
+                               tooltip="Share of the examples trained with the identity dropped for the 'no face' "
+                                       "input (IP-Adapter's 5%), which sampling gives every uncond row."),
+                io.String.Input("filename_prefix", default="infinite_id",
+                                tooltip="File name in models/ipadapter/; a counter is added."),
+            ],
+            outputs=trainer_outputs("adapter"),
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, **_) -> tuple:
+        return files_fingerprint(dataset_folder(folder))
+
+    @classmethod
+    def execute(cls, model, clip, vae, id_adapter, analysis, clip_vision, folder: str, steps: int,
+                learning_rate: float, seed: int, shortcut_scale: float, filename_prefix: str,
+                weight_decay: float = recipes.ID_ADAPTER.weight_decay,
+                max_grad_norm: float = recipes.ID_ADAPTER.max_grad_norm, batch_size: int = recipes.ID_ADAPTER.batch,
+                lora_scale: float = 1.0,
+                identity_dropout: float = recipes.ID_ADAPTER_IDENTITY_DROPOUT) -> io.NodeOutput:
+        from ..attention.infinite_id.id_adapter import save_id_adapter
+        from ..attention.infinite_id.id_adapter_training import train_id_adapter
+        from ..attention.shared.training_loop import Batching
+
+        require_model_family(model)
+        recipe = chosen_recipe(recipes.ID_ADAPTER, learning_rate, weight_decay, max_grad_norm, batch_size)
+        require(0 <= identity_dropout <= 1, "identity_dropout", identity_dropout, "a share between 0 and 1")
+        try:  # the LoRA the identity stream trains with, checked before any pair is read
+            id_adapter.faceid_lora(model, lora_scale)
+        except ValueError as error:
+            raise ValueError(f"id_adapter={id_adapter.source!r} cannot be used with this model: {error}") from error
+        require_recognition_model(id_adapter, analysis)
+        reader = IDPairReader(dataset_folder(folder), model, clip, vae, analysis, clip_vision)
+        pairs = [reader[index] for index in range(len(reader))]
+        progress = training_progress(steps)
+        trained, before, after = train_id_adapter(
+            model, id_adapter, pairs, steps=steps, seed=seed, no_face_hidden=reader.no_face_hidden, recipe=recipe,
+            scale=shortcut_scale, lora_scale=lora_scale, identity_dropout=identity_dropout, on_step=progress,
+            batching=Batching(recipe.batch))
+        register_ipadapter_folder()
+        path = numbered_path(IPADAPTER_FOLDER, filename_prefix)
+        save_id_adapter(trained, path)
+        curve = progress.curve(before, after, f"ID adapter training: {path.name}")
+        return io.NodeOutput(path.name, before, after, curve,
+                             ui={"text": [f"{path.name}: loss {before:.4f} → {after:.4f}"]})
+
+
+class IDPairReader:
+    """An identity training folder as pairs, each read and encoded (target latent, ArcFace embedding
+    and CLIP hidden states of the identity image's aligned face) when first asked: the node asks for
+    all of them, jobs/train.py only for those its process draws."""
+
+    def __init__(self, folder, model, clip, vae, analysis, clip_vision):
+        import torch
+
+        from ..attention.infinite_id.identity_streams import no_face_clip_hidden
+        from ..attention.shared.training_folders import find_examples
+
+        self.model, self.vae, self.analysis, self.clip_vision = model, vae, analysis, clip_vision
+        self.examples = find_examples(folder, IDENTITY_SUFFIX)
+        with torch.no_grad():
+            self.empty = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+        self.no_face_hidden = no_face_clip_hidden(clip_vision)  # what a dropped identity is read from
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int):
+        import torch
+
+        from ..attention.infinite_id.id_adapter_training import IdentityPair
+        from .face_analysis import faceid_inputs
+
+        example = self.examples[index]
+        with torch.no_grad():  # jobs/train.py reads pairs inside the training loop: no graph through the encoders
+            faces, embeddings = faceid_inputs(self.analysis, image_file_tensor(example.face))
+            hidden = self.clip_vision.encode_image(faces)["penultimate_hidden_states"]
+            target = self.model.model.process_latent_in(self.vae.encode(image_file_tensor(example.image)))
+        return IdentityPair(target, embeddings, hidden, self.empty)
+
+
+NODES = [LikenessIDAdapterLoader, LikenessInfiniteID, LikenessTrainIDAdapter]

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.adain import adain_latent
-from ..attention.feature_bank import FeatureBank, merge_banks, model_fingerprint
-from ..attention.ffa import PLACEMENTS, FeatureFusion, apply_ffa
-from ..attention.inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
-from ..attention.schedule import SigmaRange, model_sampling_of
-from ..attention.unet_layers import LAYER_SETS, attention_keys, attention_levels, diffusion_model_of, select_keys
+from ..attention.magicstyle.ddim_inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
+from ..attention.magicstyle.feature_bank import FeatureBank, merge_banks, model_fingerprint
+from ..attention.magicstyle.ffa import PLACEMENTS, FeatureFusion, apply_ffa
+from ..attention.shared.adain import adain_latent
+from ..attention.shared.layer_table import LAYER_SETS, attention_keys, attention_levels, diffusion_model_of, select_keys
+from ..attention.shared.sigmas import SigmaRange, model_sampling_of
 from .common import (FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require,
                      require_mask, require_model_family)
 
@@ -27,7 +27,7 @@ LAYERS_TOOLTIP = ("all = every self-attention layer (MagicStyle; SD1.5 16, SDXL 
                   "attention at full resolution, output blocks 3-5).")
 
 
-class Invert(io.ComfyNode):
+class LikenessInvert(io.ComfyNode):
     """CSDI: deterministic DDIM inversion that keeps self-attention features."""
 
     @classmethod
@@ -92,7 +92,7 @@ class Invert(io.ComfyNode):
         return io.NodeOutput(out, bank)
 
 
-class AdaINLatent(io.ComfyNode):
+class LikenessAdaINLatent(io.ComfyNode):
     """z_T^CS = AdaIN(z_T^C, z_T^S): the starting latent of MagicStyle's FFF."""
 
     @classmethod
@@ -127,7 +127,7 @@ class AdaINLatent(io.ComfyNode):
         return io.NodeOutput(out)
 
 
-class FeatureFusionAttention(io.ComfyNode):
+class LikenessFeatureFusionAttention(io.ComfyNode):
     """FFA (Algorithm 1): Q = α·Q_c + β·Q_cur, K = [K_c; K_s], V = [AdaIN(V_c, V_s); V_s]."""
 
     @classmethod
@@ -192,7 +192,7 @@ class FeatureFusionAttention(io.ComfyNode):
         return io.NodeOutput(apply_ffa(model, fusion))
 
 
-class FeaturesFromBatch(io.ComfyNode):
+class LikenessFeaturesFromBatch(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -214,7 +214,7 @@ class FeaturesFromBatch(io.ComfyNode):
         return io.NodeOutput(features.select(batch_index, length))
 
 
-class MergeFeatures(io.ComfyNode):
+class LikenessMergeFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -232,7 +232,7 @@ class MergeFeatures(io.ComfyNode):
         return io.NodeOutput(merge_banks([first, second]))
 
 
-class SaveFeatures(io.ComfyNode):
+class LikenessSaveFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -252,14 +252,14 @@ class SaveFeatures(io.ComfyNode):
 
     @classmethod
     def execute(cls, features: FeatureBank, filename_prefix: str) -> io.NodeOutput:
-        from ..attention.feature_io import save_bank
+        from ..attention.magicstyle.feature_files import save_bank
 
         path = features_path(filename_prefix)
         save_bank(features, path)
         return io.NodeOutput(path.name, ui={"text": [path.name]})
 
 
-class LoadFeatures(io.ComfyNode):
+class LikenessLoadFeatures(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -283,11 +283,12 @@ class LoadFeatures(io.ComfyNode):
     def execute(cls, file: str) -> io.NodeOutput:
         import comfy.model_management
 
-        from ..attention.feature_io import load_bank
+        from ..attention.magicstyle.feature_files import load_bank
 
         bank = load_bank(features_path(file, existing=True), device=comfy.model_management.unet_offload_device())
         require(bank.latent is not None, "file", file, "features saved with their latent (save them again)")
         return io.NodeOutput(bank, {"samples": bank.latent})
 
 
-NODES = [Invert, AdaINLatent, FeatureFusionAttention, FeaturesFromBatch, MergeFeatures, SaveFeatures, LoadFeatures]
+NODES = [LikenessInvert, LikenessAdaINLatent, LikenessFeatureFusionAttention, LikenessFeaturesFromBatch,
+         LikenessMergeFeatures, LikenessSaveFeatures, LikenessLoadFeatures]

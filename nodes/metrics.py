@@ -19,7 +19,7 @@ from pathlib import Path
 
 from comfy_api.latest import io
 
-from ..attention.metrics import cosine_matrix, per_image, scaled
+from ..attention.measuring.metrics import cosine_matrix, per_image, scaled
 from .common import OPEN_CLIP_FOLDER, model_file_fingerprint, model_path, require
 from .face_analysis import FaceAnalysisType
 
@@ -90,7 +90,7 @@ def _pil_images(images):
             for image in images]
 
 
-class CLIPScore(io.ComfyNode):
+class LikenessCLIPScore(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -208,4 +208,4 @@ def face_crops(analysis, images, input_name: str):
     return crop_faces(analysis, images, 0, FACE_CROP_SIZE, 0.0, input_name=input_name)[0]
 
 
-NODES = [CLIPScore]
+NODES = [LikenessCLIPScore]

@@ -43,7 +43,7 @@ def sweep_values(start: float, stop: float, count: int, listed: str = "") -> lis
     return [round(start + (stop - start) * i / (count - 1), 10) for i in range(count)]
 
 
-class Sweep(io.ComfyNode):
+class LikenessSweep(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -97,7 +97,7 @@ def checkpoint_options() -> list[str]:
     return [NO_CHECKPOINT, *checkpoint_choices()]
 
 
-class SweepGrid(io.ComfyNode):
+class LikenessSweepGrid(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
@@ -159,7 +159,7 @@ class SweepGrid(io.ComfyNode):
     def execute(cls, images: list, values: list, label: list, analysis=None, face_reference=None, no_face=None,
                 clip_checkpoint=None, architecture=None, clip_reference=None, prompt=None, clip_i_on=None,
                 pairing=None, scale=None) -> io.NodeOutput:
-        from . import plots
+        from ..attention.measuring import plots
 
         label = _first(label, "value")
         require(len(images) == len(values), "values", f"{len(values)} value(s)",
@@ -222,4 +222,4 @@ def measure(images: list, *, analysis=None, face_reference=None, no_face: str = 
     return scores
 
 
-NODES = [Sweep, SweepGrid]
+NODES = [LikenessSweep, LikenessSweepGrid]

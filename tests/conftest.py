@@ -16,9 +16,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tiny_models  # noqa: E402
 from harness.base import make_base_directory  # noqa: E402
 from harness.paths import PACK_NAME, REPO, cache_root, host_root, load_installer  # noqa: E402
+from tiny import tiny_models  # noqa: E402
 
 ARTIFACTS = Path(os.environ.get("LIKENESS_ARTIFACTS", REPO / ".test-artifacts"))
 

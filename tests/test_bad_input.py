@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-import tiny_models
 from harness.server import PromptRejected
 from harness.workflows import txt2img_prompt
+from tiny import tiny_models
 
 pytestmark = pytest.mark.slow
 
@@ -212,7 +212,7 @@ def bad_files(base_directory, shipped_model_files):
     import torch
     from safetensors.torch import save_file
 
-    import tiny_faceid
+    from tiny import tiny_faceid
 
     models = base_directory / "models"
     tiny_models.write_sd3(models / "diffusion_models")

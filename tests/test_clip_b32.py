@@ -14,13 +14,13 @@ import xml.etree.ElementTree as ElementTree
 import pytest
 import torch
 
-import tiny_mcdm
 from harness.paths import REPO, TESTS, host_root
+from tiny import tiny_mcdm
 
 
 @pytest.fixture(scope="module")
 def clip_b32(comfy):
-    return comfy.pack("attention.clip_b32")
+    return comfy.pack("attention.portrait_editing.clip_b32")
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +220,7 @@ def test_open_clip_keys_that_are_not_a_vit_are_refused(clip_b32, hf_file):
 
 def test_the_module_never_imports_transformers():
     """Not even lazily: the tower must not depend on transformers' class layout."""
-    tree = ast.parse((REPO / "attention" / "clip_b32.py").read_text())
+    tree = ast.parse((REPO / "attention" / "portrait_editing" / "clip_b32.py").read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
     assert imported and not any(name.split(".")[0] in ("transformers", "open_clip") for name in imported), imported

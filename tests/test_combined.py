@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_faceid
 from harness.calm import calm
 from harness.sampling import encode
+from tiny import tiny_faceid
 
 STEPS = 6
 
@@ -39,7 +39,7 @@ def with_ffa(comfy, model, bank):
 
 
 def with_infinite_id(comfy, model, base_directory):
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = comfy.pack("attention.infinite_id.identity_streams"), comfy.pack("attention.shared.layer_table")
     path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "combined_faceid_sd15.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
     adapter = adapter.to(dtype=torch.float32)
@@ -115,7 +115,7 @@ def test_two_likeness_patches_on_one_model_each_still_act(comfy, sd15, features,
 
 def face_pass_keys_values(comfy, monkeypatch, model, clip, z_t) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every K_f/V_f Face Fusion computes from the face pass during one run, in call order."""
-    face_fusion = comfy.pack("attention.face_fusion")
+    face_fusion = comfy.pack("attention.face_fusion.face_kv_attention")
     original = face_fusion.face_keys_values
     seen = []
 
@@ -159,8 +159,8 @@ def test_face_fusion_and_infinite_id_on_an_editing_model(comfy, base_directory, 
     """The MCDM conditioning beside Face Fusion (whose face pass reads each reference as the
     editing model reads an unedited portrait: its own latent as the source) and beside Infinite-ID:
     each acts on the 8-channel model."""
-    import tiny_mcdm
     from test_mcdm import conditionings, mcdm_guider, one_step, portrait
+    from tiny import tiny_mcdm
 
     files = tiny_mcdm.write(base_directory / "models")
     mcdm = comfy.run_node("LikenessMCDMLoader", unet_name=files["unet"], adapter_name=files["adapter"],

@@ -57,7 +57,7 @@ def sdxl(comfy, tiny_checkpoints):
 
 
 def all_placements(comfy, model, processor_for):
-    layers = comfy.pack("attention.unet_layers")
+    layers = comfy.pack("attention.shared.layer_table")
     keys = layers.attention_keys(layers.diffusion_model_of(model))
     return [(kind, key, processor_for(kind, key)) for kind in ("attn1", "attn2") for key in keys]
 
@@ -68,7 +68,7 @@ SD15_KEYS = ([("input", n, 0) for n in (1, 2, 4, 5, 7, 8)] + [("middle", 0, 0)]
 
 def test_sd15_keys_reached_are_exactly_the_sixteen(comfy, sd15):
     model, clip, _ = sd15
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     seen = []
     patched = dispatch.patched_clone(model, all_placements(comfy, model, lambda kind, key: Recorder(seen)))
     txt2img_latent(comfy, patched, clip, steps=1)
@@ -79,7 +79,7 @@ def test_sd15_keys_reached_are_exactly_the_sixteen(comfy, sd15):
 
 def test_sdxl_all_seventy_keys_reached(comfy, sdxl):
     model, clip, _ = sdxl
-    dispatch, layers = comfy.pack("attention.dispatch"), comfy.pack("attention.unet_layers")
+    dispatch, layers = comfy.pack("attention.shared.dispatch"), comfy.pack("attention.shared.layer_table")
     keys = layers.attention_keys(layers.diffusion_model_of(model))
     assert len(keys) == 70
     seen = []
@@ -92,7 +92,7 @@ def test_sdxl_all_seventy_keys_reached(comfy, sdxl):
 
 def test_patched_run_leaves_the_input_model_bit_identical(comfy, sd15):
     model, clip, _ = sd15
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     before = txt2img_latent(comfy, model, clip)
     patched = dispatch.patched_clone(model, all_placements(comfy, model, lambda kind, key: ScaleQuery(1.7)))
     changed = txt2img_latent(comfy, patched, clip)
@@ -106,7 +106,7 @@ def test_patched_run_leaves_the_input_model_bit_identical(comfy, sd15):
 @pytest.mark.parametrize("foreign_key_parts", [2, 3])
 def test_foreign_replace_patch_still_runs_and_contributes(comfy, sd15, kind, foreign_key_parts):
     model, clip, _ = sd15
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     key = ("output", 5, 0)
     calls = []
 
@@ -136,7 +136,7 @@ def test_foreign_replace_patch_still_runs_and_contributes(comfy, sd15, kind, for
 
 def test_likeness_processors_compose_in_order(comfy, sd15):
     model, clip, _ = sd15
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     order_log = []
     key = ("middle", 0, 0)
     late, early = ScaleQuery(1.0, "late", order_log), ScaleQuery(1.0, "early", order_log)
@@ -164,7 +164,7 @@ class ContextRows:
 @pytest.mark.parametrize("mode", ["cfg1_cond_only", "one_call", "separate_calls"])
 def test_row_helpers_pick_cond_and_uncond_rows(comfy, sd15, monkeypatch, mode):
     model, clip, _ = sd15
-    rows = comfy.pack("attention.rows")
+    rows = comfy.pack("attention.shared.rows")
     positive, negative = encode(comfy, clip, "a portrait photo"), encode(comfy, clip, "blurry")
     cond_context, uncond_context = positive[0][0][0], negative[0][0][0]
     recorder = ContextRows()
@@ -206,7 +206,7 @@ class WithRunState(Recorder):
 
 def test_per_run_state_is_freed_once_when_sampling_ends(comfy, sd15):
     model, clip, _ = sd15
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     first, second = WithRunState(), WithRunState()
     patched = dispatch.patched_clone(model, [("attn1", ("middle", 0, 0), first)])
     patched = dispatch.patched_clone(patched, [("attn2", ("middle", 0, 0), second)])
@@ -219,7 +219,7 @@ def test_per_run_state_is_freed_when_sampling_is_interrupted(comfy, sd15, monkey
     import comfy.model_management as model_management
 
     model, clip, _ = sd15
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     processor = WithRunState()
     patched = dispatch.patched_clone(model, [("attn1", ("middle", 0, 0), processor)])
 

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import tiny_mcdm
 from harness.training_job import (id_adapter_inputs, job_command, one_thread_each, run_job, step_losses,
                                   training_inputs)
+from tiny import tiny_mcdm
 
 pytestmark = pytest.mark.slow  # each job starts ComfyUI in every process: seconds, not milliseconds
 
@@ -171,7 +171,7 @@ def test_face_kv_on_two_processes_equals_one_process_and_resumes_where_it_stoppe
     for key in final["two"]:
         assert torch.equal(resumed[key], final["two"][key]), key
     # the files are the Face Fusion node's kv files: its own reader takes them, layer by layer
-    face_kv = comfy.pack("attention.face_kv")
+    face_kv = comfy.pack("attention.face_fusion.face_kv_files")
     for path in (tmp_path / "two" / "face_kv.safetensors",
                  tmp_path / "two" / "checkpoints" / "step_00000001.safetensors"):
         loaded = face_kv.load_face_kv_file(path)
@@ -227,7 +227,7 @@ def test_id_adapter_on_two_processes_equals_one_process_and_its_files_load(comfy
     assert float((shortcut["image_proj.proj.0.weight"] - start["image_proj.proj.0.weight"].float()).abs().max()) \
         > 0.5 * LEARNING_RATE
     # the loader node reads the final file and a checkpoint: every tensor bit for bit, under the file's keys
-    layout = comfy.pack("attention.id_adapter").FILE_LAYOUTS["sd15"]
+    layout = comfy.pack("attention.infinite_id.id_adapter").FILE_LAYOUTS["sd15"]
     ipadapter = base_directory / "models" / "ipadapter"
     ipadapter.mkdir(parents=True, exist_ok=True)
     for source, name in ((tmp_path / "two" / "id_adapter.safetensors", "distributed_id_final.safetensors"),

@@ -53,7 +53,7 @@ def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, s
     # The node refuses a mask of all 0 (it edits nothing); the guider it builds still blends as Eq. 3 says.
     with pytest.raises(ValueError, match="mask='a mask of all 0'.*expected a mask with 1 where to edit"):
         mask_guided(comfy, model, target, source, negative, zeros)
-    guider = comfy.pack("attention.guiders").MaskGuidedCFGGuider(model)
+    guider = comfy.pack("attention.portrait_editing.editing_guiders").MaskGuidedCFGGuider(model)
     guider.set_conds(target, source, negative)
     guider.set_cfg(7.5)
     guider.set_edit(zeros, "noise")
@@ -214,7 +214,7 @@ def test_split_pair_gives_the_two_halves(comfy):
 
 
 def test_mask_math_normalises_blurs_and_thresholds(comfy):
-    editing = comfy.pack("attention.editing")
+    editing = comfy.pack("attention.portrait_editing.editing_math")
     difference = torch.zeros(1, 1, 16, 16)
     difference[..., 4:12, 4:12] = 2.0
     difference[..., 0, 0] = -1.0
@@ -234,7 +234,7 @@ def test_mask_math_normalises_blurs_and_thresholds(comfy):
 
 def test_edit_mask_uses_n_different_noises_and_finds_the_change(comfy, sd15, monkeypatch):
     model, clip, _ = sd15
-    editing = comfy.pack("attention.editing")
+    editing = comfy.pack("attention.portrait_editing.editing_math")
     source, target = encode(comfy, clip, "a photo portrait"), encode(comfy, clip, "a cartoon portrait")
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
     differences, noises = editing.noise_differences(model, latent, source, target, seeds=4, strength=0.5)

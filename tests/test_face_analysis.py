@@ -1,6 +1,6 @@
 """Face analysis nodes on the real host: insightface loading tiny packs, crops, masks, FaceSim.
 
-The packs are written by tests/tiny_insightface.py in insightface's real
+The packs are written by tests/tiny/tiny_insightface.py in insightface's real
 file layout and loaded by insightface's own FaceAnalysis and model zoo. The
 alignment is checked on the astronaut photo against dlib, an independent
 detector and recogniser whose weights ship in their wheels (test-only).
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_insightface as tiny
 from harness import required
+from tiny import tiny_insightface as tiny
 
 W = 512  # skimage's astronaut is 512×512
 SMALL_FACE = replace(tiny.TinyFace(), score=0.95).scaled(0.5, (0.75, 0.75))  # higher score, smaller
@@ -73,7 +73,7 @@ def pixels(box) -> np.ndarray:
 
 
 def test_analysis_loads_the_pack_from_the_models_folder(analysis, pack, astronaut, comfy):
-    backend = comfy.pack("nodes.face_backend")
+    backend = comfy.pack("attention.faces.insightface_backend")
     assert analysis.folder == pack
     assert set(analysis.app.models) == {"detection", "recognition", "genderage"}
     faces, tried = analysis.detect(backend.to_bgr_uint8(astronaut[0]))
@@ -104,7 +104,7 @@ def test_crop_outputs_shapes_ranges_and_the_box_mask(comfy, analysis, astronaut)
 def test_crop_matches_what_insightface_itself_computes(comfy, analysis, astronaut):
     from insightface.utils import face_align
 
-    backend = comfy.pack("nodes.face_backend")
+    backend = comfy.pack("attention.faces.insightface_backend")
     bgr = backend.to_bgr_uint8(astronaut[0])
     faces, _ = analysis.detect(bgr)
     _, arcface, _, embedding = crop(comfy, analysis, astronaut)
@@ -125,7 +125,7 @@ def insightface_face(face):
 def test_alignment_is_insightface_norm_crop_transform(comfy):
     from insightface.utils import face_align
 
-    backend = comfy.pack("nodes.face_backend")
+    backend = comfy.pack("attention.faces.insightface_backend")
     kps = pixels(tiny.ASTRONAUT_KPS)
     np.testing.assert_allclose(backend.similarity_transform(kps, backend.face_template(112)),
                                face_align.estimate_norm(kps.astype(np.float32), 112), atol=1e-4)
@@ -193,7 +193,7 @@ def test_pack_without_detector_or_recogniser_is_refused(comfy, registered_root):
 
 
 def test_smaller_detection_sizes_are_tried(comfy, registered_root, astronaut):
-    backend = comfy.pack("nodes.face_backend")
+    backend = comfy.pack("attention.faces.insightface_backend")
     tiny.write_pack(registered_root, "antelopev2", max_input=256)  # blind at 640, 512, 384
     loaded = comfy.run_node("LikenessFaceAnalysis", model_name="antelopev2", provider="CPU")[0]
     faces, tried = loaded.detect(backend.to_bgr_uint8(astronaut[0]))
@@ -267,7 +267,7 @@ def test_alignment_agrees_with_an_independent_detector(comfy, size, padding):
     from skimage import data
 
     detector, landmarks68, landmarks5, recogniser = dlib_models()
-    backend = comfy.pack("nodes.face_backend")
+    backend = comfy.pack("attention.faces.insightface_backend")
     photo = data.astronaut()
     face = best_face(detector, photo)
     points = np.array([[p.x, p.y] for p in landmarks68(photo, face).parts()], float)

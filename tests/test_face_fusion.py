@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
-import tiny_faceid
 from harness.face_spies import (TEXT_TOKENS, AttentionRecorder, UNetCalls, face_latent, fuse, relative_difference,
                                 softmax_attention)
 from harness.sampling import encode, txt2img_latent
+from tiny import tiny_faceid
 
 FLOOR = 1e-2  # "changes the output": well above batch-size rounding on the tiny models
 
@@ -47,8 +47,8 @@ def test_a_face_changes_the_output_and_leaves_the_model_alone(comfy, family):
 
 def test_every_cross_attention_layer_gets_the_face_keys(comfy, family, monkeypatch):
     _, model, clip = family
-    layers = comfy.pack("attention.unet_layers")
-    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.dispatch"))
+    layers = comfy.pack("attention.shared.layer_table")
+    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.shared.dispatch"))
     fused = fuse(comfy, model, face_latent(count=2))  # two references of one person
     txt2img_latent(comfy, fused, clip, steps=1)
     with_faces = [c for c in recorder.calls if c["k"].shape[1] > TEXT_TOKENS]
@@ -64,7 +64,7 @@ def test_chaining_adds_people_to_one_patch(comfy, tiny_checkpoints):
     import comfy.patcher_extension as extension
 
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
-    face_fusion = comfy.pack("attention.face_fusion")
+    face_fusion = comfy.pack("attention.face_fusion.face_kv_attention")
     one = fuse(comfy, model, face_latent(seed=1))
     two = fuse(comfy, one, face_latent(seed=2))
     wrappers = two.get_wrappers(extension.WrappersMP.DIFFUSION_MODEL, face_fusion.WRAPPER_KEY)
@@ -76,11 +76,11 @@ def test_chaining_adds_people_to_one_patch(comfy, tiny_checkpoints):
 
 def test_uncond_rows_can_be_kept_off_the_face(comfy, tiny_checkpoints, monkeypatch):
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
-    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.dispatch"))
+    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.shared.dispatch"))
     txt2img_latent(comfy, fuse(comfy, model, face_latent(), uncond=False), clip, steps=1)
     call = next(c for c in recorder.calls if c["mask"] is not None)
     probs, _ = softmax_attention(call["q"], call["k"], call["v"], call["heads"], call["mask"])
-    kinds = comfy.pack("attention.rows").row_kinds(call["cond_or_uncond"], probs.shape[0])
+    kinds = comfy.pack("attention.shared.rows").row_kinds(call["cond_or_uncond"], probs.shape[0])
     for row, kind in enumerate(kinds):
         face_share = probs[row][..., TEXT_TOKENS:].sum(-1)
         assert (face_share.max() == 0) if kind == 1 else (face_share.min() > 0)
@@ -92,7 +92,7 @@ SCALE_FACTOR = {"sd15": 0.18215, "sdxl": 0.13025}  # the published latent scales
 def test_a_clean_face_is_the_latent_itself_at_the_smallest_timestep(comfy, family, monkeypatch):
     name, model, clip = family
     face = face_latent()
-    spy = UNetCalls(comfy.pack("attention.face_fusion").FACE_PASS).install(monkeypatch, model)
+    spy = UNetCalls(comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS).install(monkeypatch, model)
     txt2img_latent(comfy, fuse(comfy, model, face, face_noise="clean"), clip, steps=3)
     assert len(spy.faces) == len(spy.images) == 3
     for call in spy.faces:
@@ -102,10 +102,10 @@ def test_a_clean_face_is_the_latent_itself_at_the_smallest_timestep(comfy, famil
 
 def test_the_face_pass_reads_the_positive_prompt_when_cond_and_uncond_run_apart(comfy, family, monkeypatch):
     name, model, clip = family
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     # What ComfyUI does when cond and uncond together do not fit in memory.
     monkeypatch.setattr(model.model, "memory_required", lambda *a, **k: float("inf"))
-    spy = UNetCalls(comfy.pack("attention.face_fusion").FACE_PASS).install(monkeypatch, model)
+    spy = UNetCalls(comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS).install(monkeypatch, model)
     txt2img_latent(comfy, fuse(comfy, model, face_latent()), clip, steps=1)  # positive "a portrait photo"
     positive = encode(comfy, clip, "a portrait photo")[0][0][0]
     assert sorted(c["cond_or_uncond"] for c in spy.images) == [[0], [1]]
@@ -128,7 +128,7 @@ def test_the_face_pass_reads_the_positive_prompt_when_cond_and_uncond_run_apart(
 def test_the_face_acts_only_inside_its_start_end_window(comfy, tiny_checkpoints, monkeypatch):
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     sampling = model.get_model_object("model_sampling")
-    spy = UNetCalls(comfy.pack("attention.face_fusion").FACE_PASS).install(monkeypatch, model)
+    spy = UNetCalls(comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS).install(monkeypatch, model)
     txt2img_latent(comfy, fuse(comfy, model, face_latent(), start_percent=0.3, end_percent=0.7), clip, steps=6)
     steps = [c["sigma"] for c in spy.images]
     first, last = sampling.percent_to_sigma(0.3), sampling.percent_to_sigma(0.7)
@@ -160,7 +160,7 @@ class BiasedText:
 @pytest.mark.parametrize("weight", [1.0, 0.5])
 def test_another_processors_mask_is_widened_over_the_face_keys(comfy, tiny_checkpoints, monkeypatch, weight):
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
-    dispatch, layers = comfy.pack("attention.dispatch"), comfy.pack("attention.unet_layers")
+    dispatch, layers = comfy.pack("attention.shared.dispatch"), comfy.pack("attention.shared.layer_table")
     keys = layers.attention_keys(layers.diffusion_model_of(model))
     text_bias = torch.randn(TEXT_TOKENS, generator=torch.Generator().manual_seed(5))
     fused = fuse(comfy, model, face_latent(), weight=weight)
@@ -180,7 +180,8 @@ def test_another_processors_mask_is_widened_over_the_face_keys(comfy, tiny_check
 
 
 def with_infinite_id(comfy, model, base_directory):
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "face_fusion_faceid_sd15.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
     adapter = adapter.to(dtype=torch.float32)
@@ -195,7 +196,8 @@ def with_infinite_id(comfy, model, base_directory):
 def test_beside_infinite_id_the_face_pass_is_one_plain_call(comfy, tiny_checkpoints, base_directory, monkeypatch,
                                                             face_first):
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
-    face_fusion, infinite_id = comfy.pack("attention.face_fusion"), comfy.pack("attention.infinite_id")
+    face_fusion, infinite_id = (comfy.pack("attention.face_fusion.face_kv_attention"),
+                                comfy.pack("attention.infinite_id.identity_streams"))
     face_only = fuse(comfy, model, face_latent())
     identity_only = with_infinite_id(comfy, model, base_directory)
     both = (with_infinite_id(comfy, face_only, base_directory) if face_first
@@ -205,7 +207,7 @@ def test_beside_infinite_id_the_face_pass_is_one_plain_call(comfy, tiny_checkpoi
     # Infinite-ID runs two streams per model call; one face pass per model call, whichever wrapper
     # is outside (the identity stream reads the face through the text stream's K/V), carrying
     # neither stream's state.
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     streams = len(spy.images) // 2
     assert len(spy.faces) == streams and streams == 2
     for call in spy.faces:
@@ -229,7 +231,7 @@ def test_bf16_model_two_people_of_different_face_sizes(comfy, tiny_checkpoints, 
     left[:, :36], right[:, 28:] = 1.0, 1.0
     fused = fuse(comfy, model, face_latent(seed=1, size=8), mask=left, weight=0.5, face_noise="clean")
     fused = fuse(comfy, fused, face_latent(seed=2, size=6), mask=right, weight=2.0)
-    spy = UNetCalls(comfy.pack("attention.face_fusion").FACE_PASS).install(monkeypatch, model)
+    spy = UNetCalls(comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS).install(monkeypatch, model)
     out = txt2img_latent(comfy, fused, clip, steps=2)
     # One face pass per face size, in the dtype ComfyUI runs the model in, the clean one at timestep 0.
     assert sorted(tuple(c["x"].shape[-2:]) for c in spy.faces) == [(6, 6), (6, 6), (8, 8), (8, 8)]
@@ -274,7 +276,7 @@ def test_trainer_lowers_the_loss_leaves_the_model_alone_and_its_weights_load(com
 def test_training_and_sampling_give_the_face_pass_the_same_input(comfy, tiny_checkpoints, base_directory,
                                                                  monkeypatch):
     model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
-    face_pass = comfy.pack("attention.face_fusion").FACE_PASS
+    face_pass = comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS
     write_dataset(base_directory / "input" / "face_kv_rule", count=1)
     seed = 5
     spy = UNetCalls(face_pass).install(monkeypatch, model)
@@ -332,7 +334,7 @@ def test_trainer_can_be_interrupted_and_writes_nothing(comfy, tiny_checkpoints, 
             raise model_management.InterruptProcessingException()
         return original(*args, **kwargs)
 
-    training = comfy.pack("attention.face_kv_training")
+    training = comfy.pack("attention.face_fusion.face_kv_training")
     real_train = training.train_face_kv
 
     def counting_train(*args, on_step=None, **kwargs):

@@ -25,7 +25,7 @@ def family(request, comfy, tiny_checkpoints):
 
 
 def unet_and_layers(comfy, model):
-    layers = comfy.pack("attention.unet_layers")
+    layers = comfy.pack("attention.shared.layer_table")
     unet = model.model.diffusion_model
     return unet, layers.attention_keys(unet), layers.transformer_block
 
@@ -36,7 +36,7 @@ def test_face_keys_and_values_are_attn1_projections_of_the_face_pass_norm2_state
     states = {key: [] for key in keys}
     hooks = [block_of(unet, key).norm2.register_forward_hook(
         lambda module, inputs, output, key=key: states[key].append(output.detach().clone())) for key in keys]
-    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.dispatch"))
+    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.shared.dispatch"))
     try:
         # three references (a batch of 3 tells the face pass from the image's batch of 2), 6×6 latents
         txt2img_latent(comfy, fuse(comfy, model, face_latent(count=3, size=6)), clip, steps=1)
@@ -151,7 +151,7 @@ def test_eq7_on_every_layer_overlap_included(comfy, tiny_checkpoints, monkeypatc
     second[:int(0.61 * pixels_h), int(0.41 * pixels_w):] = 1.0  # overlaps the first between 41% and 57%
     fused = fuse(comfy, model, face_latent(seed=1, size=4), mask=first)
     fused = fuse(comfy, fused, face_latent(seed=2, size=4), mask=second)
-    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.dispatch"))
+    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.shared.dispatch"))
     sample(comfy, fused, clip, height, width)
     calls = [c for c in recorder.calls if c["k"].shape[1] > TEXT_TOKENS]
     assert calls

@@ -1,6 +1,6 @@
 """Small faces: Likeness Face Region Crop and Likeness Paste Back on the real host.
 
-The faces come from a tiny insightface pack (tests/tiny_insightface.py) that reports faces at
+The faces come from a tiny insightface pack (tests/tiny/tiny_insightface.py) that reports faces at
 known places, loaded by insightface itself through Likeness Face Analysis; the face size in the
 crop is measured on the shipped example photo with dlib, an independent detector (test-only).
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_insightface as tiny
 from harness.paths import REPO
 from test_face_analysis import dlib_models
+from tiny import tiny_insightface as tiny
 
 W = 512
 # The astronaut's face (100×116 px at 172,62 in the 512×512 photo), one near the top-right corner

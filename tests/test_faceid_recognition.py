@@ -12,12 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-import tiny_insightface
-import tiny_models
 from harness.faceid_reference import (RecordingClipVision, identities_of, model_card_inputs, proj_plus_model,
                                       write_float32_adapter)
 from harness.paths import REPO, load_installer
 from harness.sampling import txt2img_latent
+from tiny import tiny_insightface, tiny_models
 
 BUFFALO_ZIP = "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_l.zip"
 ANTELOPE_ZIP = "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip"

@@ -8,7 +8,9 @@ import torch
 
 @pytest.fixture(scope="module")
 def helpers(comfy):
-    return {name: comfy.pack(f"attention.{name}") for name in ("rows", "masks", "schedule", "unet_layers")}
+    paths = {"rows": "shared.rows", "masks": "shared.token_masks", "schedule": "shared.sigmas",
+             "unet_layers": "shared.layer_table"}
+    return {name: comfy.pack(f"attention.{path}") for name, path in paths.items()}
 
 
 @pytest.mark.parametrize("cond_or_uncond,batch,cond,uncond", [
@@ -81,7 +83,7 @@ def test_layer_selection_names_the_sets(helpers):
 
 
 def test_a_line_plot_puts_each_point_where_its_value_is(comfy):
-    plots = comfy.pack("nodes.plots")
+    plots = comfy.pack("attention.measuring.plots")
     values = [(0, 3.0), (1, 2.0), (2, 2.5), (3, 1.0)]
     image, drawn = plots.line_plot({"loss": values}, title="t", x_label="step", y_label="loss", size=(400, 300))
     assert image.shape == (1, 300, 400, 3)

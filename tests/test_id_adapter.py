@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_faceid
+from tiny import tiny_faceid
 
 FORMATS = (".safetensors", ".bin")
 
@@ -33,7 +33,7 @@ def tiny_files(ipadapter_folder) -> dict[tuple[str, str], str]:
 @pytest.fixture(scope="module", params=list(tiny_faceid.KINDS))
 def family(request, comfy, tiny_checkpoints):
     model, _, _ = comfy.load_checkpoint(tiny_checkpoints[request.param])
-    layers = comfy.pack("attention.unet_layers")
+    layers = comfy.pack("attention.shared.layer_table")
     return request.param, layers.diffusion_model_of(model)
 
 
@@ -43,7 +43,7 @@ def load(comfy, name):
 
 def test_file_numbering_is_diffusers_processor_order(comfy, family):
     kind, unet = family
-    id_adapter, layers = comfy.pack("attention.id_adapter"), comfy.pack("attention.unet_layers")
+    id_adapter, layers = comfy.pack("attention.infinite_id.id_adapter"), comfy.pack("attention.shared.layer_table")
     layout = id_adapter.FILE_LAYOUTS[kind]
     assert list(layout) == id_adapter.file_order(layers.attention_keys(unet))
     # IPAdapter_plus' numbering (number*2+1 over input ids, output ids, then middle):
@@ -59,7 +59,7 @@ def test_file_numbering_is_diffusers_processor_order(comfy, family):
 @pytest.mark.parametrize("suffix", FORMATS)
 def test_tiny_files_load_strictly_and_cover_every_cross_attention(comfy, family, tiny_files, ipadapter_folder, suffix):
     kind, unet = family
-    layers = comfy.pack("attention.unet_layers")
+    layers = comfy.pack("attention.shared.layer_table")
     adapter = load(comfy, tiny_files[kind, suffix])
     context = tiny_faceid.KINDS[kind]["context"]
     assert (adapter.kind, adapter.num_tokens, adapter.cross_attention_dim) == (kind, 4, context)
@@ -71,7 +71,7 @@ def test_tiny_files_load_strictly_and_cover_every_cross_attention(comfy, family,
         assert w_k.shape == w_v.shape == to_k.shape, key  # (layer inner width, context width)
     # Each block key holds the file's tensor of its number, as written.
     written = tiny_faceid.state_dict(kind, seed=list(tiny_files).index((kind, suffix)))
-    for n, key in enumerate(comfy.pack("attention.id_adapter").FILE_LAYOUTS[kind]):
+    for n, key in enumerate(comfy.pack("attention.infinite_id.id_adapter").FILE_LAYOUTS[kind]):
         assert torch.equal(adapter.kv_weights[key][0], written[f"ip_adapter.{2 * n + 1}.to_k_ip.weight"])
         assert torch.equal(adapter.kv_weights[key][1], written[f"ip_adapter.{2 * n + 1}.to_v_ip.weight"])
 
@@ -203,7 +203,7 @@ def test_low_precision_copy_leaves_the_loaded_adapter_alone(comfy, tiny_files):
 
 @pytest.mark.parametrize("kind", list(tiny_faceid.KINDS))
 def test_save_then_load_round_trips_every_tensor(comfy, tiny_files, ipadapter_folder, kind):
-    id_adapter = comfy.pack("attention.id_adapter")
+    id_adapter = comfy.pack("attention.infinite_id.id_adapter")
     adapter = load(comfy, tiny_files[kind, ".bin"])
     path = ipadapter_folder / f"tiny_saved_{kind}.safetensors"
     id_adapter.save_id_adapter(adapter, path)

@@ -11,7 +11,9 @@ from harness.sampling import encode, txt2img_latent
 
 @pytest.fixture(scope="module")
 def modules(comfy):
-    return {name: comfy.pack(f"attention.{name}") for name in ("infinite_id", "dispatch", "unet_layers", "adain")}
+    paths = {"infinite_id": "infinite_id.identity_streams", "dispatch": "shared.dispatch",
+             "unet_layers": "shared.layer_table", "adain": "shared.adain"}
+    return {name: comfy.pack(f"attention.{path}") for name, path in paths.items()}
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
@@ -176,7 +178,7 @@ def test_stacked_identities_are_attention_over_all_their_tokens(modules):
 
 def denoised(comfy, model, patched, clip, timestep=500.0):
     """One batched cond+uncond prediction of ``patched`` (x0 of each), as a sampler makes it."""
-    training = comfy.pack("attention.training")
+    training = comfy.pack("attention.shared.training_loop")
     positive, negative = encode(comfy, clip, "a portrait photo"), encode(comfy, clip, "blurry")
     sigma = model.get_model_object("model_sampling").sigma(torch.tensor([timestep]))
     noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigma
@@ -228,7 +230,7 @@ def test_the_identity_stream_acts_only_inside_its_window(comfy, modules, tiny_ch
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     keys, kv, tokens = stand_in_adapter(modules, model)
     sampling = model.get_model_object("model_sampling")
-    schedule = comfy.pack("attention.schedule")
+    schedule = comfy.pack("attention.shared.sigmas")
     streams = []
     original = infinite_id.InfiniteIDWrapper.__call__
 

@@ -8,13 +8,11 @@ import dataclasses
 import pytest
 import torch
 
-import tiny_faceid
-import tiny_insightface
-import tiny_models
 from harness.faceid_reference import (authors_faceid_plus, identities_of, model_card_inputs, one_model_call,
                                       proj_plus_model, write_float32_adapter)
 from harness.sampling import txt2img_latent
 from harness.workflows import TINY_FACE_PACK, for_tiny_models, load_api
+from tiny import tiny_faceid, tiny_insightface, tiny_models
 
 @pytest.fixture(scope="module")
 def clip_vision(comfy, base_directory):
@@ -110,8 +108,8 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
 
 
 def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, base_directory, parts):
-    training = comfy.pack("attention.id_adapter_training")
-    recipe = dataclasses.replace(comfy.pack("attention.recipes").ID_ADAPTER, learning_rate=1e-3)
+    training = comfy.pack("attention.infinite_id.id_adapter_training")
+    recipe = dataclasses.replace(comfy.pack("attention.shared.recipes").ID_ADAPTER, learning_rate=1e-3)
     model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
@@ -123,7 +121,7 @@ def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, bas
     for prompt in ("a portrait photo", "a red car on a bridge"):
         with torch.inference_mode():
             cond = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
-        pair = training.Pair(target, face, hidden, cond)
+        pair = training.IdentityPair(target, face, hidden, cond)
         _, before, after = training.train_id_adapter(model, adapter, [pair], steps=2, recipe=recipe, seed=3,
                                                      no_face_hidden=torch.zeros_like(hidden))
         results.append((before, after))
@@ -202,7 +200,8 @@ def test_each_switch_and_the_no_face_tokens_of_the_node_equal_the_functions_run_
     authors' "no face" tokens (get_image_embeds); each switch changes the call."""
     from PIL import Image
 
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     analysis, clip_vision, images = parts
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     adapter = float32_adapter(comfy, base_directory)

@@ -9,11 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tiny_faceid
-import tiny_models
 from harness import required
 from harness.faceid_reference import hf_clip_vision
 from harness.sampling import encode
+from tiny import tiny_faceid, tiny_models
 
 STEP_TIMESTEP = 500.0
 
@@ -75,7 +74,7 @@ def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, o
     from transformers import CLIPImageProcessor
 
     faceid, _ = oracle
-    infinite_id = comfy.pack("attention.infinite_id")
+    infinite_id = comfy.pack("attention.infinite_id.identity_streams")
     adapter, state = adapter_for(comfy, base_directory, "sd15")
     size = tiny_models.TINY_CLIP_VISION["image_size"]
     pixels = np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -158,7 +157,7 @@ def diffusers_attention(comfy_attention, cross: bool):
 
 def one_model_call(comfy, model, patched, clip):
     """One batched cond+uncond call of ``patched`` at a mid timestep, as a sampler makes it."""
-    training = comfy.pack("attention.training")
+    training = comfy.pack("attention.shared.training_loop")
     positive, negative = encode(comfy, clip, "a portrait photo"), encode(comfy, clip, "blurry")
     sigma = model.get_model_object("model_sampling").sigma(torch.tensor([STEP_TIMESTEP]))
     noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigma
@@ -167,7 +166,7 @@ def one_model_call(comfy, model, patched, clip):
 
 
 def infinite_id_settings(comfy, adapter, model, **overrides):
-    infinite_id = comfy.pack("attention.infinite_id")
+    infinite_id = comfy.pack("attention.infinite_id.identity_streams")
     generator = torch.Generator().manual_seed(9)
     context = adapter.cross_attention_dim
     settings = dict(tokens=torch.randn(1, 4, context, generator=generator),
@@ -179,7 +178,7 @@ def infinite_id_settings(comfy, adapter, model, **overrides):
 
 
 def layer_file_numbers(comfy, kind, key) -> tuple[int, int]:
-    layout = comfy.pack("attention.id_adapter").FILE_LAYOUTS[kind]
+    layout = comfy.pack("attention.infinite_id.id_adapter").FILE_LAYOUTS[kind]
     n = layout.index(tuple(key))
     return 2 * n, 2 * n + 1  # attn1, attn2 processor numbers in the file
 
@@ -199,7 +198,8 @@ LAYERS = {"sd15": [("input", 1, 0), ("middle", 0, 0), ("output", 11, 0)],
 def test_identity_rows_cross_attention_equals_lora_ip_attn_processor(comfy, tiny_checkpoints, base_directory, oracle,
                                                                      kind):
     _, processors = oracle
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
     adapter, state = adapter_for(comfy, base_directory, kind)
     ip = file_section(state, "ip_adapter")
@@ -218,7 +218,7 @@ def test_identity_rows_cross_attention_equals_lora_ip_attn_processor(comfy, tiny
             hidden_size=comfy_attention.to_q.weight.shape[0], cross_attention_dim=context.shape[-1],
             rank=tiny_faceid.LORA_RANK, scale=1.0, num_tokens=settings.tokens.shape[1])
         processor.load_state_dict(lora_processor_state(ip, layer_file_numbers(comfy, kind, key)[1], with_ip=True))
-        uncond = comfy.pack("attention.rows").row_mask(1, cond_or_uncond, n.shape[0])
+        uncond = comfy.pack("attention.shared.rows").row_mask(1, cond_or_uncond, n.shape[0])
         ip_tokens = torch.where(uncond.view(-1, 1, 1), settings.uncond_tokens, settings.tokens)
         with torch.no_grad():
             expected = processor(attention, n.float(), torch.cat([context.float(), ip_tokens], 1))
@@ -240,7 +240,8 @@ def test_identity_rows_self_attention_equals_lora_attn_processor(comfy, tiny_che
     """With mixed attention off the identity stream's self-attention is FaceID's LoRAAttnProcessor2_0;
     with it on, K and V also hold the text stream's (unLoRAed) keys: Eq. 5 by hand."""
     _, processors = oracle
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
     adapter, state = adapter_for(comfy, base_directory, kind)
     ip = file_section(state, "ip_adapter")
@@ -286,7 +287,8 @@ def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, bas
     """A weight-1 run: the text stream's noise prediction is bit for bit the unpatched model's."""
     import comfy.patcher_extension as extension
 
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     adapter, _ = adapter_for(comfy, base_directory, "sd15")
     settings = infinite_id_settings(comfy, adapter, model)
@@ -314,8 +316,8 @@ def kohya_lora(comfy, model, ip: dict, kind: str, alpha: float | None = None, dt
     named through ComfyUI's key map for this model; ``alpha`` None: alpha = rank, as h94's."""
     import comfy.lora as comfy_lora
 
-    id_adapter = comfy.pack("attention.id_adapter")
-    faceid_lora = comfy.pack("attention.faceid_lora")
+    id_adapter = comfy.pack("attention.infinite_id.id_adapter")
+    faceid_lora = comfy.pack("attention.infinite_id.faceid_lora")
     key_map = comfy_lora.model_lora_keys_unet(model.model, {})
     prefix_of = {}
     for prefix, target in key_map.items():
@@ -338,7 +340,8 @@ def kohya_lora(comfy, model, ip: dict, kind: str, alpha: float | None = None, dt
 def test_a_separate_lora_file_gives_what_the_adapters_own_lora_gives(comfy, tiny_checkpoints, base_directory):
     from safetensors.torch import save_file
 
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     adapter, state = adapter_for(comfy, base_directory, "sd15", seed=11)
     loras = base_directory / "models" / "loras"
@@ -371,7 +374,8 @@ def test_the_lora_at_another_scale_and_alpha_equals_the_processors_at_that_scale
     from safetensors.torch import save_file
 
     _, processors = oracle
-    infinite_id, layers = comfy.pack("attention.infinite_id"), comfy.pack("attention.unet_layers")
+    infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
+                           comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
     adapter, state = adapter_for(comfy, base_directory, kind, seed=13)
     ip = file_section(state, "ip_adapter")
@@ -407,7 +411,7 @@ def test_the_lora_at_another_scale_and_alpha_equals_the_processors_at_that_scale
                 hidden_size=hidden, cross_attention_dim=context.shape[-1], rank=tiny_faceid.LORA_RANK,
                 network_alpha=alpha, lora_scale=LORA_SCALE, scale=1.0, num_tokens=settings.tokens.shape[1])
             processor.load_state_dict(lora_processor_state(ip, cross_number, with_ip=True))
-            uncond = comfy.pack("attention.rows").row_mask(1, cond_or_uncond, n.shape[0])
+            uncond = comfy.pack("attention.shared.rows").row_mask(1, cond_or_uncond, n.shape[0])
             ip_tokens = torch.where(uncond.view(-1, 1, 1), settings.uncond_tokens, settings.tokens)
             with torch.no_grad():
                 expected = processor(attention, n.float(), torch.cat([context.float(), ip_tokens], 1))

@@ -36,7 +36,7 @@ def left_half():
 @pytest.mark.parametrize("weight, mask", [(1.0, None), (0.5, None), (1.0, "left")])
 def test_an_image_prompt_and_face_fusion_both_act_in_either_order(comfy, tiny_checkpoints, family, two_part, weight,
                                                                   mask):
-    layers = comfy.pack("attention.unet_layers")
+    layers = comfy.pack("attention.shared.layer_table")
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[family])
     keys = layers.attention_keys(layers.diffusion_model_of(model))
     mask = left_half() if mask == "left" else None
@@ -59,7 +59,7 @@ def test_an_image_prompt_and_face_fusion_both_act_in_either_order(comfy, tiny_ch
 def test_a_masked_face_keeps_the_image_prompt_exactly_as_unmasked_weight_one_would(comfy, tiny_checkpoints):
     """At one layer: masked attention over [text; face] plus the image prompt's own addition,
     against the two computed apart."""
-    dispatch = comfy.pack("attention.dispatch")
+    dispatch = comfy.pack("attention.shared.dispatch")
     generator = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(2, 16, 32, generator=generator) for _ in range(3))
     mask = torch.zeros(2, 16, 16)

@@ -122,8 +122,8 @@ def test_ffa_with_alpha_1_beta_0_and_style_equal_content_is_the_plain_reconstruc
 def test_ffa_processor_is_the_formula_written_out(comfy):
     """Eq. 5 with a plain softmax written here (AdaIN as hand_adain below): the dispatcher processor
     given the projections the layer makes of the mixed inputs."""
-    ffa_module = comfy.pack("attention.ffa")
-    dispatch = comfy.pack("attention.dispatch")
+    ffa_module = comfy.pack("attention.magicstyle.ffa")
+    dispatch = comfy.pack("attention.shared.dispatch")
     torch.manual_seed(0)
     b, n, heads, dim = 2, 24, 4, 8
     q_c, q_cur, k_c, k_s = (torch.randn(b, n, heads * dim) for _ in range(4))
@@ -156,7 +156,7 @@ def test_features_are_found_by_timestep_not_call_count(comfy, inverted, monkeypa
     """Heun calls the model twice per step, and cond/uncond in separate calls
     double it again: every call must still find its own timestep's features."""
     name, model, empty, _, z_t, features = inverted
-    ffa_module = comfy.pack("attention.ffa")
+    ffa_module = comfy.pack("attention.magicstyle.ffa")
     looked_up = []
     original = ffa_module.FeatureFusion.features_for
 
@@ -236,7 +236,7 @@ def test_cache_memory_measured_against_a_naive_qkv_cache_by_hand(comfy, sd15, pr
 def test_the_memory_formula_is_exactly_what_an_inversion_keeps(comfy, tiny_checkpoints, kind, size, precision):
     """cache_bytes (from the UNet's config alone) against the measured storage of what a real
     inversion holds, odd latent sizes included."""
-    bank_module = comfy.pack("attention.feature_bank")
+    bank_module = comfy.pack("attention.magicstyle.feature_bank")
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
     _, bank = invert(comfy, model, encode(comfy, clip, ""), random_latents(2, size=size), steps=3,
                      precision=precision)
@@ -286,7 +286,7 @@ def test_interrupted_inversion_leaves_no_cache(comfy, sd15, monkeypatch):
     import comfy.model_management as model_management
 
     model, empty, _ = sd15
-    bank_module = comfy.pack("attention.feature_bank")
+    bank_module = comfy.pack("attention.magicstyle.feature_bank")
     captures = []
     original_init = bank_module.FeatureCapture.__init__
 
@@ -367,8 +367,8 @@ def test_ffa_equals_a_hand_computation_from_the_cached_states_and_the_layers_wei
     The style is image 1 of a two-image bank (style_index 1)."""
     name, model, empty, latents, _, _ = inverted
     _, features = invert(comfy, model, empty, latents, precision="fp8")
-    layers, dispatch = comfy.pack("attention.unet_layers"), comfy.pack("attention.dispatch")
-    training = comfy.pack("attention.training")
+    layers, dispatch = comfy.pack("attention.shared.layer_table"), comfy.pack("attention.shared.dispatch")
+    training = comfy.pack("attention.shared.training_loop")
     unet = layers.diffusion_model_of(model)
     key = {"sd15": ("output", 4, 0), "sdxl": ("input", 8, 3)}[name]
     block = layers.transformer_block(unet, key)
@@ -431,7 +431,7 @@ def test_ffa_equals_a_hand_computation_from_the_cached_states_and_the_layers_wei
 
 def test_ffa_acts_only_inside_its_window(comfy, inverted, monkeypatch):
     name, model, empty, _, z_t, features = inverted
-    ffa_module = comfy.pack("attention.ffa")
+    ffa_module = comfy.pack("attention.magicstyle.ffa")
     content, style = features.select(0, 1), features.select(1, 1)
     start = {"samples": z_t[:1]}
     plain = ksampler_advanced(comfy, model, start, empty)
@@ -446,7 +446,7 @@ def test_ffa_acts_only_inside_its_window(comfy, inverted, monkeypatch):
 
     monkeypatch.setattr(ffa_module.FeatureFusion, "features_for", recording)
     sampling = model.get_model_object("model_sampling")
-    window = comfy.pack("attention.schedule").SigmaRange.from_percent(sampling, 0.0, 0.5)
+    window = comfy.pack("attention.shared.sigmas").SigmaRange.from_percent(sampling, 0.0, 0.5)
     styled = ksampler_advanced(comfy, ffa(comfy, model, content, style, start_percent=0.0, end_percent=0.5),
                                start, empty)
     visited = {round(s, 4) for s in fused_at}
@@ -462,7 +462,7 @@ def test_ffa_acts_only_inside_its_window(comfy, inverted, monkeypatch):
 
 
 def test_a_run_keeps_the_cache_on_the_gpu_only_when_it_fits(comfy):
-    ffa_module = comfy.pack("attention.ffa")
+    ffa_module = comfy.pack("attention.magicstyle.ffa")
     gib = 1024 ** 3
     # SDXL 1024x1024, 30 steps, content + style, every layer: 6.5 GB at fp8 (README's Memory table)
     assert ffa_module.keep_on_device("auto", int(6.5 * gib), free_bytes=14 * gib)  # a 24 GB card after the model
@@ -479,7 +479,7 @@ def test_nothing_of_the_cache_stays_with_the_patch_after_a_run(comfy, inverted):
     content, style = features.select(0, 1), features.select(1, 1)
     content.placement = "device"
     patched = ffa(comfy, model, content, style)
-    processors = [p for d in comfy.pack("attention.dispatch").dispatchers(patched) for p in d.processors]
+    processors = [p for d in comfy.pack("attention.shared.dispatch").dispatchers(patched) for p in d.processors]
     fusion = processors[0].fusion
     # On a device (here the meta device stands in for a GPU) the first call moves the whole cache.
     sigma = torch.tensor([features.sigmas[0]])

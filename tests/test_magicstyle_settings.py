@@ -114,8 +114,8 @@ def test_each_layer_set_selects_its_layers(comfy, tiny_checkpoints, kind):
         cached[layers] = bank
         assert sorted(bank.layers) == sorted(expected[layers]), layers
         assert sorted(k for (_, k) in bank.features) == sorted(expected[layers] * len(bank.timesteps)), layers
-    dispatch = comfy.pack("attention.dispatch")
-    for layers in comfy.pack("attention.unet_layers").LAYER_SETS:
+    dispatch = comfy.pack("attention.shared.dispatch")
+    for layers in comfy.pack("attention.shared.layer_table").LAYER_SETS:
         (patched,) = comfy.run_node("LikenessFeatureFusionAttention", model=model, content=cached["all"],
                                     style=cached["all"], alpha=0.8, beta=0.2, temperature=1.0, layers=layers,
                                     style_index=0, start_percent=0.0, end_percent=1.0)

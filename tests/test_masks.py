@@ -1,4 +1,4 @@
-"""Masks on a layer's token grid (attention/masks.py, which FFA, Face Fusion and Infinite-ID use),
+"""Masks on a layer's token grid (attention/shared/token_masks.py, which FFA, Face Fusion and Infinite-ID use),
 against a resize written out here: a mask smaller than the grid is stretched up bilinearly, a larger
 one area-averaged down, each axis on its own (a mask can be taller than the grid but narrower).
 
@@ -72,7 +72,7 @@ CASES = [
 
 @pytest.mark.parametrize("mask_hw,latent_hw,tokens", CASES)
 def test_mask_to_tokens_is_the_hand_resize(comfy, mask_hw, latent_hw, tokens):
-    masks = comfy.pack("attention.masks")
+    masks = comfy.pack("attention.shared.token_masks")
     soft = torch.rand(2, *mask_hw, generator=torch.Generator().manual_seed(sum(mask_hw)))
     grid = masks.token_grid([1, 4, *latent_hw], tokens)
     got = masks.mask_to_tokens(soft, [1, 4, *latent_hw], tokens)
@@ -84,7 +84,7 @@ def test_mask_to_tokens_is_the_hand_resize(comfy, mask_hw, latent_hw, tokens):
 @pytest.mark.parametrize("mask_hw,latent_hw,tokens", CASES[:2] + CASES[3:5])
 def test_a_region_on_a_grid_larger_than_its_mask_is_the_hand_resize_above_a_half(comfy, mask_hw, latent_hw, tokens):
     """region_on_grid (FFA's and Infinite-ID's regions) on a hard-edged mask smaller than the grid."""
-    masks = comfy.pack("attention.masks")
+    masks = comfy.pack("attention.shared.token_masks")
     hard = (torch.rand(1, *mask_hw, generator=torch.Generator().manual_seed(7)) > 0.5).float()
     hard[0, 0, 0], hard[0, -1, -1] = 1.0, 0.0  # never all inside (that is "no region": None)
     grid = masks.token_grid([1, 4, *latent_hw], tokens)
@@ -112,7 +112,7 @@ def test_face_fusion_masks_smaller_than_the_grid_follow_the_hand_resize_on_every
     second[:3, 2:] = 1.0
     fused = fuse(comfy, model, face_latent(seed=1, size=4), mask=first)
     fused = fuse(comfy, fused, face_latent(seed=2, size=4), mask=second)
-    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.dispatch"))
+    recorder = AttentionRecorder().install(monkeypatch, comfy.pack("attention.shared.dispatch"))
     (latent,) = comfy.run_node("EmptyLatentImage", width=8 * width, height=8 * height, batch_size=1)
     comfy.run_node("KSampler", model=fused, seed=3, steps=1, cfg=5.0, sampler_name="euler", scheduler="normal",
                    positive=encode(comfy, clip, "two people"), negative=encode(comfy, clip, "blurry"),

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import tiny_mcdm
 from harness.sampling import encode
 from test_editing import differs, row_inputs, x0_of
+from tiny import tiny_mcdm
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def write_pairs(folder, seeds: list[tuple[int, int]], prompt: str | None = None,
 
 
 def predictions(comfy, model, conds, noisy, sigma):
-    training = comfy.pack("attention.training")
+    training = comfy.pack("attention.shared.training_loop")
     return training.denoised_predictions(model, model, conds, noisy, sigma)
 
 
@@ -314,7 +314,7 @@ def test_mask_of_ones_is_the_target_only_edit_and_zeros_the_source_only(comfy, m
         mcdm_guider(comfy, model, positive, negative, scales, source=source, mask=torch.zeros(64, 64))
     for mask, expected in ((torch.ones(64, 64), target_only), (torch.zeros(64, 64), source_only)):
         # the guider itself (the node refuses an all-0 mask: it would edit nothing)
-        guider = comfy.pack("attention.guiders").MCDMCFGGuider(model)
+        guider = comfy.pack("attention.portrait_editing.editing_guiders").MCDMCFGGuider(model)
         guider.set_conds(positive, negative, source, mask)
         guider.set_scales(*scales)
         blended = one_step(comfy, guider, latent, sigmas)
@@ -389,7 +389,7 @@ def test_save_pairs_writes_a_training_folder_and_numbers_on(comfy, base_director
     assert len(list(folder.glob("*.png"))) == 8
     assert (folder / "pair_00004.txt").read_text() == "a man in a suit"
     assert (folder / "pair_00004.source.txt").read_text() == "a man in a sweater"
-    examples = comfy.pack("attention.face_kv_training").find_examples(folder, ".source")
+    examples = comfy.pack("attention.shared.training_folders").find_examples(folder, ".source")
     assert [e.image.name for e in examples] == [f"pair_{i:05d}.png" for i in range(1, 5)]
     with pytest.raises(ValueError, match="target"):
         comfy.run_node("LikenessSavePairs", source=sources, target=targets[:1], prompt="", source_prompt="",
@@ -400,8 +400,9 @@ def test_a_4_channel_model_starts_as_itself(comfy, sd15):
     """Zero-initialised extra conv_in channels: the expanded UNet predicts what the base model
     predicts, whatever c_s is."""
     model, clip, _ = sd15
-    training = comfy.pack("attention.mcdm_training")
-    expanded = comfy.pack("attention.mcdm").build_model(training.expanded_unet(model), dtype=torch.float32)
+    training = comfy.pack("attention.portrait_editing.mcdm_training")
+    expanded = comfy.pack("attention.portrait_editing.mcdm").build_model(training.expanded_unet(model),
+                                                                         dtype=torch.float32)
     assert expanded.model.diffusion_model.input_blocks[0][0].weight.shape[1] == 8
     text = encode(comfy, clip, "a portrait")
     with_latent = [[text[0][0], {**text[0][1], "concat_latent_image": torch.randn(1, 4, 8, 8)}]]
@@ -450,7 +451,7 @@ def test_trainer_loss_falls_and_its_files_load_back(comfy, base_directory, sd15,
 
 
 def test_dropout_cases_and_identity_pairs_come_at_the_papers_rates(comfy):
-    training = comfy.pack("attention.mcdm_training")
+    training = comfy.pack("attention.portrait_editing.mcdm_training")
     generator = torch.Generator().manual_seed(0)
     draws = [training.draw_case(generator) for _ in range(20000)]
     identity = sum(i for i, _ in draws) / len(draws)
@@ -470,7 +471,7 @@ def test_identity_pairs_learn_the_source_under_the_source_prompt(comfy, base_dir
     folder = base_directory / "input" / "pairs_identity"
     write_pairs(folder, [(50, 51)], prompt="a man in a suit of shining armour",
                 source_prompt="a cartoon drawing of an old woman")
-    training = comfy.pack("attention.mcdm_training")
+    training = comfy.pack("attention.portrait_editing.mcdm_training")
     seen, real_loss, draws = [], training.diffusion_loss, iter([(True, None), (False, None)])
 
     def spy(base, patched, target, cond, sigma, noise):
@@ -512,7 +513,7 @@ def test_each_dropout_case_drops_exactly_its_condition(comfy, base_directory, sd
     model, clip, vae = sd15
     prompt = "a man in a suit of shining armour"
     write_pairs(base_directory / "input" / "pairs_dropout", [(90, 91)], prompt=prompt)
-    training = comfy.pack("attention.mcdm_training")
+    training = comfy.pack("attention.portrait_editing.mcdm_training")
     seen, real_loss = [], training.diffusion_loss
     draws = iter([(False, case) for case in DROPPED])
 
@@ -560,7 +561,7 @@ def test_a_pair_without_its_source_prompt_is_refused_by_name(comfy, base_directo
 
 def test_bf16_mcdm_follows_the_fp32_one(comfy, base_directory, files, mcdm, small_edit):
     """The low-precision path users run on GPUs: same files built in bfloat16."""
-    module = comfy.pack("attention.mcdm")
+    module = comfy.pack("attention.portrait_editing.mcdm")
     state = module.load_state_dict(base_directory / "models" / "likeness" / files["unet"])
     half = module.build_model(module.read_unet(state), dtype=torch.bfloat16)
     assert half.model.diffusion_model.input_blocks[0][0].weight.dtype == torch.bfloat16
@@ -588,7 +589,7 @@ def test_trainer_can_be_interrupted_and_writes_nothing(comfy, base_directory, sd
     _, clip, vae = sd15
     write_pairs(base_directory / "input" / "pairs_interrupt", [(30, 31)])
     steps_seen = []
-    training = comfy.pack("attention.mcdm_training")
+    training = comfy.pack("attention.portrait_editing.mcdm_training")
     real_train = training.train_mcdm
 
     def counting_train(*args, on_step=None, **kwargs):

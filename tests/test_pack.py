@@ -22,7 +22,7 @@ def test_top_level_layout_is_the_designed_one():
 
 
 def test_attention_holds_no_nodes_and_nodes_hold_no_math():
-    for module in (REPO / "attention").glob("*.py"):
+    for module in (REPO / "attention").rglob("*.py"):
         assert "io.ComfyNode" not in module.read_text(), module.name
     for module in (REPO / "nodes").glob("*.py"):
         text = module.read_text()

@@ -13,12 +13,11 @@ import math
 import pytest
 import torch
 
-import tiny_faceid
-import tiny_mcdm
 from harness.paths import REPO
 from harness.training_job import write_faces, write_identity_pairs
 from test_infinite_id_node import clip_vision, parts  # noqa: F401  (fixtures)
 from test_mcdm import write_pairs
+from tiny import tiny_faceid, tiny_mcdm
 
 # (learning rate, weight decay, gradient-norm clip (0: none), batch per device), from the sources the
 # README's "Training recipes" tables cite: portrait editing supplementary 1.2 + the released
@@ -48,7 +47,7 @@ def job_defaults(trainer: str) -> dict:
 @pytest.mark.parametrize("trainer", sorted(PAPERS))
 def test_node_inputs_and_job_options_default_to_the_papers_recipe(comfy, trainer):
     node_id, name = NODES[trainer]
-    recipe = getattr(comfy.pack("attention.recipes"), name)
+    recipe = getattr(comfy.pack("attention.shared.recipes"), name)
     assert dataclasses.astuple(recipe) == PAPERS[trainer]
     schema = {i.id: getattr(i, "default", None) for i in comfy.node_class(node_id).GET_SCHEMA().inputs}
     signature = inspect.signature(comfy.node_class(node_id).execute).parameters
@@ -86,7 +85,7 @@ START = (torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64), torch.tensor([[1.0
 def train_toy(comfy, recipe, batching, steps: int):
     """The loop on loss = a·|w1|² + Σ b∘w2 with only w1 clipped (as the MCDM's UNet is, its adapter
     not): the trained weights and the examples each step drew, in order."""
-    training = comfy.pack("attention.training")
+    training = comfy.pack("attention.shared.training_loop")
     w1, w2 = (torch.nn.Parameter(t.clone()) for t in START)
     drawn = []
 
@@ -126,7 +125,7 @@ def test_a_step_is_adamw_with_decay_after_clipping_the_whole_steps_gradient(comf
     """Two steps of four examples, one at a time or accumulated: the same as the hand computation
     over each step's four draws. The clip coefficient differs between the steps (the gradient of w1
     is 2a·w1), so clipping shows in the second step's AdamW update and not only in its scale."""
-    recipes, training = comfy.pack("attention.recipes"), comfy.pack("attention.training")
+    recipes, training = comfy.pack("attention.shared.recipes"), comfy.pack("attention.shared.training_loop")
     recipe = recipes.Recipe(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0.5, batch=batch)
     (w1, w2), steps = train_toy(comfy, recipe, training.Batching(batch, accumulate), steps=2)
     assert [len(s) for s in steps] == [4, 4] and len({id(e) for s in steps for e in s}) > 1
@@ -142,7 +141,7 @@ def test_accumulated_batches_are_one_batch(comfy):
     """The node's batch_size of 4 (four examples, one at a time) and jobs/train.py's --batch 1
     --accumulate 4 train the same weights from the same draws (tests/test_distributed.py proves the
     same over processes)."""
-    recipes, training = comfy.pack("attention.recipes"), comfy.pack("attention.training")
+    recipes, training = comfy.pack("attention.shared.recipes"), comfy.pack("attention.shared.training_loop")
     recipe = recipes.Recipe(learning_rate=0.1, weight_decay=0.5, max_grad_norm=0.5, batch=4)
     whole, drawn_whole = train_toy(comfy, recipe, training.Batching(4, 1), steps=3)
     split, drawn_split = train_toy(comfy, recipe, training.Batching(1, 4), steps=3)
@@ -173,7 +172,7 @@ def test_each_trainer_node_hands_its_recipe_to_the_loop(comfy, tiny_checkpoints,
                                                         monkeypatch, given):
     """The nodes' inputs (or, absent, the recipe) reach the loop as its recipe and batch, and the
     MCDM clips its UNet's gradient only (the released train.py clips unet.parameters())."""
-    recipes, training = comfy.pack("attention.recipes"), comfy.pack("attention.training")
+    recipes, training = comfy.pack("attention.shared.recipes"), comfy.pack("attention.shared.training_loop")
     model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     analysis, clip_vision_model, _ = parts
     root = base_directory / "input"
@@ -187,12 +186,12 @@ def test_each_trainer_node_hands_its_recipe_to_the_loop(comfy, tiny_checkpoints,
     adapter_file = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_recipe.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=adapter_file.name)
     runs = {
-        "FACE_KV": ("attention.face_kv_training", "LikenessTrainFaceKV",
+        "FACE_KV": ("attention.face_fusion.face_kv_training", "LikenessTrainFaceKV",
                     dict(model=model, clip=clip, vae=vae, folder=f"recipe_faces_{suffix}")),
-        "ID_ADAPTER": ("attention.id_adapter_training", "LikenessTrainIDAdapter",
+        "ID_ADAPTER": ("attention.infinite_id.id_adapter_training", "LikenessTrainIDAdapter",
                        dict(model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis,
                             clip_vision=clip_vision_model, folder=f"recipe_ids_{suffix}", shortcut_scale=1.0)),
-        "MCDM": ("attention.mcdm_training", "LikenessTrainMCDM",
+        "MCDM": ("attention.portrait_editing.mcdm_training", "LikenessTrainMCDM",
                  dict(model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder=f"recipe_pairs_{suffix}")),
     }
     for name, (module, node_id, node_inputs) in runs.items():

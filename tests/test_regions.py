@@ -7,19 +7,19 @@ import math
 import pytest
 import torch
 
-import tiny_faceid
-import tiny_insightface
-import tiny_models
 from harness.identity_stand_in import stand_in_identity
 from harness.sampling import encode, txt2img_latent
 from harness.workflows import TINY_FACE_PACK
+from tiny import tiny_faceid, tiny_insightface, tiny_models
 
 WEIGHT = 0.7  # an in-between weight: 0 and 1 are short-circuit points
 
 
 @pytest.fixture(scope="module")
 def modules(comfy):
-    return {name: comfy.pack(f"attention.{name}") for name in ("infinite_id", "dispatch", "unet_layers", "training")}
+    paths = {"infinite_id": "infinite_id.identity_streams", "dispatch": "shared.dispatch",
+             "unet_layers": "shared.layer_table", "training": "shared.training_loop"}
+    return {name: comfy.pack(f"attention.{path}") for name, path in paths.items()}
 
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
@@ -251,7 +251,7 @@ def test_ffa_mask_of_ones_is_no_mask_and_zeros_the_unpatched_model(comfy, invert
     """Bit for bit: ones cover every grid, where FFA takes its unmasked path by design; zeros leave
     every layer as it is (the patch built directly: the node refuses a mask of all 0)."""
     name, model, empty, z_t, features = inverted
-    ffa_module, schedule = comfy.pack("attention.ffa"), comfy.pack("attention.schedule")
+    ffa_module, schedule = comfy.pack("attention.magicstyle.ffa"), comfy.pack("attention.shared.sigmas")
     content = features.select(0, 1)
     plain = regenerate(comfy, model, z_t, empty)
     unmasked = regenerate(comfy, ffa(comfy, model, content, features), z_t, empty)
@@ -277,7 +277,7 @@ def test_ffa_mask_outside_attends_as_without_ffa_and_inside_as_with_it(comfy, in
     output (Algorithm 1 / Eq. 5), queries in the right half plain self-attention of the current
     hidden states."""
     name, model, empty, _, features = inverted
-    layers, training = comfy.pack("attention.unet_layers"), comfy.pack("attention.training")
+    layers, training = comfy.pack("attention.shared.layer_table"), comfy.pack("attention.shared.training_loop")
     unet = layers.diffusion_model_of(model)
     key = {"sd15": ("output", 4, 0), "sdxl": ("input", 8, 3)}[name]
     block = layers.transformer_block(unet, key)

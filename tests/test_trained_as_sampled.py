@@ -14,12 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import tiny_faceid
-import tiny_mcdm
 from harness.sampling import encode, sampled_loss
 from harness.training_job import write_faces, write_identity_pairs
 from test_infinite_id_node import clip_vision, parts  # noqa: F401  (fixtures)
 from test_mcdm import write_pairs
+from tiny import tiny_faceid, tiny_mcdm
 
 SAME = 1e-5  # relative: float32 rounding of the same computation batched and ordered differently
 APART = 1e-3  # relative: what a missing LoRA or untrained kv changes, far above SAME
@@ -27,7 +26,7 @@ APART = 1e-3  # relative: what a missing LoRA or untrained kv changes, far above
 
 def validation_draw(comfy, model, seed: int, shape) -> tuple[float, torch.Tensor]:
     """The sigma and noise of the trainer's first validation example (training.optimise)."""
-    training = comfy.pack("attention.training")
+    training = comfy.pack("attention.shared.training_loop")
     generator = training.draw_generator(seed, -1, 0)
     sigma = model.get_model_object("model_sampling").sigma(torch.randint(100, 900, (1,), generator=generator).float())
     return float(sigma), torch.randn(shape, generator=generator)

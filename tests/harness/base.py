@@ -12,7 +12,7 @@ MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "loras", "likeness",
 # Loads the tiny model configs into the server process; never shipped.
 TINY_MODELS_NODE = f'''\
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("likeness_tiny_models", {str(TESTS / "tiny_models.py")!r})
+spec = importlib.util.spec_from_file_location("likeness_tiny_models", {str(TESTS / "tiny" / "tiny_models.py")!r})
 module = importlib.util.module_from_spec(spec)
 sys.modules["likeness_tiny_models"] = module
 spec.loader.exec_module(module)

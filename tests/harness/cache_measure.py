@@ -1,7 +1,7 @@
 """MagicStyle's feature cache measured, not computed: the bytes its tensors' storages occupy, and
 the Q/K/V a naive cache would keep, counted from what the model's own projections output.
 
-Used by tests/test_magicstyle.py (tiny models) and tests/benchmark.py --memory (full-size UNets,
+Used by tests/test_magicstyle.py (tiny models) and tests/tools/benchmark.py --memory (full-size UNets,
 the README's Memory table); neither goes through the pack's size formula.
 """
 

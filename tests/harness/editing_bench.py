@@ -1,4 +1,4 @@
-"""Portrait-editing costs on a full-size random SD1.5 (tests/benchmark.py)."""
+"""Portrait-editing costs on a full-size random SD1.5 (tests/tools/benchmark.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def timed(run) -> float:
 def measure(model, attention: dict, *, size: int, steps: int) -> dict:
     import comfy.samplers
 
-    editing, guiders = attention["editing"], attention["guiders"]
+    editing, guiders = attention["editing_math"], attention["editing_guiders"]
     latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(8))
     source = empty_conditioning()
     target = [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(9)), {}]]
@@ -51,7 +51,7 @@ def measure_mcdm(model, attention: dict, *, size: int, steps: int) -> dict:
     plain CFG step (two rows) of the same 8-channel model."""
     import comfy.samplers
 
-    guiders, mcdm = attention["guiders"], attention["mcdm"]
+    guiders, mcdm = attention["editing_guiders"], attention["mcdm"]
     generator = torch.Generator().manual_seed(11)
     latent = torch.randn(1, 4, size // 8, size // 8, generator=generator)
     image_tokens = torch.randn(1, 50, 768, generator=generator)

@@ -1,5 +1,5 @@
 """Face Fusion and Infinite-ID cost on a full-size random SD1.5: step time and
-peak memory against vanilla sampling (tests/benchmark.py, device_check)."""
+peak memory against vanilla sampling (tests/tools/benchmark.py, device_check)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def sample_steps(model, latent, steps: int, cfg: float = 5.0) -> float:
 
 
 def with_face(model, attention: dict, size: int):
-    face_fusion, schedule, layers = attention["face_fusion"], attention["schedule"], attention["unet_layers"]
+    face_fusion, schedule, layers = attention["face_kv_attention"], attention["sigmas"], attention["layer_table"]
     latent = torch.randn(1, 4, size // 8, size // 8, generator=torch.Generator().manual_seed(5))
     identity = face_fusion.Identity(latent=latent, noise=torch.randn_like(latent), weight=1.0,
                                     sigma_range=schedule.SigmaRange.always())
@@ -38,7 +38,7 @@ def with_face(model, attention: dict, size: int):
 def with_infinite_id(model, attention: dict):
     """Both streams with stand-in adapter weights of the real shapes (the layers'
     own text projections): the cost does not depend on the weights' values."""
-    infinite_id, layers = attention["infinite_id"], attention["unet_layers"]
+    infinite_id, layers = attention["identity_streams"], attention["layer_table"]
     unet = layers.diffusion_model_of(model)
     keys = layers.attention_keys(unet)
     kv = {k: (layers.transformer_block(unet, k).attn2.to_k.weight.detach(),

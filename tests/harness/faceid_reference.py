@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import tiny_faceid
-import tiny_models
+from tiny import tiny_faceid, tiny_models
 
 STEP_TIMESTEP = 500.0
 INFINITE_ID_WRAPPER = "likeness_infinite_id"
@@ -128,7 +127,7 @@ def one_model_call(comfy, model, patched, clip):
     """One batched cond+uncond call of ``patched`` at a mid timestep, as a sampler makes it."""
     from .sampling import encode
 
-    training = comfy.pack("attention.training")
+    training = comfy.pack("attention.shared.training_loop")
     positive, negative = encode(comfy, clip, "a portrait photo"), encode(comfy, clip, "blurry")
     sigma = model.get_model_object("model_sampling").sigma(torch.tensor([STEP_TIMESTEP]))
     noisy = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2)) * sigma

@@ -8,7 +8,7 @@ import torch
 def stand_in_identity(layers, model, seed: int = 0, tokens: int = 4) -> tuple[list, dict, torch.Tensor]:
     """(attention keys, image K/V weights, identity tokens): the layers' own text projections as the
     image K/V (a loaded FaceID-PlusV2 file gives its own) and seeded random tokens. ``layers`` is
-    the pack's attention.unet_layers module."""
+    the pack's attention.shared.layer_table module."""
     unet = layers.diffusion_model_of(model)
     keys = layers.attention_keys(unet)
     kv = {k: (layers.transformer_block(unet, k).attn2.to_k.weight.detach().clone(),

@@ -44,7 +44,7 @@ class ComfyInProcess:
         self.pack_module = sys.modules[str(pack_dir).replace(".", "_x_")]
 
     def pack(self, submodule: str):
-        """A module of the loaded pack, e.g. ``pack("attention.dispatch")``."""
+        """A module of the loaded pack, e.g. ``pack("attention.shared.dispatch")``."""
         import importlib
 
         return importlib.import_module(f"{self.pack_module.__name__}.{submodule}")

@@ -1,7 +1,7 @@
 """What a UI workflow adds to its API twin: groups, notes, node titles, nodes bypassed by default.
 
 An API-format prompt has none of these, so each workflow may have a sidecar beside its twin's
-folder, ``workflows/layout/<name>.json`` (read by tests/make_workflows.py):
+folder, ``workflows/layout/<name>.json`` (read by tests/tools/make_workflows.py):
 
     {
      "groups": [{"title": "...", "nodes": ["30", "31"], "color": "#3f789e"}],

@@ -1,6 +1,6 @@
 """MagicStyle measurements on a full-size, randomly initialised SD1.5 UNet.
 
-Used by tests/benchmark.py (this machine's CPU) and tests/device_check.py
+Used by tests/tools/benchmark.py (this machine's CPU) and tests/tools/device_check.py
 (a lent GPU). Figures are ratios from one run: these machines are noisy.
 """
 
@@ -87,7 +87,7 @@ def forward(model, latent, cond, steps, cfg, attention):
     import comfy.sample
     import comfy.samplers
 
-    sigmas = attention["inversion"].forward_sigmas(model, steps)
+    sigmas = attention["ddim_inversion"].forward_sigmas(model, steps)
     return comfy.sample.sample_custom(model, torch.zeros_like(latent), cfg, comfy.samplers.sampler_object("euler"),
                                       sigmas, cond, cond, latent, disable_pbar=True, seed=0)
 
@@ -101,7 +101,7 @@ def measure_cache(model, attention: dict, cond, side: int, *, steps: int = 30, p
     Per layer set (all, decoder): bytes, ratios, layers, timesteps."""
     from . import cache_measure
 
-    inversion, layers_module = attention["inversion"], attention["unet_layers"]
+    inversion, layers_module = attention["ddim_inversion"], attention["layer_table"]
     stored_states = attention["feature_bank"].StoredStates
     unet = layers_module.diffusion_model_of(model)
     keys = layers_module.attention_keys(unet)
@@ -135,8 +135,8 @@ def measure(model, attention: dict, *, size: int, steps: int, bytes_size: int | 
     ``attention`` maps module names (inversion, ffa, schedule, unet_layers,
     feature_bank) to the pack's modules, however the caller imported them.
     """
-    inversion, ffa, layers_module = attention["inversion"], attention["ffa"], attention["unet_layers"]
-    schedule = attention["schedule"]
+    inversion, ffa, layers_module = attention["ddim_inversion"], attention["ffa"], attention["layer_table"]
+    schedule = attention["sigmas"]
     storage = model.load_device
     cond = empty_conditioning()
     keys = layers_module.attention_keys(layers_module.diffusion_model_of(model))

@@ -1,5 +1,5 @@
 """jobs/make_pairs.py's inputs and servers for its test, and its throughput with one and with two
-servers for the README's "At scale" figures (tests/benchmark.py --pairs)."""
+servers for the README's "At scale" figures (tests/tools/benchmark.py --pairs)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The paper-scale arithmetic of the README's "At scale": the cost of one generated pair and of one
 MCDM training step on a full-size (random) SD1.5 UNet, measured in one run on whatever device
 ComfyUI picks, and their ratio — which, with the paper's own A100 figure for training, gives the
-GPU-hours of 69,900 pairs and 200,000 steps (tests/benchmark.py --scale)."""
+GPU-hours of 69,900 pairs and 200,000 steps (tests/tools/benchmark.py --scale)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """A long mixed run through one ComfyUI server: every shipped workflow again and again with
 changing seeds and strengths, interrupts and bad prompts in between (tests/test_soak.py, and the
-figures in tests/benchmark.py). Memory is the server process's resident set, from /proc."""
+figures in tests/tools/benchmark.py). Memory is the server process's resident set, from /proc."""
 
 from __future__ import annotations
 

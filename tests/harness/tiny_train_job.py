@@ -15,7 +15,7 @@ if __name__ == "__main__":
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = True  # the tests run on the CPU, as jobs/train.py does where there is no CUDA
-    import tiny_models
+    from tiny import tiny_models
 
     tiny_models.register()
     sys.argv = [str(TESTS.parent / "jobs" / "train.py"), *sys.argv[1:]]

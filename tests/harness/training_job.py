@@ -1,5 +1,5 @@
 """jobs/train.py's inputs and commands, for its tests and for the throughput figures of the README's
-"At scale" (tests/benchmark.py --training): a pairs folder of smooth random images, the tiny SD1.5
+"At scale" (tests/tools/benchmark.py --training): a pairs folder of smooth random images, the tiny SD1.5
 checkpoint, the tiny B/32 tower and MCDM adapter."""
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def write_faces(folder: Path, count: int, size: int = 64) -> Path:
 
 def training_inputs(root: Path, sd15_checkpoint: Path, pairs: int = 6) -> dict[str, Path]:
     """Everything jobs/train.py mcdm reads, under ``root``."""
-    import tiny_mcdm
+    from tiny import tiny_mcdm
 
     files = tiny_mcdm.write(root / "models")
     return {"checkpoint": Path(sd15_checkpoint), "clip_vision": root / "models" / "clip_vision" / files["clip_vision"],
@@ -77,9 +77,7 @@ def id_adapter_inputs(root: Path, pairs: int = 4) -> dict[str, Path]:
     """What jobs/train.py id_adapter reads besides the checkpoint: a tiny SD1.5 FaceID-PlusV2 file,
     the tiny CLIP vision tower (ViT-H's stand-in), a tiny insightface pack and an identity folder.
     Needs ComfyUI importable (the tower is one of its CLIP vision models)."""
-    import tiny_faceid
-    import tiny_insightface
-    import tiny_models
+    from tiny import tiny_faceid, tiny_insightface, tiny_models
 
     from .workflows import TINY_FACE_PACK
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from .paths import REPO
 
 WORKFLOWS = REPO / "workflows"
-TINY_FACE_PACK = "buffalo_l"  # written by tests/tiny_insightface.py
+TINY_FACE_PACK = "buffalo_l"  # written by tests/tiny/tiny_insightface.py
 SHIPPED_FACE_PACK = "buffalo_l"  # the pack the shipped workflows choose (install.SHIPPED_INSIGHTFACE_PACK)
 
 
@@ -84,11 +84,7 @@ def place_tiny_models(models: Path, checkpoints: dict[str, Path]) -> list[Path]:
     """The tests' tiny files (real layouts, tiny sizes) under every name the shipped workflows load
     (install.MODEL_FILES), and a tiny insightface pack under the name they choose. Returns the
     files placed; a file already there is kept."""
-    import tiny_controlnet
-    import tiny_faceid
-    import tiny_insightface
-    import tiny_mcdm
-    import tiny_models
+    from tiny import tiny_controlnet, tiny_faceid, tiny_insightface, tiny_mcdm, tiny_models
 
     from .paths import load_installer
 

@@ -1,0 +1,21 @@
+"""What every method shares. A method package imports these; these import no method.
+
+    dispatch.py          the one patch dispatcher per attention key: chains Likeness' processors
+                         and other packs' patches, runs each in its passes (``Pass``: the image
+                         being made or a patch's own auxiliary call); ``default_attention`` is
+                         the attention call
+    layer_table.py       where a model's attention layers are, by ComfyUI's block keys; the named
+                         layer sets and each layer's token grid
+    rows.py              which batch rows are cond and which uncond (``cond_or_uncond``)
+    sigmas.py            sigma <-> timestep and start/end percentages as sigma windows
+    token_masks.py       masks resized to a layer's token grid
+    adain.py             AdaIN (MagicStyle Eq. 4) and AdaIN-mean (Infinite-ID Eq. 8)
+    training_loop.py     the diffusion loss through a patched model and the optimisation loop (one
+                         process or torchrun: DDP, accumulation, mixed precision, checkpoints)
+    recipes.py           each trainer's optimiser settings and where each value comes from
+    training_folders.py  a trainer's folder of <stem>.png + companion image + caption
+    atomic_files.py      files written whole or not at all
+
+A new architecture (a DiT) plugs in here: its layer table in layer_table.py and its attention call
+in dispatch.py (``nodes/common.require_model_family`` is the gate that admits it).
+"""

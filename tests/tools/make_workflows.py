@@ -1,0 +1,80 @@
+"""Regenerate the UI-format workflows from their API-format twins.
+
+    <host python> tests/tools/make_workflows.py
+
+The API twins (workflows/api/*.json, tests/workflows/api/*.json) are
+written by hand; the real graph editor lays each one out and serialises it
+as the UI workflow beside it, with the editor's model metadata on each
+model-loading node (install.MODEL_FILES: name, URL, models folder), and
+draws it, with the example pictures, as the template thumbnail beside it
+(workflows/<name>.jpg). tests/test_workflows.py checks that every UI
+workflow still turns into its API twin.
+
+What an API prompt cannot say (groups with titles, Markdown notes, node titles, nodes bypassed by
+default) comes from a sidecar per workflow, workflows/layout/<name>.json (harness/layout.py); a
+node bypassed by default leaves the UI workflow's prompt as the editor's bypass does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from harness.base import make_base_directory  # noqa: E402
+from harness.editor import GraphEditor  # noqa: E402
+from harness.layout import apply_layout, load_layout  # noqa: E402
+from harness.paths import REPO, host_root, load_installer  # noqa: E402
+from harness.server import ComfyServer  # noqa: E402
+
+FOLDERS = (REPO / "workflows", REPO / "tests" / "workflows")
+SHIPPED = REPO / "workflows"
+
+
+def with_model_links(workflow: dict, model_files) -> dict:
+    """properties.models on every node whose widget values name a file of ``model_files``: what
+    the editor's missing-models dialog reads."""
+    for node in workflow["nodes"]:
+        values = node.get("widgets_values") or []
+        values = values.values() if isinstance(values, dict) else values
+        named = {v for v in values if isinstance(v, str)}
+        models = [{key: model[key] for key in ("name", "url", "directory")} for model in model_files
+                  if model["name"] in named]
+        if models:
+            node.setdefault("properties", {})["models"] = models
+    return workflow
+
+
+def main() -> int:
+    installer = load_installer()
+    host = installer.Host(host_root())
+    with tempfile.TemporaryDirectory() as base:
+        base = make_base_directory(Path(base) / "base")
+        installer.copy_examples(base / "input")  # the thumbnails show the example pictures
+        server = ComfyServer(Path(sys.executable), host.comfyui, base, base / "server.log")
+        try:
+            server.wait_ready()
+            editor = GraphEditor(server.url, base)
+            for folder in FOLDERS:
+                for api_file in sorted((folder / "api").glob("*.json")):
+                    workflow = editor.ui_from_api(json.loads(api_file.read_text()), api_file.stem)
+                    workflow = apply_layout(workflow, load_layout(folder, api_file.stem))
+                    workflow = with_model_links(workflow, installer.MODEL_FILES)
+                    target = folder / api_file.name
+                    target.write_text(json.dumps(workflow, indent=1) + "\n")
+                    print(f"wrote {target.relative_to(REPO)}")
+                    if folder == SHIPPED:
+                        editor.load(target, api_file.stem)
+                        thumbnail = editor.screenshot_graph(target.with_suffix(".jpg"))
+                        print(f"wrote {thumbnail.relative_to(REPO)}")
+            editor.close()
+        finally:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
