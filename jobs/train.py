@@ -87,7 +87,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="trainer", required=True)
     mcdm = commands.add_parser("mcdm", help="fine-tune an 8-channel MCDM UNet + embedding adapter on a pairs folder "
                                "(Likeness Train MCDM)")
-    common_arguments(mcdm, recipes.MCDM, "mcdm")
+    common_arguments(mcdm, recipes.MCDM_TRAINING, "mcdm")
     mcdm.add_argument("--checkpoint", type=Path, required=True,
                       help="SD1.5 checkpoint: CLIP, VAE, and the UNet to grow to 8 channels unless --unet is given")
     mcdm.add_argument("--unet", type=Path, help="an MCDM UNet to continue (unet.pth or a trained .safetensors)")
@@ -97,12 +97,12 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     mcdm.add_argument("--folder", type=Path, required=True, help="a Likeness Save Pairs / jobs/make_pairs.py folder")
     face_kv = commands.add_parser("face_kv", help="train Face Fusion's Linear_kf / Linear_vf, UNet frozen, on a "
                                   "folder of <name>.png + <name>.face.png + <name>.txt (Likeness Train Face KV)")
-    common_arguments(face_kv, recipes.FACE_KV, "face_kv")
+    common_arguments(face_kv, recipes.FACE_KV_TRAINING, "face_kv")
     face_kv.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
     face_kv.add_argument("--folder", type=Path, required=True, help="the face training folder")
     id_adapter = commands.add_parser("id_adapter", help="Infinite-ID's identity-enhanced training of a FaceID-PlusV2 "
                                      "adapter, UNet frozen, on <name>.png + <name>.id.png (Likeness Train ID Adapter)")
-    common_arguments(id_adapter, recipes.ID_ADAPTER, "id_adapter")
+    common_arguments(id_adapter, recipes.ID_ADAPTER_TRAINING, "id_adapter")
     id_adapter.add_argument("--checkpoint", type=Path, required=True, help="the SD1.5 or SDXL checkpoint (frozen)")
     id_adapter.add_argument("--adapter", type=Path, required=True,
                             help="the adapter to start from (FaceID-PlusV2 .safetensors / .bin, or a "

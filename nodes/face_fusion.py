@@ -119,7 +119,7 @@ class LikenessTrainFaceKV(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the images and face crops."),
                 io.String.Input("folder", default="face_kv_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
-                *optimiser_inputs("images", recipes.FACE_KV),
+                *optimiser_inputs("images", recipes.FACE_KV_TRAINING),
                 io.String.Input("filename_prefix", default="face_kv",
                                 tooltip="File name in models/likeness/; a counter is added."),
             ],
@@ -133,16 +133,16 @@ class LikenessTrainFaceKV(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
-                filename_prefix: str, weight_decay: float = recipes.FACE_KV.weight_decay,
-                max_grad_norm: float = recipes.FACE_KV.max_grad_norm,
-                batch_size: int = recipes.FACE_KV.batch) -> io.NodeOutput:
+                filename_prefix: str, weight_decay: float = recipes.FACE_KV_TRAINING.weight_decay,
+                max_grad_norm: float = recipes.FACE_KV_TRAINING.max_grad_norm,
+                batch_size: int = recipes.FACE_KV_TRAINING.batch) -> io.NodeOutput:
         from ..attention.face_fusion.face_kv_files import save_face_kv
         from ..attention.face_fusion.face_kv_training import train_face_kv
         from ..attention.magicstyle.feature_bank import model_fingerprint
         from ..attention.shared.training_loop import Batching
 
         require_model_family(model)
-        recipe = chosen_recipe(recipes.FACE_KV, learning_rate, weight_decay, max_grad_norm, batch_size)
+        recipe = chosen_recipe(recipes.FACE_KV_TRAINING, learning_rate, weight_decay, max_grad_norm, batch_size)
         reader = FaceExampleReader(dataset_folder(folder), model, clip, vae)
         examples = reader.examples
         batches = [reader[index] for index in range(len(reader))]

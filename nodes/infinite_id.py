@@ -297,7 +297,7 @@ class LikenessTrainIDAdapter(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="CLIP ViT-H/14 image encoder."),
                 io.String.Input("folder", default="id_adapter_dataset",
                                 tooltip="Training folder, absolute or inside ComfyUI's input folder."),
-                *optimiser_inputs("pairs", recipes.ID_ADAPTER),
+                *optimiser_inputs("pairs", recipes.ID_ADAPTER_TRAINING),
                 io.Float.Input("shortcut_scale", default=1.0, min=0.0, max=4.0, step=0.05,
                                tooltip="FaceID-PlusV2's s_scale during training."),
                 io.Float.Input("lora_scale", default=1.0, min=0.0, max=2.0, step=0.05, optional=True,
@@ -322,8 +322,8 @@ class LikenessTrainIDAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, vae, id_adapter, analysis, clip_vision, folder: str, steps: int,
                 learning_rate: float, seed: int, shortcut_scale: float, filename_prefix: str,
-                weight_decay: float = recipes.ID_ADAPTER.weight_decay,
-                max_grad_norm: float = recipes.ID_ADAPTER.max_grad_norm, batch_size: int = recipes.ID_ADAPTER.batch,
+                weight_decay: float = recipes.ID_ADAPTER_TRAINING.weight_decay,
+                max_grad_norm: float = recipes.ID_ADAPTER_TRAINING.max_grad_norm, batch_size: int = recipes.ID_ADAPTER_TRAINING.batch,
                 lora_scale: float = 1.0,
                 identity_dropout: float = recipes.ID_ADAPTER_IDENTITY_DROPOUT) -> io.NodeOutput:
         from ..attention.infinite_id.id_adapter import save_id_adapter
@@ -331,7 +331,7 @@ class LikenessTrainIDAdapter(io.ComfyNode):
         from ..attention.shared.training_loop import Batching
 
         require_model_family(model)
-        recipe = chosen_recipe(recipes.ID_ADAPTER, learning_rate, weight_decay, max_grad_norm, batch_size)
+        recipe = chosen_recipe(recipes.ID_ADAPTER_TRAINING, learning_rate, weight_decay, max_grad_norm, batch_size)
         require(0 <= identity_dropout <= 1, "identity_dropout", identity_dropout, "a share between 0 and 1")
         try:  # the LoRA the identity stream trains with, checked before any pair is read
             id_adapter.faceid_lora(model, lora_scale)

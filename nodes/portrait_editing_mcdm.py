@@ -299,7 +299,7 @@ class LikenessTrainMCDM(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="Encodes the images (frozen)."),
                 io.String.Input("folder", default="likeness_pairs",
                                 tooltip="The pairs folder, absolute or inside ComfyUI's input folder."),
-                *optimiser_inputs("pairs", recipes.MCDM),
+                *optimiser_inputs("pairs", recipes.MCDM_TRAINING),
                 io.String.Input("filename_prefix", default="mcdm",
                                 tooltip="File name in models/likeness/; a counter is added."),
             ],
@@ -313,15 +313,15 @@ class LikenessTrainMCDM(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, mcdm, clip, vae, folder: str, steps: int, learning_rate: float, seed: int,
-                filename_prefix: str, weight_decay: float = recipes.MCDM.weight_decay,
-                max_grad_norm: float = recipes.MCDM.max_grad_norm, batch_size: int = recipes.MCDM.batch
+                filename_prefix: str, weight_decay: float = recipes.MCDM_TRAINING.weight_decay,
+                max_grad_norm: float = recipes.MCDM_TRAINING.max_grad_norm, batch_size: int = recipes.MCDM_TRAINING.batch
                 ) -> io.NodeOutput:
         from ..attention.portrait_editing.mcdm import EmbeddingAdapter
         from ..attention.portrait_editing.mcdm_training import save, train_mcdm
         from ..attention.shared.training_loop import Batching
 
         require_model_family(model)
-        recipe = chosen_recipe(recipes.MCDM, learning_rate, weight_decay, max_grad_norm, batch_size)
+        recipe = chosen_recipe(recipes.MCDM_TRAINING, learning_rate, weight_decay, max_grad_norm, batch_size)
         encoder = mcdm.image_encoder
         require(encoder is not None, "mcdm", mcdm.names.get("clip_vision"),
                 "an MCDM loaded with a CLIP ViT-B/32 (clip_vision_name) for the adapter's image tokens")

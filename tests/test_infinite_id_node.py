@@ -109,7 +109,7 @@ def test_id_adapter_trainer_lowers_the_loss_and_its_file_loads(comfy, tiny_check
 
 def test_id_adapter_training_never_reads_the_prompt(comfy, tiny_checkpoints, base_directory, parts):
     training = comfy.pack("attention.infinite_id.id_adapter_training")
-    recipe = dataclasses.replace(comfy.pack("attention.shared.recipes").ID_ADAPTER, learning_rate=1e-3)
+    recipe = dataclasses.replace(comfy.pack("attention.shared.recipes").ID_ADAPTER_TRAINING, learning_rate=1e-3)
     model, clip, vae = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_sd15.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)

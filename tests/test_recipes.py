@@ -24,8 +24,8 @@ from tiny import tiny_faceid, tiny_mcdm
 # utils/parse_args.py; Infinite-ID Sec. 4.1; Face Fusion Sec. 4.1 (batch 1 per GPU) + IP-Adapter's
 # tutorial_train.py (lr 1e-4, weight decay 1e-2, no clipping).
 PAPERS = {"mcdm": (5e-6, 1e-2, 1.0, 4), "id_adapter": (1e-4, 1e-2, 0.0, 4), "face_kv": (1e-4, 1e-2, 0.0, 1)}
-NODES = {"mcdm": ("LikenessTrainMCDM", "MCDM"), "id_adapter": ("LikenessTrainIDAdapter", "ID_ADAPTER"),
-         "face_kv": ("LikenessTrainFaceKV", "FACE_KV")}
+NODES = {"mcdm": ("LikenessTrainMCDM", "MCDM_TRAINING"), "id_adapter": ("LikenessTrainIDAdapter", "ID_ADAPTER_TRAINING"),
+         "face_kv": ("LikenessTrainFaceKV", "FACE_KV_TRAINING")}
 OPTIMISER_INPUTS = ("learning_rate", "weight_decay", "max_grad_norm", "batch_size")
 
 
@@ -186,12 +186,12 @@ def test_each_trainer_node_hands_its_recipe_to_the_loop(comfy, tiny_checkpoints,
     adapter_file = tiny_faceid.write(base_directory / "models" / "ipadapter" / "tiny_faceid_recipe.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=adapter_file.name)
     runs = {
-        "FACE_KV": ("attention.face_fusion.face_kv_training", "LikenessTrainFaceKV",
+        "FACE_KV_TRAINING": ("attention.face_fusion.face_kv_training", "LikenessTrainFaceKV",
                     dict(model=model, clip=clip, vae=vae, folder=f"recipe_faces_{suffix}")),
-        "ID_ADAPTER": ("attention.infinite_id.id_adapter_training", "LikenessTrainIDAdapter",
+        "ID_ADAPTER_TRAINING": ("attention.infinite_id.id_adapter_training", "LikenessTrainIDAdapter",
                        dict(model=model, clip=clip, vae=vae, id_adapter=adapter, analysis=analysis,
                             clip_vision=clip_vision_model, folder=f"recipe_ids_{suffix}", shortcut_scale=1.0)),
-        "MCDM": ("attention.portrait_editing.mcdm_training", "LikenessTrainMCDM",
+        "MCDM_TRAINING": ("attention.portrait_editing.mcdm_training", "LikenessTrainMCDM",
                  dict(model=mcdm[0], mcdm=mcdm[1], clip=clip, vae=vae, folder=f"recipe_pairs_{suffix}")),
     }
     for name, (module, node_id, node_inputs) in runs.items():
@@ -205,7 +205,7 @@ def test_each_trainer_node_hands_its_recipe_to_the_loop(comfy, tiny_checkpoints,
                                     zip(OPTIMISER_INPUTS, ("learning_rate", "weight_decay", "max_grad_norm", "batch"))))
         assert seen["recipe"] == expected, name
         assert seen["batching"] == training.Batching(expected.batch, 1), name
-        if name == "MCDM":
+        if name == "MCDM_TRAINING":
             unet = {id(p) for p in seen["clipped"]}
             assert unet and unet < {id(p) for p in seen["parameters"]}
             assert len(seen["parameters"]) - len(unet) == 4  # the adapter's four tensors, not clipped

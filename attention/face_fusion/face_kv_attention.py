@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from ..infinite_id.identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
 from ..shared.dispatch import ATTENTION_MASK, PASS, Pass, pass_of
-from ..shared.layer_table import BlockKey, transformer_block
+from ..shared.layer_table import BlockKey, layer_key, transformer_block
 from ..shared.rows import COND, UNCOND, row_mask, rows_of
 from ..shared.sigmas import SigmaRange, current_sigma
 from ..shared.token_masks import mask_to_tokens
@@ -226,9 +226,8 @@ class FaceCapture:
 
     def __call__(self, n, context, value, extra_options):
         captured = extra_options.get(FACE_PASS)
-        block = extra_options.get("block")
-        if captured is not None and block is not None and pass_of(extra_options) is Pass.FACE_REFERENCE:
-            key = (block[0], block[1], extra_options.get("block_index", 0))
+        if captured is not None and pass_of(extra_options) is Pass.FACE_REFERENCE:
+            key = layer_key(extra_options)
             if key in self.fusion.layers:
                 captured[key] = n
         return n, context, value
@@ -301,10 +300,9 @@ class FaceFusionProcessor:
 
     def __call__(self, q, k, v, extra_options, attend):
         states = extra_options.get(FACE_STATES)
-        block = extra_options.get("block")
-        if not states or block is None:
+        key = layer_key(extra_options)
+        if not states or key is None:
             return attend(q, k, v, extra_options)
-        key = (block[0], block[1], extra_options.get("block_index", 0))
         if any(key not in captured for _, captured, _ in states):
             return attend(q, k, v, extra_options)
         text_tokens = k.shape[1]

@@ -96,7 +96,7 @@ class WithFaceNoise(Sequence):
         return self.made[index]
 
 
-def train_face_kv(model, batches: Sequence[Batch], *, steps: int, seed: int, recipe: Recipe = recipes.FACE_KV,
+def train_face_kv(model, batches: Sequence[Batch], *, steps: int, seed: int, recipe: Recipe = recipes.FACE_KV_TRAINING,
                   on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                   world: World = World(), resume: Resume | None = None, initial: dict | None = None,
                   on_checkpoint=None, validation: int | None = None) -> tuple[dict, float, float]:

@@ -101,7 +101,7 @@ def with_sampling_lora(adapter, model, lora_scale: float):
 
 
 def train_id_adapter(model, adapter, pairs: Sequence[IdentityPair], *, steps: int, seed: int,
-                     no_face_hidden: torch.Tensor, recipe: Recipe = recipes.ID_ADAPTER, scale: float = 1.0,
+                     no_face_hidden: torch.Tensor, recipe: Recipe = recipes.ID_ADAPTER_TRAINING, scale: float = 1.0,
                      lora_scale: float = 1.0, identity_dropout: float = recipes.ID_ADAPTER_IDENTITY_DROPOUT,
                      on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                      world: World = World(), resume: Resume | None = None, on_checkpoint=None,

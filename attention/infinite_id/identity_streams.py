@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from ..shared.adain import adain_mean
 from ..shared.dispatch import PASS, Pass, pass_of
-from ..shared.layer_table import BlockKey
+from ..shared.layer_table import BlockKey, layer_key
 from ..shared.rows import UNCOND, row_mask
 from ..shared.sigmas import SigmaRange, current_sigma
 from ..shared.token_masks import mask_to_tokens, region_on_grid
@@ -188,11 +188,6 @@ class InfiniteID:
         return region_on_grid(self.mask, extra_options, queries, device)
 
 
-def _key(extra_options: dict) -> BlockKey | None:
-    block = extra_options.get("block")
-    return None if block is None else (block[0], block[1], extra_options.get("block_index", 0))
-
-
 class InfiniteIDWrapper:
     """DIFFUSION_MODEL wrapper: the text stream's call, one identity stream's per active identity,
     then ε_text + Σ_i weight_i·M_i·(ε_id,i − ε_text)."""
@@ -263,7 +258,7 @@ class MixedAttentionProcessor:
         return self
 
     def __call__(self, q, k, v, extra_options, attend):
-        key = _key(extra_options)
+        key = layer_key(extra_options)
         text_kv = extra_options.get(TEXT_STREAM)
         if text_kv is not None:
             text_kv[key] = (k, v)
@@ -297,7 +292,7 @@ class CrossAttentionMergeProcessor:
         self.settings.release()
 
     def __call__(self, q, k, v, extra_options, attend):
-        key = _key(extra_options)
+        key = layer_key(extra_options)
         s = self.settings
         if IDENTITY_STREAM not in extra_options or key not in s.kv or not _runs_for(s, extra_options):
             return attend(q, k, v, extra_options)
@@ -346,7 +341,7 @@ class LoRAOutput:
         hidden = extra_options.get(LORA_STATE, {}).pop(f"{self.kind}_out", None)
         if hidden is None:
             return n
-        delta = self.settings.lora.delta(self.kind, _key(extra_options), "out", hidden)
+        delta = self.settings.lora.delta(self.kind, layer_key(extra_options), "out", hidden)
         return n if delta is None else n + delta
 
 

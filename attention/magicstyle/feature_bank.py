@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from ..shared.layer_table import BlockKey, attention_geometry, tokens_at
+from ..shared.layer_table import BlockKey, attention_geometry, layer_key, tokens_at
 from ..shared.rows import COND, rows_of
 from ..shared.sigmas import current_sigma
 
@@ -234,10 +234,9 @@ class FeatureCapture:
         self._entries: dict[tuple[float, BlockKey], StoredStates] = {}
 
     def __call__(self, n, context, value, extra_options):
-        block = extra_options.get("block")
-        if block is None:
+        key = layer_key(extra_options)
+        if key is None:
             return n, context, value
-        key = (block[0], block[1], extra_options.get("block_index", 0))
         sigma = current_sigma(extra_options)
         if key in self.layers and sigma is not None:
             timestep = self.timestep_of(sigma)

@@ -27,7 +27,7 @@ import torch
 
 from ..shared.adain import adain_tokens
 from ..shared.dispatch import Pass, acts_in
-from ..shared.layer_table import BlockKey
+from ..shared.layer_table import BlockKey, layer_key
 from ..shared.rows import sample_index
 from ..shared.sigmas import SigmaRange, current_sigma
 from ..shared.token_masks import region_on_grid
@@ -125,10 +125,9 @@ class FeatureFusion:
     def features_for(self, extra_options: dict, rows: int, device=None) -> tuple[StoredStates, StoredStates] | None:
         """(h_c, h_s) as stored, for the rows of this call (one image, or one per row), or None
         where FFA is off."""
-        block = extra_options.get("block")
-        if block is None:
+        key = layer_key(extra_options)
+        if key is None:
             return None
-        key = (block[0], block[1], extra_options.get("block_index", 0))
         sigma = current_sigma(extra_options)
         if key not in self.layers or sigma is None or not self.sigma_range.contains(sigma):
             return None

@@ -15,7 +15,7 @@ image and by the adapter's VAE path as a mid-grey one, a dropped c_s is that
 grey image's latent, a dropped text the empty prompt. The validation losses
 (no gradient) always see the full conditions.
 
-The recipe (recipes.MCDM) is the released train.py's: AdamW with weight decay,
+The recipe (recipes.MCDM_TRAINING) is the released train.py's: AdamW with weight decay,
 and the UNet's gradient norm clipped (the adapter's is not, as released).
 """
 
@@ -121,7 +121,7 @@ class NormalCopies(Sequence):
 
 
 def train_mcdm(model, adapter: mcdm.EmbeddingAdapter, pairs: Sequence[EditPair], *, empty_text: list, null: Null,
-               steps: int, seed: int, recipe: Recipe = recipes.MCDM,
+               steps: int, seed: int, recipe: Recipe = recipes.MCDM_TRAINING,
                on_step: Callable[[int, float], None] | None = None, batching: Batching = Batching(),
                world: World = World(), resume: Resume | None = None, on_checkpoint=None,
                validation: int | None = None):

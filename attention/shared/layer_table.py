@@ -15,6 +15,13 @@ import torch
 BlockKey = tuple[str, int, int]
 
 
+def layer_key(options: dict) -> BlockKey | None:
+    """The key of the layer an attention patch is called for, from ComfyUI's per-call options
+    (``block`` and ``block_index``); None outside a transformer block."""
+    block = options.get("block")
+    return None if block is None else (block[0], block[1], options.get("block_index", 0))
+
+
 def _stages(unet: torch.nn.Module) -> Iterator[tuple[str, int, torch.nn.Module]]:
     for number, module in enumerate(getattr(unet, "input_blocks", [])):
         yield "input", number, module

@@ -24,13 +24,13 @@ class Recipe:
 # Portrait editing, supplementary 1.2 ("a batch size of 4 and a learning rate of 5e-6") and the released
 # utils/parse_args.py (adam_weight_decay 1e-2, max_grad_norm 1.0, train_batch_size 4; train.py clips
 # the UNet's gradient only, which the MCDM trainer does too).
-MCDM = Recipe(learning_rate=5e-6, weight_decay=1e-2, max_grad_norm=1.0, batch=4)
+MCDM_TRAINING = Recipe(learning_rate=5e-6, weight_decay=1e-2, max_grad_norm=1.0, batch=4)
 # Infinite-ID Sec. 4.1 ("AdamW ... learning rate of 1e-4 and weight decay set to 0.01", "a batch
 # size of 4 per GPU"); no clipping, as IP-Adapter's tutorial_train_faceid.py it builds on.
-ID_ADAPTER = Recipe(learning_rate=1e-4, weight_decay=1e-2, max_grad_norm=0.0, batch=4)
+ID_ADAPTER_TRAINING = Recipe(learning_rate=1e-4, weight_decay=1e-2, max_grad_norm=0.0, batch=4)
 # Face Fusion Sec. 4.1 gives only "a batch size of 1 per GPU" (two GPUs); the rest is IP-Adapter's
 # tutorial_train.py, which trains the same kind of layer (new cross-attention K/V projections).
-FACE_KV = Recipe(learning_rate=1e-4, weight_decay=1e-2, max_grad_norm=0.0, batch=1)
+FACE_KV_TRAINING = Recipe(learning_rate=1e-4, weight_decay=1e-2, max_grad_norm=0.0, batch=1)
 
 # IP-Adapter's training drops the image embedding on 5% of the examples (i_drop_rate 0.05): the
 # ID adapter's "no face" tokens, which sampling reads for every uncond row, are trained that way.

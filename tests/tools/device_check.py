@@ -103,7 +103,7 @@ def invariants(attention, kind: str) -> dict:
     unet = layers.diffusion_model_of(model)
     return {
         "device": str(device), "unet_dtype": str(next(unet.parameters()).dtype),
-        "bank_device": str(next(iter(bank.features.values())).device), "entries": len(bank.features),
+        "bank_device": str(next(iter(bank.features.values())).values.device), "entries": len(bank.features),
         "round_trip_max_error": (back - latents).abs().max().item(),
         "ffa_identity_gap": (same - plain).abs().max().item(),
         "ffa_style_gap": (styled - plain).abs().max().item(),
