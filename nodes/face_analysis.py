@@ -68,6 +68,12 @@ class FaceAnalysis(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        from .model_files import missing_insightface_pack
+
+        return missing_insightface_pack(model_name)
+
+    @classmethod
     def fingerprint_inputs(cls, model_name: str, **_) -> tuple:
         from .common import files_fingerprint
         from .face_backend import insightface_roots

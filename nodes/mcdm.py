@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..attention.mcdm import NULL_IMAGES, TRAINED_NULL
 from .common import (LIKENESS_FOLDER, model_file_fingerprint, model_path, require, require_mask,
                      require_model_family)
+from .model_files import join_problems, missing_files
 
 CATEGORY = "likeness/editing"
 NONE = "none"
@@ -59,6 +60,13 @@ class MCDMLoader(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The 8-channel UNet, for the MCDM guider, Edit Mask and samplers."),
                      MCDMType.Output(display_name="mcdm", tooltip="Adapter and image tower, for MCDM Conditioning.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> bool | str:
+        return join_problems(
+            missing_files(LIKENESS_FOLDER, {"unet_name": unet_name}, likeness_files()),
+            missing_files(LIKENESS_FOLDER, {"adapter_name": adapter_name}, likeness_files(), (NONE,)),
+            missing_files(CLIP_VISION_FOLDER, {"clip_vision_name": clip_vision_name}, clip_vision_files(), (NONE,)))
 
     @classmethod
     def fingerprint_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> tuple:
