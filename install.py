@@ -85,7 +85,7 @@ MODEL_FOLDERS = {
                                      "detection and FaceSim work with it, FaceID adapters refuse its glintr100",
     "likeness": "Likeness weights: trained face K/V, MCDM unet.pth + adapter.pth "
                 "(bytedance/feature-preserve-portrait-editing)",
-    "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_pytorch_model.bin)",
+    "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_model.safetensors)",
 }
 
 
@@ -123,10 +123,21 @@ MODEL_FILES = (
      "url": f"{HF}/ByteDance/feature-preserve-portrait-editing/resolve/main/portrait_editing_models/outfit/"
             "checkpoint-200000/adapter.pth",
      "what": "the released outfit-editing MCDM embedding adapter (ByteDance)"},
-    {"name": "open_clip_pytorch_model.bin", "directory": "open_clip",
-     "url": f"{HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/open_clip_pytorch_model.bin",
-     "what": "open_clip ViT-H/14 (LAION-2B), the CLIP-I/CLIP-T scores' model (architecture ViT-H-14)"},
+    {"name": "open_clip_model.safetensors", "directory": "open_clip",
+     "url": f"{HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/open_clip_model.safetensors",
+     "what": "open_clip ViT-H/14 (LAION-2B), the CLIP-I/CLIP-T scores' model (architecture ViT-H-14), as LAION "
+             "ships it in safetensors"},
 )
+# The editor's missing-models dialog offers a download only for these suffixes and shows a red
+# "Only allowed suffixes" row for any other. Where the publisher ships no such form (h94's FaceID
+# .bin, ByteDance's .pth), the file stays out of the workflow's model metadata and the workflow's
+# note gives its link and folder instead.
+EDITOR_DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
+
+
+def editor_downloads(model: dict) -> bool:
+    """Whether the editor's missing-models dialog can list ``model`` (a MODEL_FILES entry)."""
+    return model["name"].endswith(EDITOR_DOWNLOAD_SUFFIXES)
 # insightface's packs come as one zip from its GitHub release, with the pack's name as the node's
 # value (not in the editor's missing-models dialog: its model listing ignores .onnx files).
 # The shipped workflows load buffalo_l: IP-Adapter FaceID-PlusV2 was trained on its w600k_r50
