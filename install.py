@@ -180,14 +180,15 @@ PROGRESS_LINES = ("Collecting ", "Downloading ", "Installing collected packages"
 
 def run(command: list[str], *, progress: str | None = None, **kwargs) -> None:
     """Run ``command``, its output line by line; after pip's resolver line about a dependency left
-    out on purpose, say why. ``progress``: show only pip's fetch and install lines, and every 30 s
+    out on purpose (a pip command's), say why. ``progress``: show only pip's fetch and install lines, and every 30 s
     without one a line that says it is still at ``progress``."""
     log(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)],
                      daemon=True).start()
-    started, explained = time.monotonic(), set()
+    # Only pip's own resolver lines: a nested install.py explains those of its pip itself.
+    started, explained = time.monotonic(), set() if command[1:3] == ["-m", "pip"] else {"onnxruntime", "opencv-python"}
     while True:
         try:
             line = lines.get(timeout=30)

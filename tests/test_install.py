@@ -331,18 +331,25 @@ def test_a_port_in_use_is_one_sentence_naming_it_and_the_option(tmp_path):
     assert not (tmp_path / "host").exists()
 
 
-def test_pips_resolver_line_about_a_dependency_left_out_is_explained_right_after_it(installer, capfd):
+def test_pips_resolver_line_about_a_dependency_left_out_is_explained_right_after_it(installer, capfd, tmp_path):
     resolver = ("ERROR: pip's dependency resolver does not currently take into account all the packages that are "
                 "installed. This behaviour is the source of the following dependency conflicts.")
     lines = [resolver, "insightface 0.7.3 requires onnxruntime, which is not installed.",
              "insightface 0.7.3 requires opencv-python, which is not installed.", "Successfully installed tqdm"]
-    installer.run([sys.executable, "-c", f"print({chr(10).join(lines)!r})"])
+    pip_stand_in = tmp_path / "pip"
+    pip_stand_in.mkdir()
+    (pip_stand_in / "__init__.py").write_text("")  # a package in the working folder comes before the real pip
+    (pip_stand_in / "__main__.py").write_text(f"print({chr(10).join(lines)!r})\n")
+    installer.run([sys.executable, "-m", "pip"], cwd=tmp_path)  # pip here is the stand-in, run as pip runs
     printed = capfd.readouterr().out.splitlines()[1:]  # after the command line the installer logs
     assert printed[0] == resolver and printed[1] == lines[1]
     assert printed[2].startswith("[likeness install] expected, not a failure: insightface declares onnxruntime")
     assert printed[3] == lines[2]
     assert "insightface declares opencv-python" in printed[4] and "headless" in printed[4]
     assert printed[5:] == [lines[3]]
+    # a nested install.py's output passes through unexplained: its own run explained it already
+    installer.run([sys.executable, "-c", f"print({chr(10).join(lines)!r})"])
+    assert capfd.readouterr().out.splitlines()[1:] == lines
 
 
 def test_progress_shows_what_pip_fetches_and_installs_and_nothing_else(installer, capfd):
