@@ -180,15 +180,16 @@ PROGRESS_LINES = ("Collecting ", "Downloading ", "Installing collected packages"
 
 def run(command: list[str], *, progress: str | None = None, **kwargs) -> None:
     """Run ``command``, its output line by line; after pip's resolver line about a dependency left
-    out on purpose (a pip command's), say why. ``progress``: show only pip's fetch and install lines, and every 30 s
-    without one a line that says it is still at ``progress``."""
+    out on purpose, say why. ``progress``: show only pip's fetch and install lines, and after 30 s
+    without a line, one that says it is still at ``progress``."""
     log(" ".join(command))
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)],
                      daemon=True).start()
-    # Only pip's own resolver lines: a nested install.py explains those of its pip itself.
-    started, explained = time.monotonic(), set() if command[1:3] == ["-m", "pip"] else {"onnxruntime", "opencv-python"}
+    started = time.monotonic()
+    # Only a pip command's lines are explained: a nested install.py explains those of its own pip.
+    explained = set() if command[1:3] == ["-m", "pip"] else {"onnxruntime", "opencv-python"}
     while True:
         try:
             line = lines.get(timeout=30)
@@ -393,9 +394,10 @@ def repair_opencv(python: str, pip: list[str]) -> None:
         run(pip + (["--force-reinstall", "--no-deps"] if remove else []) + [install])
     problem = cv2_problem(python)
     if problem and not remove:
-        (build,) = [name for name in OPENCV_FLAVOURS if name in installed_distributions(python)]
+        now = installed_distributions(python)
+        (build,) = [name for name in OPENCV_FLAVOURS if name in now]
         log(f"{problem}: reinstalling {build} over it")
-        run(pip + ["--force-reinstall", "--no-deps", f"{build}=={installed_distributions(python)[build]}"])
+        run(pip + ["--force-reinstall", "--no-deps", f"{build}=={now[build]}"])
         problem = cv2_problem(python)
     if problem:
         raise SystemExit(f"[likeness install] {problem} after the repair; reinstall OpenCV by hand: "
@@ -537,33 +539,30 @@ def print_model_folders(comfyui: Path) -> None:
     print()
 
 
-def port_in_use(port: int) -> bool:
-    """Whether something already listens on 127.0.0.1:``port`` (where the server would)."""
+def port_taken(port: int) -> bool:
+    """Whether something already listens on 127.0.0.1:``port`` (where the server would); if so,
+    one sentence says it, in place of the server's traceback."""
     with socket.socket() as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
         try:
             probe.bind(("127.0.0.1", port))
+            return False
         except OSError:
+            print(f"[likeness install] Port {port} is in use (a server may already be running: open "
+                  f"http://127.0.0.1:{port}/). Stop it, or choose another port: --port {port + 1}", flush=True)
             return True
-    return False
-
-
-def port_in_use_message(port: int) -> str:
-    return (f"[likeness install] Port {port} is in use (a server may already be running: open "
-            f"http://127.0.0.1:{port}/). Stop it, or choose another port: --port {port + 1}")
 
 
 def start_server(host: Host, port: int) -> int:
-    if port_in_use(port):
-        print(port_in_use_message(port), flush=True)
+    if port_taken(port):
         return 1
     command = [str(host.python), "main.py", "--listen", "127.0.0.1", "--port", str(port)]
     if not torch_sees_cuda(str(host.python)):
         command.append("--cpu")
     if "torchaudio" not in installed_distributions(str(host.python)):
         log("ComfyUI's start-up log will show 'torchaudio missing', 'IMPORT FAILED: nodes_audio.py' tracebacks and "
-            "'Please do a: pip install -r requirements.txt': its audio nodes need torchaudio, which has no build "
-            "for this torch. Harmless for Likeness; everything else loads.")
+            "'Please do a: pip install -r requirements.txt': its audio nodes need torchaudio, which this host "
+            "leaves out. Harmless for Likeness; everything else loads.")
     log(f"starting ComfyUI: http://127.0.0.1:{port}/  (Ctrl+C stops it)")
     try:
         return subprocess.call(command, cwd=host.comfyui)
@@ -581,8 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_host is None:
         install_into_comfyui_python(sys.executable)
         return 0
-    if not args.no_start and port_in_use(args.port):  # before minutes of building, not after
-        print(port_in_use_message(args.port), flush=True)
+    if not args.no_start and port_taken(args.port):  # before minutes of building, not after
         return 1
     host = build_host(args.new_host.expanduser().resolve())
     print_model_folders(host.comfyui)
