@@ -265,20 +265,26 @@ WARP_CHECK = ("import cv2, numpy; m = numpy.float64([[1, 0, 1], [0, 1, 0]]); "
               "print(int(out[1, 1]), int(out[1, 0]), cv2.dnn.blobFromImage(numpy.zeros((8, 8, 3), numpy.uint8)).shape)")
 
 
-@pytest.mark.slow
-def test_two_opencv_builds_are_repaired_to_one_working_headless_cv2(installer, tmp_path):
-    """opencv-python beside opencv-python-headless (as InstantID's instructions leave it): uninstalling
-    either one empties the cv2/ folder they share (shown first), and install.py leaves the headless one,
-    whole. The real wheels, at the host's version, from the package index (no torch involved)."""
-    python = _user_python_without_opencv(tmp_path)
+def _the_old_advice_followed(installer, python: str) -> tuple[list[str], str]:
+    """Both builds (the real wheels, at the host's version, from the package index; no torch
+    involved), then what install.py used to advise, "pip uninstall opencv-python-headless": it
+    leaves opencv-python listed and cv2 broken. Returns pip's install command and the version."""
     version = installer.installed_distributions(sys.executable)["opencv-python-headless"]
     pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
-
-    # what the old advice did: two builds, then "pip uninstall opencv-python-headless" leaves a broken cv2
     subprocess.run(pip + [f"opencv-python-headless=={version}", f"opencv-python=={version}"], check=True)
     subprocess.run([python, "-m", "pip", "uninstall", "-y", "opencv-python-headless"], check=True,
                    capture_output=True)
     assert installer.cv2_problem(python) is not None
+    return pip, version
+
+
+@pytest.mark.slow
+def test_two_opencv_builds_are_repaired_to_one_working_headless_cv2(installer, tmp_path):
+    """opencv-python beside opencv-python-headless (as InstantID's instructions leave it): uninstalling
+    either one empties the cv2/ folder they share (shown first), and install.py leaves the headless one,
+    whole."""
+    python = _user_python_without_opencv(tmp_path)
+    pip, version = _the_old_advice_followed(installer, python)
     subprocess.run(pip + [f"opencv-python-headless=={version}"], check=True)  # both again, as a user would have
     assert [n for n in installer.OPENCV_FLAVOURS if n in installer.installed_distributions(python)] == \
         ["opencv-python", "opencv-python-headless"]
@@ -302,12 +308,7 @@ def test_a_cv2_broken_by_an_earlier_uninstall_is_reinstalled(installer, tmp_path
     """The state the old advice left: one build listed, its cv2/ folder emptied by uninstalling the
     other. Running install.py again repairs it."""
     python = _user_python_without_opencv(tmp_path)
-    version = installer.installed_distributions(sys.executable)["opencv-python-headless"]
-    pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
-    subprocess.run(pip + [f"opencv-python-headless=={version}", f"opencv-python=={version}"], check=True)
-    subprocess.run([python, "-m", "pip", "uninstall", "-y", "opencv-python-headless"], check=True,
-                   capture_output=True)
-    assert installer.cv2_problem(python) is not None
+    _the_old_advice_followed(installer, python)
 
     run = subprocess.run([python, str(REPO / "install.py")], capture_output=True, text=True, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr
