@@ -66,9 +66,9 @@ class FaceFusion(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, kv: str = TRAINING_FREE) -> bool | str:
-        from .model_files import missing_files
+        from .model_files import missing_file
 
-        return missing_files(LIKENESS_FOLDER, {"kv": kv}, kv_choices(), (TRAINING_FREE,))
+        return missing_file(LIKENESS_FOLDER, "kv", kv, kv_choices(), (TRAINING_FREE,))
 
     @classmethod
     def fingerprint_inputs(cls, kv: str = TRAINING_FREE, **_) -> tuple:

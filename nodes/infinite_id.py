@@ -12,7 +12,7 @@ from comfy_api.latest import io
 
 from .common import model_file_fingerprint, model_path, require, require_mask, require_model_family
 from .face_analysis import FaceAnalysisType
-from .model_files import join_problems, missing_files
+from .model_files import join_problems, missing_file
 
 CATEGORY = "likeness/infinite_id"
 IPADAPTER_FOLDER = "ipadapter"
@@ -116,8 +116,8 @@ class IDAdapterLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> bool | str:
         register_ipadapter_folder()
-        return join_problems(missing_files(IPADAPTER_FOLDER, {"adapter_name": adapter_name}, adapter_files()),
-                             missing_files(LORAS_FOLDER, {"lora": lora}, lora_files(), (LORA_FROM_ADAPTER, NO_LORA)))
+        return join_problems(missing_file(IPADAPTER_FOLDER, "adapter_name", adapter_name, adapter_files()),
+                             missing_file(LORAS_FOLDER, "lora", lora, lora_files(), (LORA_FROM_ADAPTER, NO_LORA)))
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> tuple:

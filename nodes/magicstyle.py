@@ -284,13 +284,13 @@ class LoadFeatures(io.ComfyNode):
     def validate_inputs(cls, file: str, input_types: dict | None = None) -> bool | str:
         # input_types lists the linked inputs: with saved_file linked, 'file' is not read. Taking it
         # also hands the link's type check to this node.
-        from .model_files import missing_files
+        from .model_files import missing_file
 
         linked = (input_types or {}).get("saved_file")
         if linked is not None:
             return True if linked == "STRING" else f"saved_file: a {linked} is linked; expected a STRING (the file " \
                                                    "output of Likeness Save Features)"
-        return missing_files(FEATURES_FOLDER, {"file": file}, features_files())
+        return missing_file(FEATURES_FOLDER, "file", file, features_files())
 
     @classmethod
     def fingerprint_inputs(cls, file: str, saved_file: str | None = None) -> tuple:
@@ -302,9 +302,10 @@ class LoadFeatures(io.ComfyNode):
 
         from ..attention.feature_io import load_bank
 
-        bank = load_bank(features_path(saved_file or file, existing=True),
-                         device=comfy.model_management.unet_offload_device())
-        require(bank.latent is not None, "file", file, "features saved with their latent (save them again)")
+        chosen = saved_file or file
+        bank = load_bank(features_path(chosen, existing=True), device=comfy.model_management.unet_offload_device())
+        require(bank.latent is not None, "saved_file" if saved_file else "file", chosen,
+                "features saved with their latent (save them again)")
         return io.NodeOutput(bank, {"samples": bank.latent})
 
 

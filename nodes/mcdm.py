@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..attention.mcdm import NULL_IMAGES, TRAINED_NULL
 from .common import (LIKENESS_FOLDER, model_file_fingerprint, model_path, require, require_mask,
                      require_model_family)
-from .model_files import join_problems, missing_files
+from .model_files import join_problems, missing_file
 
 CATEGORY = "likeness/editing"
 NONE = "none"
@@ -64,9 +64,9 @@ class MCDMLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> bool | str:
         return join_problems(
-            missing_files(LIKENESS_FOLDER, {"unet_name": unet_name}, likeness_files()),
-            missing_files(LIKENESS_FOLDER, {"adapter_name": adapter_name}, likeness_files(), (NONE,)),
-            missing_files(CLIP_VISION_FOLDER, {"clip_vision_name": clip_vision_name}, clip_vision_files(), (NONE,)))
+            missing_file(LIKENESS_FOLDER, "unet_name", unet_name, likeness_files()),
+            missing_file(LIKENESS_FOLDER, "adapter_name", adapter_name, likeness_files(), (NONE,)),
+            missing_file(CLIP_VISION_FOLDER, "clip_vision_name", clip_vision_name, clip_vision_files(), (NONE,)))
 
     @classmethod
     def fingerprint_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> tuple:

@@ -133,9 +133,9 @@ class CLIPScore(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, checkpoint: str) -> bool | str:
-        from .model_files import missing_files
+        from .model_files import missing_file
 
-        return missing_files(OPEN_CLIP_FOLDER, {"checkpoint": checkpoint}, checkpoint_choices())
+        return missing_file(OPEN_CLIP_FOLDER, "checkpoint", checkpoint, checkpoint_choices())
 
     @classmethod
     def fingerprint_inputs(cls, checkpoint: str, **_) -> tuple:

@@ -4,7 +4,7 @@ ComfyUI 0.3.75 compares a dropdown's value with its options only for nodes of it
 validation matches list-typed inputs; a V3 ``io.Combo`` is typed "COMBO"), so a Likeness picker
 naming a file that is not there passed validation and failed only when its node ran, after the
 files before it had loaded: a user learnt of one missing file per Run. Each picker's node returns
-``missing_files`` (or ``missing_insightface_pack``) from its ``validate_inputs``, so POST /prompt
+``missing_file`` (or ``missing_insightface_pack``) from its ``validate_inputs``, so POST /prompt
 names every missing file of every node in one answer, beside ComfyUI's own loaders' "Value not in
 list", each with its folder and, for the files the shipped workflows load, the publisher's link.
 
@@ -23,25 +23,21 @@ def publisher_link(folder: str, name: str) -> str | None:
                  if model["directory"] == folder and model["name"] == name), None)
 
 
-def missing_files(folder: str, chosen: dict[str, str], listed: list[str], also_accepted: tuple[str, ...] = ()
-                  ) -> bool | str:
-    """True when every value of ``chosen`` ({input name: file}) is in ``listed`` (the folder's files)
-    or ``also_accepted`` (e.g. "none"); otherwise one message naming each missing file, its folder,
-    and where to get it."""
-    problems = []
-    for input_name, name in chosen.items():
-        if name in listed or name in also_accepted:
-            continue
-        where = f"models/{folder}/{name}"
-        link = publisher_link(folder, name)
-        if link is not None:
-            problems.append(f"{input_name}: {where} is missing; download {link} and save it as {where}")
-        else:
-            found = ", ".join(listed[:8]) + (", ..." if len(listed) > 8 else "") if listed else "no files"
-            accepted = f"{', '.join(repr(a) for a in also_accepted)} or " if also_accepted else ""
-            problems.append(f"{input_name}: {where} is missing (models/{folder}/ holds {found}); choose "
-                            f"{accepted}a file there, or put {name} in that folder")
-    return "; ".join(problems) or True
+def missing_file(folder: str, input_name: str, name: str, listed: list[str], also_accepted: tuple[str, ...] = ()
+                 ) -> bool | str:
+    """True when ``name`` (the value of ``input_name``) is in ``listed`` (the folder's files) or
+    ``also_accepted`` (e.g. "none"); otherwise a message naming the file, its folder, and where to
+    get it."""
+    if name in listed or name in also_accepted:
+        return True
+    where = f"models/{folder}/{name}"
+    link = publisher_link(folder, name)
+    if link is not None:
+        return f"{input_name}: {where} is missing; download {link} and save it as {where}"
+    found = ", ".join(listed[:8]) + (", ..." if len(listed) > 8 else "") if listed else "no files"
+    accepted = f"{', '.join(repr(a) for a in also_accepted)} or " if also_accepted else ""
+    return (f"{input_name}: {where} is missing (models/{folder}/ holds {found}); choose {accepted}a file there, "
+            f"or put {name} in that folder")
 
 
 def join_problems(*results: bool | str) -> bool | str:
