@@ -16,6 +16,7 @@ from .common import (chosen_recipe, dataset_folder, files_fingerprint, image_fil
                      model_path, numbered_path, optimiser_inputs, require, require_mask, require_model_family,
                      trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
+from .model_files import join_problems, missing_file
 
 CATEGORY = "likeness/infinite_id"
 IPADAPTER_FOLDER = "ipadapter"
@@ -116,6 +117,12 @@ class LikenessIDAdapterLoader(io.ComfyNode):
             outputs=[IDAdapterType.Output(display_name="id_adapter",
                                           tooltip="The identity adapter, for the Infinite-ID nodes.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> bool | str:
+        register_ipadapter_folder()
+        return join_problems(missing_file(IPADAPTER_FOLDER, "adapter_name", adapter_name, adapter_files()),
+                             missing_file(LORAS_FOLDER, "lora", lora, lora_files(), (LORA_FROM_ADAPTER, NO_LORA)))
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> tuple:
