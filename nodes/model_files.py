@@ -47,7 +47,7 @@ def join_problems(*results: bool | str) -> bool | str:
 
 def missing_insightface_pack(name: str) -> bool | str:
     """True when insightface pack ``name`` is in place; otherwise where its files go and the zip to get."""
-    from .face_backend import PACKS, find_pack
+    from ..attention.faces.insightface_backend import PACKS, find_pack
 
     if name not in PACKS:
         return f"model_name: {name!r} is not a pack Likeness loads; choose one of {', '.join(PACKS)}"
