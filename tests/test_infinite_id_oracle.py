@@ -74,7 +74,7 @@ def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, o
     from transformers import CLIPImageProcessor
 
     faceid, _ = oracle
-    infinite_id = comfy.pack("attention.infinite_id.identity_streams")
+    infinite_id = comfy.pack("attention.infinite_id.identity_tokens")
     adapter, state = adapter_for(comfy, base_directory, "sd15")
     size = tiny_models.TINY_CLIP_VISION["image_size"]
     pixels = np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -102,11 +102,25 @@ def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, o
     assert (from_black - uncond).abs().max() > 1e-2 * uncond.abs().max()
 
 
+STREAM_ROWS = "likeness_infinite_id_stream_rows"  # a model call holding the text and identity streams' rows
+
+
 def stream_of(extra_options: dict) -> str:
     for name in ("identity", "text"):
         if f"likeness_infinite_id_{name}_stream" in extra_options:
             return name
     return "plain"
+
+
+def streams_in(extra_options: dict, rows: int) -> dict[str, tuple[slice, list]]:
+    """Each stream a model call holds: its rows and its cond_or_uncond. A call holding both streams
+    (one identity) has the text rows first, then the identity stream's."""
+    layout = extra_options.get(STREAM_ROWS)
+    if layout is None:
+        return {stream_of(extra_options): (slice(0, rows), list(extra_options["cond_or_uncond"]))}
+    assert len(layout.identities) == 1 and rows == 2 * layout.text_rows
+    text = layout.text_rows
+    return {"text": (slice(0, text), list(layout.chunks)), "identity": (slice(text, rows), list(layout.chunks))}
 
 
 class LayerRecorder:
@@ -124,13 +138,15 @@ class LayerRecorder:
 
     def patch(self, n, context, value, extra_options):
         if self._here(extra_options):
-            assert stream_of(extra_options) not in self.inputs, "one model call per test"
-            self.inputs[stream_of(extra_options)] = (n.clone(), context.clone(), list(extra_options["cond_or_uncond"]))
+            for stream, (rows, cond_or_uncond) in streams_in(extra_options, n.shape[0]).items():
+                assert stream not in self.inputs, "one model call per test"
+                self.inputs[stream] = (n[rows].clone(), context[rows].clone(), cond_or_uncond)
         return n, context, value
 
     def output(self, n, extra_options):
         if self._here(extra_options):
-            self.outputs[stream_of(extra_options)] = n.clone()
+            for stream, (rows, _) in streams_in(extra_options, n.shape[0]).items():
+                self.outputs[stream] = n[rows].clone()
         return n
 
     def install(self, model):
@@ -297,7 +313,8 @@ def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, bas
 
     def spy(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
-        outputs[stream_of(args[5])].append(out)
+        for stream, (rows, _) in streams_in(args[5], out.shape[0]).items():
+            outputs[stream].append(out[rows])
         return out
 
     # The innermost DIFFUSION_MODEL wrapper sees each stream's UNet output.

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from ..infinite_id.identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
+from ..infinite_id.stream_calls import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
 from ..shared.dispatch import ATTENTION_MASK, PASS, Pass, pass_of
 from ..shared.layer_table import BlockKey, layer_key, transformer_block
 from ..shared.rows import COND, UNCOND, row_mask

@@ -30,7 +30,8 @@ from ..shared.recipes import Recipe
 from ..shared.sigmas import model_sampling_of
 from ..shared.training_loop import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy,
                                     optimise, shared, unwrapped)
-from .identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, WRAPPER_KEY, InfiniteID, apply_infinite_id
+from .identity_streams import WRAPPER_KEY, InfiniteID, apply_infinite_id
+from .stream_calls import ACTIVE_IDENTITY, IDENTITY_STREAM
 
 
 @dataclass
@@ -108,7 +109,7 @@ def train_id_adapter(model, adapter, pairs: Sequence[IdentityPair], *, steps: in
                      validation: int | None = None):
     """(trained adapter, validation loss before, after). The input adapter is left as it is.
     ``pairs``: a list, or a sequence that reads each pair when first asked (jobs/train.py's).
-    ``no_face_hidden``: CLIP's hidden states of the "no face" image (identity_streams.no_face_clip_hidden),
+    ``no_face_hidden``: CLIP's hidden states of the "no face" image (identity_tokens.no_face_clip_hidden),
     what a dropped identity (probability ``identity_dropout``) is read from. ``scale`` is s_scale,
     ``lora_scale`` FaceID's LoRA scale as Likeness Infinite-ID takes them. Under torchrun (``world``)
     the mappers and K/V train as DistributedDataParallel; ``resume`` continues a checkpoint's
