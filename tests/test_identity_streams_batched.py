@@ -139,7 +139,9 @@ def test_when_comfyui_splits_cond_and_uncond_each_call_carries_the_identity_rows
     batched, separate, spy = both_paths(comfy, monkeypatch, model, lambda: with_identities(comfy, model, settings),
                                         sample)
     assert relative_difference(batched, separate) < 1e-5, name
-    assert spy.unet_calls == 2 * STEPS and spy.separate_calls == 4 * STEPS
+    assert spy.unet_calls == 2 * STEPS
+    # A call per stream counts no extra rows, so cond and uncond fit in one call there.
+    assert spy.separate_calls == 2 * STEPS
     assert sorted(c["cond_or_uncond"] for c in spy.calls[:2]) == [[0, 0], [1, 1]], "one chunk and its identity rows"
 
 
@@ -182,10 +184,22 @@ def test_with_a_controlnet_every_stream_gets_the_control_and_the_paths_agree(com
                                 denoise=1.0)
         return out["samples"]
 
+    unet = model.model.diffusion_model
+    forward, residuals = unet._forward, []
+
+    def counting_residuals(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+        if control is not None:
+            residuals.append((x.shape[0], [c.shape[0] for c in control["output"] if c is not None]))
+        return forward(x, timesteps, context, y, control, transformer_options, **kwargs)
+
+    monkeypatch.setattr(unet, "_forward", counting_residuals)
     batched, separate, spy = both_paths(comfy, monkeypatch, model, lambda: with_identities(comfy, model, settings),
                                         sample)
     assert spy.unet_calls == STEPS
     assert relative_difference(batched, separate) < 1e-5
+    # Every call, batched (4 rows) or each stream's own (2 rows), gets the residuals of all its rows.
+    assert len(residuals) == 3 * STEPS and {rows for rows, _ in residuals} == {2, 4}
+    assert all(found and set(found) == {rows} for rows, found in residuals), residuals
     uncontrolled = txt2img_latent(comfy, with_identities(comfy, model, settings), clip, steps=STEPS)
     assert relative_difference(batched, uncontrolled) > 1e-2, "the ControlNet must act"
 

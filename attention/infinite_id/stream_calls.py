@@ -168,8 +168,10 @@ class InfiniteIDWrapper:
 
     def _separate(self, executor, x, timesteps, context, y, control, transformer_options, blends, **kwargs):
         text_kv: dict = {}
-        text = executor(x, timesteps, context, y, control, {**transformer_options, TEXT_STREAM: text_kv}, **kwargs)
-        return text, [executor(x, timesteps, context, y, control,
+        # Every stream gets the control: each call its own lists, as the UNet pops them.
+        same = lambda: control_for_rows(control, lambda c: c)  # noqa: E731
+        text = executor(x, timesteps, context, y, same(), {**transformer_options, TEXT_STREAM: text_kv}, **kwargs)
+        return text, [executor(x, timesteps, context, y, same(),
                                {**transformer_options, IDENTITY_STREAM: text_kv, ACTIVE_IDENTITY: settings,
                                 PASS: Pass.IDENTITY_STREAM}, **kwargs)
                       for settings, _ in blends]
