@@ -112,6 +112,14 @@ def stream_of(extra_options: dict) -> str:
     return "plain"
 
 
+def is_the_plain_models(got: torch.Tensor, plain: torch.Tensor) -> bool:
+    """The text stream's output against the unpatched model's. In a call holding both streams the
+    text rows share the UNet's matmuls with the identity rows, whose larger batch may round the last
+    bit differently: equal within 1e-6 relative there (a LoRA or identity token leaking onto the text
+    rows moves them by ~1e-2); bit for bit with a call per stream (test_text_stream_output_...)."""
+    return bool((got.double() - plain.double()).abs().max() <= 1e-6 * plain.double().abs().max())
+
+
 def streams_in(extra_options: dict, rows: int) -> dict[str, tuple[slice, list]]:
     """Each stream a model call holds: its rows and its cond_or_uncond. A call holding both streams
     (one identity) has the text rows first, then the identity stream's."""
@@ -240,7 +248,8 @@ def test_identity_rows_cross_attention_equals_lora_ip_attn_processor(comfy, tiny
             expected = processor(attention, n.float(), torch.cat([context.float(), ip_tokens], 1))
             plain_text = comfy_attention(n_text, context=context_text)
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4)
-        assert torch.equal(recorder.outputs["text"], plain_text), f"{key}: the text stream is the original attention"
+        assert is_the_plain_models(recorder.outputs["text"], plain_text), \
+            f"{key}: the text stream is the original attention"
         # The LoRA is really there: without it the identity rows differ well above rounding.
         no_lora = processors.LoRAIPAttnProcessor2_0(
             hidden_size=comfy_attention.to_q.weight.shape[0], cross_attention_dim=context.shape[-1],
@@ -296,13 +305,16 @@ def test_identity_rows_self_attention_equals_lora_attn_processor(comfy, tiny_che
                 expected = attention.to_out[0](hidden) + (hidden @ lora["out"][0].T) @ lora["out"][1].T
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4)
         with torch.no_grad():
-            assert torch.equal(recorder.outputs["text"], comfy_attention(recorder.inputs["text"][0]))
+            assert is_the_plain_models(recorder.outputs["text"], comfy_attention(recorder.inputs["text"][0]))
 
 
-def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, base_directory):
-    """A weight-1 run: the text stream's noise prediction is bit for bit the unpatched model's."""
+@pytest.mark.parametrize("one_call", [False, True])
+def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, base_directory, monkeypatch, one_call):
+    """A weight-1 run: the text stream's noise prediction is bit for bit the unpatched model's with
+    a call per stream, and within rounding of the larger batch with both streams in one call."""
     import comfy.patcher_extension as extension
 
+    monkeypatch.setattr(comfy.pack("attention.infinite_id.stream_calls"), "BATCH_STREAMS", one_call)
     infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
                            comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
@@ -324,7 +336,7 @@ def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, bas
     one_model_call(comfy, model, patched, clip)
     one_model_call(comfy, model, plain, clip)
     (identity,), (text,), (alone,) = outputs["identity"], outputs["text"], outputs["plain"]
-    assert torch.equal(text, alone)
+    assert is_the_plain_models(text, alone) if one_call else torch.equal(text, alone)
     assert (identity - alone).abs().max() > 1e-2 * alone.abs().max()
 
 

@@ -63,9 +63,12 @@ def identity_stream(model, settings: InfiniteID, keys: list[BlockKey]):
     """A clone of ``model`` that runs only ``settings``' identity stream, through sampling's processors."""
     import comfy.patcher_extension
 
-    wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    kinds = comfy.patcher_extension.WrappersMP
+    wrapper_type = kinds.DIFFUSION_MODEL
     patched = apply_infinite_id(model, settings, keys)
-    patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    # One stream, no extra rows: ComfyUI's memory estimate is the model's own.
+    for kind in (kinds.CALC_COND_BATCH, kinds.PREPARE_SAMPLING, wrapper_type):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
     patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, IdentityStreamOnly(settings))
     return patched
 
