@@ -115,9 +115,9 @@ def stream_of(extra_options: dict) -> str:
 def is_the_plain_models(got: torch.Tensor, plain: torch.Tensor) -> bool:
     """The text stream's output against the unpatched model's. In a call holding both streams the
     text rows share the UNet's matmuls with the identity rows, whose larger batch may round the last
-    bit differently: equal within 1e-6 relative there (a LoRA or identity token leaking onto the text
+    bit differently: equal within 1e-5 relative there (a LoRA or identity token leaking onto the text
     rows moves them by ~1e-2); bit for bit with a call per stream (test_text_stream_output_...)."""
-    return bool((got.double() - plain.double()).abs().max() <= 1e-6 * plain.double().abs().max())
+    return bool((got.double() - plain.double()).abs().max() <= 1e-5 * plain.double().abs().max())
 
 
 def streams_in(extra_options: dict, rows: int) -> dict[str, tuple[slice, list]]:
