@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from ..shared.adain import adain_mean
-from ..shared.dispatch import PASS, Pass, pass_of
+from ..shared.dispatch import Pass, pass_of
 from ..shared.layer_table import BlockKey, layer_key
 from ..shared.rows import UNCOND, row_mask
 from ..shared.sigmas import SigmaRange
