@@ -239,3 +239,22 @@ def test_beside_face_fusion_each_stream_keeps_a_call_and_the_log_says_so_once(co
         txt2img_latent(comfy, with_identities(comfy, model, identity(comfy, model, adapter)), clip, steps=STEPS)
     said = [r.getMessage() for r in caplog.records if "Infinite-ID" in r.getMessage()]
     assert said == ["Likeness Infinite-ID: the text and identity streams share one model call"], said
+
+
+def test_where_even_one_chunk_with_its_identity_rows_would_not_fit_each_stream_keeps_a_call(comfy, tiny_checkpoints,
+                                                                                           base_directory, monkeypatch,
+                                                                                           caplog):
+    """memory_required refusing anything above one row: ComfyUI calls each chunk alone, and those
+    calls take a call per stream (2 chunks x 2 streams per step), saying why once."""
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "batched_faceid_sd15.safetensors", "sd15")
+    (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
+    monkeypatch.setattr(model.model, "memory_required",
+                        lambda shape, cond_shapes={}: float("inf") if shape[0] > 1 else 0.0)
+    patched = with_identities(comfy, model, identity(comfy, model, adapter.to(dtype=torch.float32)))
+    spy = UNetCalls("likeness_face_pass").install(monkeypatch, model)
+    with caplog.at_level(logging.INFO, logger="likeness"):
+        txt2img_latent(comfy, patched, clip, steps=STEPS)
+    assert spy.unet_calls == 4 * STEPS and all(c["x"].shape[0] == 1 for c in spy.calls)
+    said = [r.getMessage() for r in caplog.records if "Infinite-ID" in r.getMessage()]
+    assert said == ["Likeness Infinite-ID: a model call per stream (the larger batch would not fit in free memory)"]
