@@ -70,11 +70,15 @@ def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int)
     ``before``/``after`` called around the variant's run (a setting it needs, undone after)."""
     import statistics
 
+    import comfy.model_management
+
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, (model, before, after) in variants.items():
             before()
             try:
+                # Switching ModelPatchers reloads the model: done before the clock starts.
+                comfy.model_management.load_models_gpu([model])
                 times[name].append(sample_steps(model, latent, steps))
             finally:
                 after()
