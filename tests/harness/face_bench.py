@@ -10,8 +10,8 @@ import torch
 from .magicstyle_bench import empty_conditioning
 
 
-def sample_steps(model, latent, steps: int, cfg: float = 5.0) -> float:
-    """Seconds per step of a plain euler run (normal schedule, cfg 5)."""
+def sample_steps(model, latent, steps: int, cfg: float = 5.0, clock=time.perf_counter) -> float:
+    """Seconds per step of a plain euler run (normal schedule, cfg 5), by ``clock``."""
     import comfy.sample
     import comfy.samplers
 
@@ -19,12 +19,12 @@ def sample_steps(model, latent, steps: int, cfg: float = 5.0) -> float:
     cond = empty_conditioning()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start = clock()
     comfy.sample.sample_custom(model, torch.randn_like(latent), cfg, comfy.samplers.sampler_object("euler"), sigmas,
                                cond, cond, latent, disable_pbar=True, seed=0)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return (clock() - start) / steps
 
 
 def with_face(model, attention: dict, size: int):
@@ -64,7 +64,8 @@ def measure_gpu(model, attention: dict, *, size: int, steps: int) -> dict:
     return results
 
 
-def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int) -> dict[str, float]:
+def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int,
+                             clock=time.perf_counter) -> dict[str, float]:
     """Median seconds per step of each variant, the variants run in turn within each round so that
     the machine's load drift falls on all of them alike. ``variants``: name -> (model, before, after),
     ``before``/``after`` called around the variant's run (a setting it needs, undone after)."""
@@ -79,7 +80,7 @@ def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int)
             try:
                 # Switching ModelPatchers reloads the model: done before the clock starts.
                 comfy.model_management.load_models_gpu([model])
-                times[name].append(sample_steps(model, latent, steps))
+                times[name].append(sample_steps(model, latent, steps, clock=clock))
             finally:
                 after()
     return {name: statistics.median(values) for name, values in times.items()}
@@ -105,8 +106,13 @@ def face_rows_figures(model, attention: dict, *, size: int, rounds: int = 5, ste
                                          batching(stream_calls, "BATCH_STREAMS", True))}
     latent = torch.zeros(1, 4, size // 8, size // 8)
     sample_steps(model, latent, 1)  # loads the model
-    seconds = interleaved_step_seconds(variants, latent, rounds=rounds, steps=steps)
-    figures = {"size": size, "rounds": rounds, "steps_per_run": steps, "plain_step_s": round(seconds["plain"], 4)}
+    # On a CPU shared with other work, wall time swings several-fold between calls; the process's own
+    # CPU time (one thread, so no thread waits for another) measures the work each variant does.
+    cpu = not torch.cuda.is_available() and torch.get_num_threads() == 1
+    clock = time.process_time if cpu else time.perf_counter
+    seconds = interleaved_step_seconds(variants, latent, rounds=rounds, steps=steps, clock=clock)
+    figures = {"size": size, "rounds": rounds, "steps_per_run": steps, "clock": clock.__name__,
+               "plain_step_s": round(seconds["plain"], 4)}
     for name in ("face_batched", "face_separate", "infinite_id_batched", "infinite_id_separate"):
         figures[f"{name}_over_plain"] = round(seconds[name] / seconds["plain"], 3)
     return figures

@@ -87,6 +87,9 @@ def face_rows(size: int = 256) -> dict:
     attention = _attention_modules(("face_fusion.face_kv_attention", "face_fusion.face_pass",
                                     "infinite_id.identity_streams", "infinite_id.stream_calls", "shared.sigmas",
                                     "shared.layer_table"))
+    import torch
+
+    torch.set_num_threads(1)  # CPU time of one thread: the work, whatever else the machine runs
     from harness.face_bench import face_rows_figures
     from harness.magicstyle_bench import full_sd15
     from tiny import tiny_models
