@@ -1,4 +1,4 @@
-"""DDIM inversion through ComfyUI's own sampling.
+"""DDIM inversion through ComfyUI's own sampling (Euler inversion of the flow on a DiT).
 
 Euler over the flipped ``ddim_uniform`` sigmas with zero noise and cfg 1 is
 deterministic DDIM inversion for an eps model; a forward pass with the core
@@ -6,6 +6,9 @@ KSamplerAdvanced (euler, ddim_uniform, same steps, add_noise off) then walks
 the same sigmas back. Inversion evaluates the UNet at σ_0…σ_{N−1} while the
 forward pass evaluates at σ_N…σ_1, so the schedule gets σ_N once more at the
 end: a zero-length step that moves nothing but lets the capture see σ_N.
+On a rectified-flow model (Flux.1, SD3.5) the same Euler steps over the model's own flipped
+sigmas integrate its velocity field backwards: the same code inverts it (cfg 1; Flux-dev's
+distilled guidance is the conditioning's, as the model takes it).
 """
 
 from __future__ import annotations
@@ -39,8 +42,14 @@ def auto_precision_chooser(model, layers: list[BlockKey], latent_shape, timestep
     image beside them (a style for a content batch, a content for a style), from the exact formula
     (feature_bank.cache_bytes)."""
     images = int(latent_shape[0]) + 1
-    fp16_bytes = cache_bytes(model.model.model_config.unet_config, layers, tuple(latent_shape[-2:]), timesteps,
-                             images, "fp16")
+    if is_dit(model):
+        from .joint_ffa import dit_hidden, image_tokens, joint_cache_bytes
+
+        fp16_bytes = joint_cache_bytes(dit_hidden(model), len(layers), image_tokens(model, tuple(latent_shape[-2:])),
+                                       timesteps, images, "fp16")
+    else:
+        fp16_bytes = cache_bytes(model.model.model_config.unet_config, layers, tuple(latent_shape[-2:]), timesteps,
+                                 images, "fp16")
 
     def choose() -> str:
         free = free_for_run(model.load_device)
@@ -51,6 +60,13 @@ def auto_precision_chooser(model, layers: list[BlockKey], latent_shape, timestep
         return chosen
 
     return choose
+
+
+def is_dit(model) -> bool:
+    """A joint-attention model (Flux.1, SD3.5): captured and fused in joint_ffa.py."""
+    from ..shared.layer_table import DIT_FAMILIES, family_of
+
+    return family_of(model) in DIT_FAMILIES
 
 
 def forward_sigmas(model, steps: int) -> torch.Tensor:
@@ -93,8 +109,16 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         wanted = [sampling.timestep(s) for s in forward[:-1]]
         if precision == AUTO_PRECISION:
             precision = auto_precision_chooser(model, layers, latent_image.shape, len(wanted))
-        recorder = FeatureCapture(layers, sampling, storage_device, wanted=wanted, precision=precision)
-        patched.set_model_attn1_patch(recorder)
+        if is_dit(model):
+            # Rectified flow: the same Euler steps over the flipped sigmas integrate the velocity field
+            # backwards; features come from joint attention (after modulation, QK-norm, RoPE).
+            from .joint_ffa import JointCapture, capture_clone
+
+            recorder = JointCapture(layers, sampling, storage_device, wanted=wanted, precision=precision)
+            patched = capture_clone(model, recorder)
+        else:
+            recorder = FeatureCapture(layers, sampling, storage_device, wanted=wanted, precision=precision)
+            patched.set_model_attn1_patch(recorder)
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent_image)
     noise = torch.zeros_like(latent_image)
     try:
