@@ -76,8 +76,8 @@ class JointCall:
 def _to_heads(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
     if skip_reshape:
         return t
-    batch, length, width = t.shape
-    return t.view(batch, length, heads, width // heads).transpose(1, 2)
+    # (B, L, H·D), or (B, L, H, D) as MMDiT hands V: what ComfyUI's attention reshapes the same way
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
 
 
 class JointAttentionRouter:
@@ -99,14 +99,15 @@ class JointAttentionRouter:
         options = kwargs.get("transformer_options") or {}
         key, tokens = dit_block_key(options), options.get(JOINT_TOKENS)
         active = [p for p in self.processors if acts_in(p, options)] if key is not None and tokens else []
-        if not active or kwargs.get("skip_output_reshape") or len(args) < 4:
+        heads = args[3] if len(args) > 3 else kwargs.get("heads")
+        if not active or kwargs.get("skip_output_reshape") or len(args) < 3 or heads is None:
             return self._inner(func, args, kwargs)
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
         skip = bool(kwargs.get("skip_reshape", False))
         q, k, v = (_to_heads(t, heads, skip) for t in (q, k, v))
         if q.shape[2] < tokens.text + tokens.image:
             return self._inner(func, args, kwargs)  # an image-only attention (MMDiT-X's second one): as is
-        base = {name: value for name, value in kwargs.items() if name not in ("skip_reshape", "mask")}
+        base = {name: value for name, value in kwargs.items() if name not in ("skip_reshape", "mask", "heads")}
 
         def innermost(q_, k_, v_, mask=None):
             return self._inner(func, (q_, k_, v_, heads, *args[4:]),
