@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.magicstyle.ddim_inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
+from ..attention.magicstyle.ddim_inversion import (AUTO_PRECISION, CAPTURES, MODES, PRECISION_CHOICES, invert,
+                                                   inversion_steps)
 from ..attention.magicstyle.feature_bank import FeatureBank, merge_banks, model_fingerprint
 from ..attention.magicstyle.ffa import PLACEMENTS, FeatureFusion, apply_ffa
 from ..attention.shared.adain import adain_latent
@@ -84,6 +85,11 @@ class LikenessInvert(io.ComfyNode):
                                        "and one image beside it fits half of what ComfyUI has free for the run "
                                        "(cache_on=auto's rule), fp8 otherwise; the choice is logged."),
                 io.String.Input("blocks", default="", optional=True, tooltip=BLOCKS_TOOLTIP),
+                io.Combo.Input("mode", options=list(MODES), default="cache", optional=True,
+                               tooltip="cache = keep the features of every chosen layer and step (the paper); "
+                                       "recompute (Flux.1/SD3.5) = keep only the inverted latents (a few MB) and "
+                                       "recompute the features beside the image, in the same batch, at each step: "
+                                       "for sizes whose cache would not fit (README, Memory)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="z_T: feed a sampler with add_noise disabled."),
@@ -93,17 +99,18 @@ class LikenessInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, latent: dict, steps: int, capture: str, layers: str,
-                cache_on: str, precision: str = AUTO_PRECISION, blocks: str = "") -> io.NodeOutput:
+                cache_on: str, precision: str = AUTO_PRECISION, blocks: str = "", mode: str = "cache") -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import latent_preview
 
         family = require_model_family(model, dit=True)
+        require(mode == "cache" or family in DIT_FAMILIES, "mode", mode, "cache on SD1.5/SDXL (recompute: Flux.1, SD3.5)")
         keys = chosen_keys(model, family, layers, blocks, attention_keys(diffusion_model_of(model)))
         progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
                                storage_device=comfy.model_management.unet_offload_device(), precision=precision,
-                               callback=progress, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+                               callback=progress, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, mode=mode)
         if bank is not None:
             bank.placement = cache_on
         out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
@@ -212,6 +219,16 @@ class LikenessFeatureFusionAttention(io.ComfyNode):
         require(keys, "layers", layers, f"a set the features were cached for ({len(content.layers)} "
                 f"content and {len(style.layers)} style layers)")
         sampling = model_sampling_of(model)
+        sigma_range = SigmaRange.from_percent(sampling, start_percent, end_percent)
+        if content.trajectory is not None or style.trajectory is not None:
+            require(content.trajectory is not None and style.trajectory is not None, "style", "one side recompute",
+                    "content and style both inverted with mode recompute, or both with cache")
+            from ..attention.magicstyle.recompute import apply_joint_recompute
+
+            require(style_index < style.images, "style_index", style_index, f"below {style.images}")
+            return io.NodeOutput(apply_joint_recompute(
+                model, content, style, style_index=style_index, layers=keys, alpha=alpha,
+                beta=beta, temperature=temperature, sigma_range=sigma_range, keep_text_share=keep_text_share))
         fusion = FeatureFusion(content, style, style_index=style_index, alpha=alpha, beta=beta,
                                temperature=temperature, layers=keys,
                                sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent),

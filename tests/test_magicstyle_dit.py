@@ -192,3 +192,28 @@ def test_one_flux_double_block_with_ffa_is_the_hand_computation(comfy, keep_text
     assert torch.allclose(got_txt, expected_txt, atol=2e-5, rtol=1e-4), (got_txt - expected_txt).abs().max()
     plain_img, _ = block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, transformer_options={})
     assert (plain_img - got_img).abs().max() > 1e-2  # FFA acted
+
+
+def test_recompute_equals_cache_on_tiny_flux(comfy):
+    """recompute keeps only the inverted latents and runs them beside the image: the same features,
+    so the same picture as the cache (fp32 cache, to compare without fp16's rounding)."""
+    from test_dit import calm_dit
+
+    model, cond = calm_dit(tiny_dit.tiny_flux()), tiny_dit.flux_conditioning(guidance=3.5)
+    start = latents(2, seed=5)
+    z_cache, cached = invert(comfy, model, cond, start, precision="fp16")
+    z_kept, kept = invert(comfy, model, cond, start, mode="recompute")
+    assert torch.equal(z_cache["samples"], z_kept["samples"])
+    kept_latents = sum(t.numel() * t.element_size() for t in kept.trajectory.latents.values())
+    assert not kept.features and kept_latents == len(kept.timesteps) * 2 * 16 * 10 * 14 * 4  # per timestep, fp32
+    assert kept.nbytes() < cached.nbytes()  # (tiny: 3×; Flux at 1024², README Memory)
+    z_t = z_kept["samples"]
+    content, style = kept.select(0, 1), kept.select(1, 1)
+    plain = forward(comfy, model, z_t[:1], cond)
+    recomputed = forward(comfy, ffa(comfy, model, content, style, alpha=0.7, beta=0.45, blocks="d1, s0"), z_t[:1], cond)
+    _, full = invert(comfy, model, cond, start, precision="fp16")
+    from_cache = forward(comfy, ffa(comfy, model, full.select(0, 1), full.select(1, 1), alpha=0.7, beta=0.45,
+                                    blocks="d1, s0"), z_t[:1], cond)
+    gap, effect = (recomputed - from_cache).abs().max().item(), (from_cache - plain).abs().max().item()
+    print(f"recompute vs cache {gap:.2e}, FFA effect {effect:.2e}")
+    assert effect > 1e-3 and gap < effect / 100, (gap, effect)

@@ -24,6 +24,7 @@ from .ffa import free_for_run, keep_on_device
 
 FLIP_FLOOR = 1e-4  # FlipSigmas' stand-in for the final 0, where the model is not defined
 CAPTURES = ("qkv", "kv", "none")
+MODES = ("cache", "recompute")  # keep the features, or only the inverted latents (recompute.py)
 AUTO_PRECISION = "auto"
 PRECISION_CHOICES = (AUTO_PRECISION, *PRECISIONS)
 GB = 1e9
@@ -91,7 +92,7 @@ def inversion_sigmas(forward: torch.Tensor) -> torch.Tensor:
 
 def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: str, layers: list[BlockKey],
            storage_device, precision: str = "fp8", callback=None,
-           disable_pbar: bool = False) -> tuple[torch.Tensor, FeatureBank | None]:
+           disable_pbar: bool = False, mode: str = "cache") -> tuple[torch.Tensor, FeatureBank | None]:
     """(z_T, features). The model passed in is cloned, never changed."""
     import comfy.sample
     import comfy.samplers
@@ -100,12 +101,21 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         raise ValueError(f"capture={capture!r}: expected one of {', '.join(CAPTURES)}")
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISION_CHOICES)}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
     forward = forward_sigmas(model, steps)
     schedule = inversion_sigmas(forward)
     sampling = model_sampling_of(model)
     patched = model.clone()
     recorder = None
-    if capture != "none":
+    if capture != "none" and mode == "recompute":
+        import comfy.patcher_extension
+
+        from .recompute import TrajectoryRecorder
+
+        recorder = TrajectoryRecorder(sampling, [sampling.timestep(s) for s in forward[:-1]])
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "likeness_trajectory", recorder)
+    elif capture != "none":
         wanted = [sampling.timestep(s) for s in forward[:-1]]
         if precision == AUTO_PRECISION:
             precision = auto_precision_chooser(model, layers, latent_image.shape, len(wanted))
@@ -126,7 +136,7 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
                                              positive, positive, latent_image, callback=callback,
                                              disable_pbar=disable_pbar, seed=0)
     except BaseException:
-        if recorder is not None:
+        if hasattr(recorder, "discard"):
             recorder.discard()
         raise
     if recorder is None:
@@ -137,12 +147,18 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         sigmas=[float(s) for s in forward],
         latent_shape=list(latent_image.shape),
         model_fingerprint=model_fingerprint(model),
-        steps=steps, capture=capture, dtype=recorder.precision)
+        steps=steps, capture=capture, dtype=getattr(recorder, "precision", None) or "fp16")
+    bank.latent = samples.detach().cpu()
+    if mode == "recompute":
+        bank.trajectory = recorder.trajectory
+        if len(bank.trajectory.latents) != len(bank.timesteps):
+            raise RuntimeError(f"inversion kept {len(bank.trajectory.latents)} of {len(bank.timesteps)} latents: "
+                               "another patch on this model skipped Likeness' recorder")
+        return samples, bank
     bank.features = recorder.finish()
     if getattr(model.load_device, "type", "cpu") == "cuda" and torch.device(storage_device).type == "cpu":
         # Page-locked: a run moves it to the GPU (or streams it) without an extra copy.
         bank.features = {key: stored.pinned() for key, stored in bank.features.items()}
-    bank.latent = samples.detach().cpu()
     expected = len(bank.timesteps) * len(bank.layers)
     if len(bank.features) != expected:
         raise RuntimeError(f"inversion captured {len(bank.features)} of {expected} features: another patch "
