@@ -87,7 +87,7 @@ class LikenessInvert(io.ComfyNode):
                 io.String.Input("blocks", default="", optional=True, tooltip=BLOCKS_TOOLTIP),
                 io.Combo.Input("mode", options=list(MODES), default="cache", optional=True,
                                tooltip="cache = keep the features of every chosen layer and step (the paper); "
-                                       "recompute (Flux.1/SD3.5) = keep only the inverted latents (a few MB) and "
+                                       "recompute = keep only the inverted latents (a few MB) and "
                                        "recompute the features beside the image, in the same batch, at each step: "
                                        "for sizes whose cache would not fit (README, Memory)."),
             ],
@@ -105,7 +105,6 @@ class LikenessInvert(io.ComfyNode):
         import latent_preview
 
         family = require_model_family(model, dit=True)
-        require(mode == "cache" or family in DIT_FAMILIES, "mode", mode, "cache on SD1.5/SDXL (recompute: Flux.1, SD3.5)")
         keys = chosen_keys(model, family, layers, blocks, attention_keys(diffusion_model_of(model)))
         progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
@@ -223,12 +222,14 @@ class LikenessFeatureFusionAttention(io.ComfyNode):
         if content.trajectory is not None or style.trajectory is not None:
             require(content.trajectory is not None and style.trajectory is not None, "style", "one side recompute",
                     "content and style both inverted with mode recompute, or both with cache")
-            from ..attention.magicstyle.recompute import apply_joint_recompute
+            from ..attention.magicstyle.recompute import apply_recompute
 
             require(style_index < style.images, "style_index", style_index, f"below {style.images}")
-            return io.NodeOutput(apply_joint_recompute(
+            require(mask is None, "mask", "a mask", "no mask with features inverted in recompute mode (cache mode)")
+            return io.NodeOutput(apply_recompute(
                 model, content, style, style_index=style_index, layers=keys, alpha=alpha,
-                beta=beta, temperature=temperature, sigma_range=sigma_range, keep_text_share=keep_text_share))
+                beta=beta, temperature=temperature, sigma_range=sigma_range, keep_text_share=keep_text_share,
+                dit=family in DIT_FAMILIES))
         fusion = FeatureFusion(content, style, style_index=style_index, alpha=alpha, beta=beta,
                                temperature=temperature, layers=keys,
                                sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent),

@@ -217,3 +217,28 @@ def test_recompute_equals_cache_on_tiny_flux(comfy):
     gap, effect = (recomputed - from_cache).abs().max().item(), (from_cache - plain).abs().max().item()
     print(f"recompute vs cache {gap:.2e}, FFA effect {effect:.2e}")
     assert effect > 1e-3 and gap < effect / 100, (gap, effect)
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_recompute_equals_cache_on_the_unet(comfy, tiny_checkpoints, kind):
+    """recompute on SD1.5/SDXL: the content and style rows beside the image give each self-attention the
+    hidden states the cache keeps (fp16 cache: equal to its rounding)."""
+    from harness.calm import calm
+    from harness.sampling import encode
+    from test_magicstyle import CALM, ksampler_advanced
+
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
+    model, empty = calm(model, CALM), encode(comfy, clip, "")
+    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    run = lambda **kw: comfy.run_node("LikenessInvert", model=model, conditioning=empty,  # noqa: E731
+                                      latent={"samples": start}, steps=10, capture="qkv", layers="all",
+                                      cache_on="auto", precision="fp16", **kw)
+    (z_cache, cached), (z_kept, kept) = run(), run(mode="recompute")
+    assert torch.equal(z_cache["samples"], z_kept["samples"]) and not kept.features
+    z_t = {"samples": z_kept["samples"][:1]}
+    plain = ksampler_advanced(comfy, model, z_t, empty)
+    results = [ksampler_advanced(comfy, ffa(comfy, model, bank.select(0, 1), bank.select(1, 1), alpha=0.7, beta=0.45,
+                                            temperature=1.2), z_t, empty) for bank in (cached, kept)]
+    gap, effect = (results[0] - results[1]).abs().max().item(), (results[0] - plain).abs().max().item()
+    print(f"{kind}: recompute vs cache {gap:.2e}, FFA effect {effect:.2e}")
+    assert effect > 1e-3 and gap < effect / 100, (gap, effect)

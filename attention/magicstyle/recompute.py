@@ -86,6 +86,9 @@ def rows_wrapper(content: Trajectory, style: Trajectory, style_index: int, sigma
         timestep = timestep_of(sigma)
         if not sigma_range.contains(sigma) or timestep not in content.latents or c_crossattn is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        if control is not None:
+            raise ValueError("FFA in recompute mode runs the content and style beside the image, where a ControlNet's "
+                             "residuals (made for the image rows) do not fit: use the cache mode with a ControlNet")
         if timestep not in style.latents:
             raise KeyError(f"the style was inverted without the timestep {timestep}: invert both with the same steps")
         rows = torch.cat([content.latents[timestep], style.latents[timestep][style_index:style_index + 1]])
@@ -143,22 +146,29 @@ class JointRecomputeFFA:
         return torch.cat([fused, attend(q[n:], k[n:], v[n:])])
 
 
-def apply_joint_recompute(model, content_bank, style_bank, *, style_index: int, layers, alpha: float,
-                          beta: float, temperature: float, sigma_range, keep_text_share: bool = True):
-    """A clone of a DiT ``model`` with FFA whose features are recomputed beside the image, from two
-    FeatureBanks inverted with mode recompute (their ``trajectory``)."""
+def apply_recompute(model, content_bank, style_bank, *, style_index: int, layers, alpha: float,
+                    beta: float, temperature: float, sigma_range, keep_text_share: bool = True, dit: bool = True):
+    """A clone of ``model`` with FFA whose features are recomputed beside the image, from two
+    FeatureBanks inverted with mode recompute (their ``trajectory``): in joint attention on a DiT,
+    in the UNet's self-attention (unet_recompute.py) on SD1.5/SDXL."""
     from types import SimpleNamespace
 
     import comfy.patcher_extension
 
-    from ..shared.joint_attention import patched_joint_clone
     from ..shared.sigmas import model_sampling_of
     from .ffa import _check_schedule
 
     content, style = content_bank.trajectory, style_bank.trajectory
-    processor = JointRecomputeFFA(layers, alpha=alpha, beta=beta, temperature=temperature,
-                                  keep_text_share=keep_text_share)
-    patched = patched_joint_clone(model, [processor])
+    if dit:
+        from ..shared.joint_attention import patched_joint_clone
+
+        patched = patched_joint_clone(model, [JointRecomputeFFA(layers, alpha=alpha, beta=beta,
+                                                                temperature=temperature,
+                                                                keep_text_share=keep_text_share)])
+    else:
+        from .unet_recompute import patched_unet_clone
+
+        patched = patched_unet_clone(model, layers, alpha=alpha, beta=beta, temperature=temperature)
     # Outermost APPLY_MODEL wrapper (added after the router's token count, which then sees the whole batch).
     patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "likeness_ffa_recompute",
                                  rows_wrapper(content, style, style_index, sigma_range, model_sampling_of(model)))
