@@ -99,6 +99,8 @@ class JointAttentionRouter:
         options = kwargs.get("transformer_options") or {}
         key, tokens = dit_block_key(options), options.get(JOINT_TOKENS)
         active = [p for p in self.processors if acts_in(p, options)] if key is not None and tokens else []
+        # A processor with nothing to do in this call (acts_on) leaves ComfyUI's own call untouched, bit for bit.
+        active = [p for p in active if not hasattr(p, "acts_on") or p.acts_on(key, options)]
         heads = args[3] if len(args) > 3 else kwargs.get("heads")
         if not active or kwargs.get("skip_output_reshape") or len(args) < 3 or heads is None:
             return self._inner(func, args, kwargs)
@@ -141,12 +143,21 @@ def _bind(processor, call: JointCall, inner: JointAttend) -> JointAttend:
     return attend
 
 
-def _record_tokens(patch_size: int, registers: int):
-    """APPLY_MODEL wrapper: the call's text and image token counts into its transformer_options."""
+def joint_tokens(diffusion_model, x: torch.Tensor, context: torch.Tensor | None) -> JointTokens:
+    """The layout of a call of ``diffusion_model`` on latent ``x`` with text ``context``: the text
+    (plus an MMDiT's register tokens) and the latent's patch grid (odd sizes padded up, as ComfyUI's
+    pad_to_patch_size does)."""
+    patch_size = int(getattr(diffusion_model, "patch_size", 2))
+    registers = int(getattr(diffusion_model, "register_length", 0) or 0)
+    text = (0 if context is None else context.shape[1]) + registers
+    return JointTokens(text, (-(-x.shape[-2] // patch_size), -(-x.shape[-1] // patch_size)))
+
+
+def _record_tokens(diffusion_model):
+    """APPLY_MODEL wrapper: the call's text and image token counts into its transformer_options (a
+    wrapper that calls the model on another latent, such as Face Fusion's face pass, sets its own)."""
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
-        text = (0 if c_crossattn is None else c_crossattn.shape[1]) + registers
-        grid = (-(-x.shape[-2] // patch_size), -(-x.shape[-1] // patch_size))
-        transformer_options = {**transformer_options, JOINT_TOKENS: JointTokens(text, grid)}
+        transformer_options = {**transformer_options, JOINT_TOKENS: joint_tokens(diffusion_model, x, c_crossattn)}
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     return wrapper
 
@@ -186,10 +197,8 @@ def patched_joint_clone(model, processors: list):
         router = JointAttentionRouter(previous=options.get(OVERRIDE))
         options[OVERRIDE] = router
         diffusion_model = clone.get_model_object("diffusion_model")
-        patch_size = int(getattr(diffusion_model, "patch_size", 2))
-        registers = int(getattr(diffusion_model, "register_length", 0) or 0)
         clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, WRAPPER_KEY,
-                                   _record_tokens(patch_size, registers))
+                                   _record_tokens(diffusion_model))
         if not hasattr(diffusion_model, "double_blocks"):  # MMDiT: ComfyUI names no block
             replace = options.setdefault("patches_replace", {}).setdefault("dit", {})
             for _, index, _ in dit_keys(diffusion_model):
