@@ -242,3 +242,15 @@ def test_recompute_equals_cache_on_the_unet(comfy, tiny_checkpoints, kind):
     gap, effect = (results[0] - results[1]).abs().max().item(), (results[0] - plain).abs().max().item()
     print(f"{kind}: recompute vs cache {gap:.2e}, FFA effect {effect:.2e}")
     assert effect > 1e-3 and gap < effect / 100, (gap, effect)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "fp8"])
+def test_dit_cache_formula_is_what_an_inversion_keeps(comfy, precision):
+    """joint_cache_bytes (the README's Memory rows for Flux) against the bytes a real inversion of the tiny
+    Flux keeps, on an odd latent (9×13: 5×7 tokens, the last row and column padded)."""
+    joint = comfy.pack("attention.magicstyle.joint_ffa")
+    model, cond = tiny_dit.tiny_flux(), tiny_dit.flux_conditioning()
+    _, bank = invert(comfy, model, cond, latents(2, size=(9, 13)), steps=4, precision=precision)
+    # 4 blocks; per image, block and timestep: 35 tokens × (Q, K, V of 32) at 2 or 1 bytes, + a 4-byte scale at fp8
+    by_hand = len(bank.timesteps) * 2 * 4 * (35 * 3 * 32 * {"fp16": 2, "fp8": 1}[precision] + (4 if precision == "fp8" else 0))
+    assert bank.nbytes() == by_hand == joint.joint_cache_bytes(32, 4, 35, len(bank.timesteps), 2, precision)
