@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from .tiny_models import initialise
+from .tiny_models import FLUX_HEAD_WIDTH, TINY_CLIP, TINY_T5, initialise
 
 SEED = 20261202
-FLUX_CONTEXT = 32  # T5 width stand-in (4,096 in Flux.1)
-FLUX_POOLED = 16  # CLIP-L pooled width stand-in (768)
+FLUX_CONTEXT = TINY_T5["d_model"]  # the tiny T5's width (4,096 in Flux.1)
+FLUX_POOLED = TINY_CLIP["hidden_size"]  # the tiny CLIP-L's pooled width (768)
 # Head width 16 = RoPE axes 4 + 6 + 6 (Flux.1: 128 = 16 + 56 + 56).
 TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": FLUX_POOLED,
              "context_in_dim": FLUX_CONTEXT, "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
@@ -34,6 +34,7 @@ TINY_SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, 
             "pos_embed_max_size": 32, "adm_in_channels": SD3_POOLED, "qk_norm": "rms",
             "pos_embed_scaling_factor": None, "input_size": None}
 FLUX_FULL_FILE = "flux_full_width_1x1.safetensors"
+assert TINY_FLUX["hidden_size"] // TINY_FLUX["num_heads"] == FLUX_HEAD_WIDTH == sum(TINY_FLUX["axes_dim"])
 
 
 def _flux_config(guidance: bool):
@@ -106,3 +107,36 @@ def write_flux_unet(folder: Path) -> Path:
         comfy.utils.save_torch_file(state, str(partial))
         partial.rename(path)
     return path
+
+
+def write_flux_workflow_files(folder: Path) -> dict[str, Path]:
+    """The files a Flux workflow loads, tiny, in their real layouts (skipped when present): the tiny Flux
+    (UNETLoader: register_dit_loaders gives it its heads), CLIP-L and T5-XXL (DualCLIPLoader, type flux)
+    and a 16-channel TAESD as the VAE (VAELoader reads a TAESD state dict as a VAE)."""
+    import comfy.ldm.flux.model
+    import comfy.ops
+    import comfy.taesd.taesd
+    import comfy.text_encoders.flux as flux
+    import comfy.utils
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {name: folder / name for name in ("flux_tiny.safetensors", "clip_l_tiny.safetensors",
+                                                "t5xxl_tiny.safetensors", "ae_tiny.safetensors")}
+    if all(path.exists() for path in paths.values()):
+        return paths
+    config = {k: v for k, v in TINY_FLUX.items() if k != "image_model"}
+    unet = comfy.ldm.flux.model.Flux(**config, operations=comfy.ops.disable_weight_init)
+    initialise(unet, SEED + 11)
+    text = flux.flux_clip(dtype_t5=torch.float32)(model_options={"clip_l_model_config": TINY_CLIP,
+                                                                 "t5xxl_model_config": TINY_T5})
+    initialise(text, SEED + 12)
+    vae = comfy.taesd.taesd.TAESD(latent_channels=16)
+    initialise(vae, SEED + 13)
+    with torch.no_grad():
+        vae.vae_scale.fill_(1.0)
+        vae.vae_shift.fill_(0.0)
+    states = {"flux_tiny.safetensors": unet.state_dict(), "clip_l_tiny.safetensors": text.clip_l.transformer.state_dict(),
+              "t5xxl_tiny.safetensors": text.t5xxl.transformer.state_dict(), "ae_tiny.safetensors": vae.state_dict()}
+    for name, state in states.items():
+        comfy.utils.save_torch_file({k: v.float().contiguous() for k, v in state.items()}, str(paths[name]))
+    return paths
