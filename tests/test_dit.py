@@ -120,5 +120,27 @@ def test_other_dits_are_refused_by_name(comfy, node_id):
     common = comfy.pack("nodes.common")
     with pytest.raises(ValueError, match=r"model='Flux2 \(flow\)' cannot be used: expected .*Flux\.1"):
         common.require_model_family(flux2, dit=True)
+    if node_id == "LikenessInvert":  # through the node itself, before any sampling
+        with pytest.raises(ValueError, match=r"model='Flux2 \(flow\)' cannot be used"):
+            invert(comfy, flux2, tiny_dit.flux_conditioning(), latents(1), steps=2)
     with pytest.raises(ValueError, match=r"model='Flux \(flow\)' cannot be used: expected an SD1\.5- or SDXL"):
         common.require_model_family(tiny_dit.tiny_flux())  # a node that stays SD-only
+
+
+def test_a_bf16_flux_runs_magicstyle_and_face_fusion(comfy):
+    """The low-precision path (DESIGN rule 9): a bf16 tiny Flux inverts (cache and recompute), fuses and
+    fuses a face, finite, and FFA still changes the picture."""
+    model, cond = tiny_dit.tiny_flux(dtype=torch.bfloat16), tiny_dit.flux_conditioning()
+    start = latents(2, seed=9)
+    z_t, cached = invert(comfy, model, cond, start, steps=4)
+    _, kept = invert(comfy, model, cond, start, steps=4, mode="recompute")
+    plain = forward(comfy, model, z_t["samples"][:1], cond, steps=4)
+    for bank in (cached, kept):
+        styled = forward(comfy, ffa(comfy, model, bank.select(0, 1), bank.select(1, 1)), z_t["samples"][:1], cond,
+                         steps=4)
+        assert torch.isfinite(styled).all() and (styled - plain).abs().max() > 1e-2
+    kv = comfy.node_class("LikenessFaceFusion").define_schema().inputs[3].default
+    (fused,) = comfy.run_node("LikenessFaceFusion", model=model, face={"samples": latents(1, size=(6, 6))}, weight=1.0,
+                              kv=kv, start_percent=0.0, end_percent=1.0, face_noise="noised", noise_seed=0, uncond=True)
+    faced = forward(comfy, fused, z_t["samples"][:1], cond, steps=4)
+    assert torch.isfinite(faced).all() and (faced - plain).abs().max() > 1e-2
