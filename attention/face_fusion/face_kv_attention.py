@@ -11,15 +11,13 @@ Several people (Eq. 7): a face key of person i gets −inf from every query
 inside another person's mask M_j (j ≠ i), also where M_i overlaps M_j, so
 an overlap sees the text only; queries outside all masks see every face.
 
-The face rows run as a separate UNet call just before each model call
-rather than as extra rows of the same batch, so that other packs' patches
-still see the batch ComfyUI built (rows = chunks of ``cond_or_uncond``).
-What that call receives is built by :func:`face_input` alone, for sampling
-and for training alike: the face noised to the step's sigma with a fixed
-noise per reference, or (``clean``) the latent itself at the model's
-smallest timestep. It reads the positive prompt in every call, also a call
-that holds only uncond rows (ComfyUI splits cond and uncond when memory is
-short): a CALC_COND_BATCH wrapper hands the positive's encoding over.
+The reference faces go through the UNet at every step (face_pass.py: as
+extra rows of the image's own model call where that applies, else as a call
+of their own just before it). What the face rows receive is built by
+:func:`face_input` alone, for sampling and for training alike: the face
+noised to the step's sigma with a fixed noise per reference, or (``clean``)
+the latent itself at the model's smallest timestep, under the positive
+prompt in every call (also a call that holds only uncond rows).
 
 Linear_kf / Linear_vf are the layer's own self-attention to_k / to_v by
 default (training-free: same input width), or trained weights from a file.
@@ -38,13 +36,13 @@ import torch.nn.functional as F
 from ..infinite_id.identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
 from ..shared.dispatch import ATTENTION_MASK, PASS, Pass, pass_of
 from ..shared.layer_table import BlockKey, layer_key, transformer_block
-from ..shared.rows import COND, UNCOND, row_mask, rows_of
-from ..shared.sigmas import SigmaRange, current_sigma
+from ..shared.rows import COND, UNCOND, row_mask
+from ..shared.sigmas import SigmaRange
 from ..shared.token_masks import mask_to_tokens
 
-FACE_PASS = "likeness_face_pass"  # face call: dict the capture fills with h_f per layer
-FACE_STATES = "likeness_face_states"  # main call: the h_f of every active reference, per layer
-POSITIVE = "likeness_face_positive"  # the positive prompt's model conds (c_crossattn, y), for the face pass
+FACE_PASS = "likeness_face_pass"  # separate face call: dict the capture fills with h_f per layer
+FACE_ROWS = "likeness_face_rows"  # image call that carries the face rows too (FaceRows)
+FACE_STATES = "likeness_face_states"  # image call: the h_f of every active reference, per layer
 UNET = "likeness_unet"
 ORDER = 150  # after FFA-style self-attention changes; cross-attention keys are added late
 WRAPPER_KEY = "likeness_face_fusion"
@@ -81,6 +79,7 @@ class FaceFusion:
     identities: list[Identity]
     layers: set[BlockKey]
     model_sampling: object = field(repr=False)
+    reported: set = field(default_factory=set, repr=False, compare=False)  # face-pass paths logged this run
 
     def __deepcopy__(self, memo):
         return self  # shared between clones; never copy the latents
@@ -108,113 +107,20 @@ def face_input(model_sampling, latent: torch.Tensor, noise: torch.Tensor, sigma:
     return model_sampling.calculate_input(sigmas, noisy), model_sampling.timestep(sigmas).float()
 
 
-def _face_groups(active: list[Identity]) -> list[list[Identity]]:
-    """People whose references have one latent shape share a face call."""
-    groups: dict[tuple[int, ...], list[Identity]] = {}
-    for identity in active:
-        groups.setdefault(tuple(identity.latent.shape[1:]), []).append(identity)
-    return list(groups.values())
+@dataclass(frozen=True)
+class FaceRows:
+    """In an image call that carries the face rows: rows [0, image_rows) are the image's, in
+    ``image_chunks`` order, the rest the references'; ``captured`` gets their h_f per layer."""
 
-
-def positive_prompt(positive: list[dict] | None, sigma: torch.Tensor) -> dict | None:
-    """The model conds (c_crossattn and, for SDXL, y) of the first positive conditioning that acts
-    at ``sigma``, as the sampler processed them; None when there is none."""
-    step = sigma.detach().flatten()[0]
-    for entry in positive or []:
-        # The same rule as comfy.samplers.get_area_and_mult (the bounds are sigmas).
-        if ("timestep_start" in entry and step > entry["timestep_start"]
-                or "timestep_end" in entry and step < entry["timestep_end"]):
-            continue
-        model_conds = entry.get("model_conds", {})
-        if "c_crossattn" in model_conds:
-            found = {"c_crossattn": model_conds["c_crossattn"].cond}
-            if "y" in model_conds:
-                found["y"] = model_conds["y"].cond
-            return found
-    return None
-
-
-def hand_over_positive(executor, model, conds, x_in, timestep, model_options):
-    """CALC_COND_BATCH wrapper: every model call of this step carries the positive prompt."""
-    found = positive_prompt(conds[0] if conds else None, timestep)
-    if found is not None:
-        model_options = {**model_options,
-                         "transformer_options": {**model_options.get("transformer_options", {}), POSITIVE: found}}
-    return executor(model, conds, x_in, timestep, model_options)
-
-
-def _rows_like(tensor: torch.Tensor | None, row: int, count: int) -> torch.Tensor | None:
-    if tensor is None:
-        return None
-    return tensor[row:row + 1].expand(count, *tensor.shape[1:])
-
-
-class FaceFusionWrapper:
-    """DIFFUSION_MODEL wrapper: the face call(s), then the model call that uses them."""
-
-    def __init__(self, fusion: FaceFusion) -> None:
-        self.fusion = fusion
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        sigma = current_sigma(transformer_options)
-        active = [i for i in self.fusion.identities if i.active(sigma)]
-        # The faces fuse into the image only (Infinite-ID's identity stream reads them through the
-        # text stream's K/V, Eq. 5): no face call for any other pass.
-        if not active or sigma is None or pass_of(transformer_options) is not Pass.IMAGE:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        context_f, y_f = self._prompt(context, y, transformer_options, x.shape[0])
-        face_options = {key: value for key, value in transformer_options.items() if key not in IMAGE_STREAM_KEYS}
-        face_options.update({"cond_or_uncond": [COND], UNET: executor.class_obj, PASS: Pass.FACE_REFERENCE})
-        states = []
-        for group in _face_groups(active):
-            inputs = [face_input(self.fusion.model_sampling, i.latent.to(x.device), i.noise.to(x.device), sigma,
-                                 i.clean) for i in group]
-            faces = torch.cat([face for face, _ in inputs]).to(x.dtype)
-            faces = _with_source_channels(faces, group, x.shape[1])
-            count = faces.shape[0]
-            captured: dict = {}
-            executor(faces, torch.cat([t for _, t in inputs]).to(timesteps), _rows_like(context_f, 0, count),
-                     _rows_like(y_f, 0, count), None, {**face_options, FACE_PASS: captured}, **kwargs)
-            start = 0
-            for identity in group:
-                states.append((identity, captured, start))
-                start += identity.latent.shape[0]
-        main_options = {**transformer_options, FACE_STATES: states, UNET: executor.class_obj}
-        return executor(x, timesteps, context, y, control, main_options, **kwargs)
-
-    @staticmethod
-    def _prompt(context, y, transformer_options: dict, batch: int):
-        """The face is read under the positive prompt (as in training), whichever rows this call holds."""
-        positive = transformer_options.get(POSITIVE)
-        if positive is not None:
-            context_f = positive["c_crossattn"][:1].to(context)
-            y_f = positive["y"][:1].to(y) if y is not None and "y" in positive else _rows_like(y, 0, 1)
-            return context_f, y_f
-        # Called outside a sampler's calc_cond_batch: a cond row of this call, if it has one.
-        cond = rows_of(COND, transformer_options.get("cond_or_uncond", [COND]), batch)
-        row = cond[0] if cond else 0
-        return _rows_like(context, row, 1), _rows_like(y, row, 1)
-
-
-def _with_source_channels(faces: torch.Tensor, group: list[Identity], channels: int) -> torch.Tensor:
-    """An editing model (MCDM, InstructPix2Pix) reads a source latent beside the noisy one: the face
-    pass gives each reference its own latent there, as the model reads an unedited portrait."""
-    extra = channels - faces.shape[1]
-    if extra == 0:
-        return faces
-    sources = torch.cat([identity.latent for identity in group]).to(faces)
-    if extra != sources.shape[1]:
-        raise ValueError(f"the model takes {channels} input channels and the face latent has {faces.shape[1]}: "
-                         f"expected a model of {faces.shape[1]} channels, or an editing model of "
-                         f"{2 * faces.shape[1]} (noisy latent + source latent)")
-    return torch.cat([faces, sources], 1)
+    image_rows: int
+    image_chunks: list
+    captured: dict
 
 
 class FaceCapture:
-    """attn2_patch: keeps each layer's normed face hidden states during the face call."""
+    """attn2_patch: keeps each layer's normed face hidden states (the face call's, or the face rows')."""
+
+    passes = frozenset({Pass.FACE_REFERENCE, Pass.IMAGE})
 
     def __init__(self, fusion: FaceFusion) -> None:
         self.fusion = fusion
@@ -222,14 +128,15 @@ class FaceCapture:
     def __deepcopy__(self, memo):
         return self
 
-    passes = frozenset({Pass.FACE_REFERENCE})
-
     def __call__(self, n, context, value, extra_options):
-        captured = extra_options.get(FACE_PASS)
+        key = layer_key(extra_options)
+        if key not in self.fusion.layers:
+            return n, context, value
+        captured, rows = extra_options.get(FACE_PASS), extra_options.get(FACE_ROWS)
         if captured is not None and pass_of(extra_options) is Pass.FACE_REFERENCE:
-            key = layer_key(extra_options)
-            if key in self.fusion.layers:
-                captured[key] = n
+            captured[key] = n
+        elif rows is not None and pass_of(extra_options) is Pass.IMAGE:
+            rows.captured[key] = n[rows.image_rows:]
         return n, context, value
 
 
@@ -298,7 +205,24 @@ class FaceFusionProcessor:
     def __deepcopy__(self, memo):
         return self
 
+    def cleanup(self) -> None:
+        self.fusion.reported.clear()  # each run logs its face-pass path once
+
     def __call__(self, q, k, v, extra_options, attend):
+        rows = extra_options.get(FACE_ROWS)
+        if rows is None:
+            return self._fused(q, k, v, extra_options, attend)
+        # The face rows attend as the plain model, under the options a separate face call has;
+        # the image rows, under their own chunks, read the face rows' K_f/V_f of this layer.
+        images = rows.image_rows
+        image_options = {**extra_options, "cond_or_uncond": rows.image_chunks}
+        face_options = {key: value for key, value in extra_options.items() if key not in (FACE_ROWS, FACE_STATES)}
+        face_options.update({"cond_or_uncond": [COND], PASS: Pass.FACE_REFERENCE})
+        image = self._fused(q[:images], k[:images], v[:images], image_options, attend)
+        faces = attend(q[images:], k[images:], v[images:], face_options)
+        return torch.cat([image, faces])
+
+    def _fused(self, q, k, v, extra_options, attend):
         states = extra_options.get(FACE_STATES)
         key = layer_key(extra_options)
         if not states or key is None:
@@ -338,6 +262,7 @@ def apply_face_fusion(model, identity: Identity, layers: list[BlockKey]):
 
     from ..shared.dispatch import dispatchers, patched_clone
     from ..shared.sigmas import model_sampling_of
+    from .face_pass import FaceFusionWrapper, count_face_rows_in_estimate, per_step
 
     wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
     existing = model.get_wrappers(wrapper_type, WRAPPER_KEY)
@@ -357,7 +282,11 @@ def apply_face_fusion(model, identity: Identity, layers: list[BlockKey]):
     else:
         patched = patched_clone(model, [("attn2", key, FaceFusionProcessor(fusion)) for key in sorted(fusion.layers)])
         patched.set_model_attn2_patch(FaceCapture(fusion))
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
-                                     hand_over_positive)
-    patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, FaceFusionWrapper(fusion))
+    # Each wrapper holds the fusion it serves: a chained person replaces them all.
+    kinds = comfy.patcher_extension.WrappersMP
+    for kind, wrapper in ((kinds.CALC_COND_BATCH, per_step(fusion)),
+                          (kinds.PREPARE_SAMPLING, count_face_rows_in_estimate(fusion)),
+                          (wrapper_type, FaceFusionWrapper(fusion))):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     return patched

@@ -26,7 +26,8 @@ from ..shared.dispatch import PASS, Pass, pass_of
 from ..shared.joint_attention import JOINT_TOKENS, joint_tokens, patched_joint_clone, router_of
 from ..shared.rows import COND, UNCOND, row_mask, rows_of
 from ..shared.token_masks import mask_to_tokens
-from .face_kv_attention import IMAGE_STREAM_KEYS, POSITIVE, Identity, _needs_bias, face_input, fusion_bias
+from .face_kv_attention import IMAGE_STREAM_KEYS, Identity, _needs_bias, face_input, fusion_bias
+from .face_pass import POSITIVE, positive_prompt
 
 FACE_KV = "likeness_joint_face_kv"  # face pass: dict the capture fills with (K_f, V_f) per block
 FACE_STATES = "likeness_joint_face_states"  # image pass: [(identity, captured, first row)]
@@ -158,12 +159,19 @@ class JointFaceFusionProcessor:
         return attend(q, k, v, bias.unsqueeze(1).to(q.dtype))
 
 
+def hand_over_positive(executor, model, conds, x_in, timestep, model_options):
+    """CALC_COND_BATCH wrapper: every model call of this step carries the positive prompt, which the
+    face pass reads (as on SD: face_pass.positive_prompt)."""
+    found = positive_prompt(conds[0] if conds else None, timestep)
+    if found is not None:
+        model_options = {**model_options,
+                         "transformer_options": {**model_options.get("transformer_options", {}), POSITIVE: found}}
+    return executor(model, conds, x_in, timestep, model_options)
+
+
 def apply_joint_face_fusion(model, identity: Identity, layers: list):
     """A clone of a DiT ``model`` that fuses ``identity``; chained calls add people to one patch."""
     import comfy.patcher_extension
-
-    from .face_kv_attention import WRAPPER_KEY as POSITIVE_WRAPPER
-    from .face_kv_attention import hand_over_positive
 
     wrapper_type = comfy.patcher_extension.WrappersMP.APPLY_MODEL
     existing = model.get_wrappers(wrapper_type, WRAPPER_KEY)
@@ -178,7 +186,7 @@ def apply_joint_face_fusion(model, identity: Identity, layers: list):
     else:
         fusion = JointFaceFusion([identity], {tuple(k) for k in layers}, model.get_model_object("model_sampling"))
         patched = patched_joint_clone(model, [JointFaceCapture(fusion), JointFaceFusionProcessor(fusion)])
-        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, POSITIVE_WRAPPER,
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.CALC_COND_BATCH, WRAPPER_KEY,
                                      hand_over_positive)
     patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, JointFaceWrapper(fusion))
     return patched

@@ -62,3 +62,43 @@ def measure_gpu(model, attention: dict, *, size: int, steps: int) -> dict:
         results[f"{name}_over_vanilla_step"] = round(results[f"{name}_step_s"] / results["vanilla_step_s"], 3)
         results[f"{name}_over_vanilla_peak"] = round(results[f"{name}_peak_bytes"] / results["vanilla_peak_bytes"], 3)
     return results
+
+
+def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int) -> dict[str, float]:
+    """Median seconds per step of each variant, the variants run in turn within each round so that
+    the machine's load drift falls on all of them alike. ``variants``: name -> (model, before, after),
+    ``before``/``after`` called around the variant's run (a setting it needs, undone after)."""
+    import statistics
+
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (model, before, after) in variants.items():
+            before()
+            try:
+                times[name].append(sample_steps(model, latent, steps))
+            finally:
+                after()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def face_rows_figures(model, attention: dict, *, size: int, rounds: int = 5, steps: int = 2) -> dict:
+    """Face Fusion (one reference) with its face rows in the image's call and with a separate face
+    call, and Infinite-ID, each per step over a plain step (cfg 5), interleaved in one process."""
+    face_pass = attention["face_pass"]
+
+    def batching(on: bool):
+        return lambda: setattr(face_pass, "BATCH_FACE_ROWS", on)
+
+    nothing = lambda: None  # noqa: E731
+    face = with_face(model, attention, size)
+    variants = {"plain": (model, nothing, nothing),
+                "face_batched": (face, batching(True), nothing),
+                "face_separate": (face, batching(False), batching(True)),
+                "infinite_id": (with_infinite_id(model, attention), nothing, nothing)}
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    sample_steps(model, latent, 1)  # loads the model
+    seconds = interleaved_step_seconds(variants, latent, rounds=rounds, steps=steps)
+    figures = {"size": size, "rounds": rounds, "steps_per_run": steps, "plain_step_s": round(seconds["plain"], 4)}
+    for name in ("face_batched", "face_separate", "infinite_id"):
+        figures[f"{name}_over_plain"] = round(seconds[name] / seconds["plain"], 3)
+    return figures

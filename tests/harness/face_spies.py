@@ -31,25 +31,43 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
 
 class UNetCalls:
     """Every call of the UNet (``_forward``, inside all DIFFUSION_MODEL wrappers): the face passes
-    (their options carry the Face Fusion pass marker) and the image's own calls."""
+    (their options carry the Face Fusion pass marker) and the image's own calls. A call that carries
+    the face rows beside the image's (its options say where the image rows end) is recorded as what
+    it holds: the face rows, then the image rows, each with its own x, timesteps, context and y."""
+
+    FACE_ROWS = "likeness_face_rows"
 
     def __init__(self, face_pass_key: str):
         self.face_pass_key = face_pass_key
         self.calls: list[dict] = []
+        self.unet_calls = 0  # calls of the UNet itself, however many parts each held
+
+    def _record(self, face, x, timesteps, context, y, sigmas, cond_or_uncond, options):
+        self.calls.append({
+            "face": face, "x": x.detach().clone(), "timesteps": timesteps.detach().clone(),
+            "context": context.detach().clone(), "y": None if y is None else y.detach().clone(),
+            "sigma": None if sigmas is None else float(sigmas.flatten()[0]),
+            "cond_or_uncond": list(cond_or_uncond), "options": options})
 
     def install(self, monkeypatch, model) -> "UNetCalls":
         unet = model.model.diffusion_model
         original = unet._forward
 
         def recording(x, timesteps=None, context=None, y=None, control=None, transformer_options={}, **kwargs):
+            self.unet_calls += 1
             sigmas = transformer_options.get("sigmas")
-            self.calls.append({
-                "face": self.face_pass_key in transformer_options, "x": x.detach().clone(),
-                "timesteps": timesteps.detach().clone(), "context": context.detach().clone(),
-                "y": None if y is None else y.detach().clone(),
-                "sigma": None if sigmas is None else float(sigmas.flatten()[0]),
-                "cond_or_uncond": list(transformer_options.get("cond_or_uncond", [])),
-                "options": dict(transformer_options)})
+            options = dict(transformer_options)
+            rows = transformer_options.get(self.FACE_ROWS)
+            if rows is None:
+                self._record(self.face_pass_key in transformer_options, x, timesteps, context, y, sigmas,
+                             transformer_options.get("cond_or_uncond", []), options)
+            else:
+                n = rows.image_rows
+                part = lambda t, face: None if t is None else (t[n:] if face else t[:n])  # noqa: E731
+                self._record(True, part(x, True), part(timesteps, True), part(context, True), part(y, True),
+                             sigmas, ["face rows"], options)
+                self._record(False, part(x, False), part(timesteps, False), part(context, False), part(y, False),
+                             sigmas, rows.image_chunks, options)
             return original(x, timesteps, context, y, control, transformer_options, **kwargs)
 
         monkeypatch.setattr(unet, "_forward", recording)

@@ -80,6 +80,18 @@ def patch_worker(kind: str, size: int, steps: int) -> None:
     print(json.dumps({"step_s": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
+def face_rows(size: int = 256) -> dict:
+    """Issue 21: Face Fusion's face rows batched into the image's call vs a separate face call, and
+    Infinite-ID, per step over a plain step, interleaved in one process (full-size random SD1.5)."""
+    attention = _attention_modules(("face_fusion.face_kv_attention", "face_fusion.face_pass",
+                                    "infinite_id.identity_streams", "shared.sigmas", "shared.layer_table"))
+    from harness.face_bench import face_rows_figures
+    from harness.magicstyle_bench import full_sd15
+    from tiny import tiny_models
+
+    return face_rows_figures(full_sd15(tiny_models.initialise), attention, size=size)
+
+
 def torch_zeros(size: int):
     import torch
 
@@ -255,6 +267,9 @@ def main() -> int:
         return 0
     if "--dit" in sys.argv:
         print(json.dumps({"dit": dit_section()}, indent=1))
+        return 0
+    if "--face-rows" in sys.argv:
+        print(json.dumps({"face_rows_cpu": face_rows()}, indent=1))
         return 0
     if "--soak" in sys.argv:
         print(json.dumps({"soak": soak_figures()}, indent=1))
