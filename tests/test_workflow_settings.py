@@ -29,7 +29,7 @@ EXPECTED = {
     "face_fusion": [FACE_FUSION], "face_fusion_multi_reference": [FACE_FUSION], "face_fusion_two_people": [FACE_FUSION],
     "mcdm_edit": [(*EDITING, (3.0, 2.0, 4.0))],  # demo.py: s1 3, s2 2, s3 4 (the paper: 3 / 3 / 5)
     "diffedit_edit": [(*EDITING, 7.5)],  # plain SD: the supplement's guidance 7.5 (Supp. 1.1), DiffEdit's too
-    "magicstyle_flux": [MAGICSTYLE_FLUX], "face_fusion_flux": [FACE_FUSION_FLUX],
+    "magicstyle_flux": [MAGICSTYLE_FLUX], "face_fusion_flux": [FACE_FUSION_FLUX], "magicstyle_sd35": [MAGICSTYLE],
     "pair_generation": [("heun", "karras", 20, 7.5)],  # Supp. 1.1: T = 20, guidance 7.5, Stochastic Karras VE
 }
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # the editor's control_after_generate

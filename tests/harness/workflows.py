@@ -94,6 +94,7 @@ def place_tiny_models(models: Path, checkpoints: dict[str, Path]) -> list[Path]:
     sources = {
         "flux1-dev.safetensors": flux["flux_tiny.safetensors"], "ae.safetensors": flux["ae_tiny.safetensors"],
         "clip_l.safetensors": flux["clip_l_tiny.safetensors"], "t5xxl_fp16.safetensors": flux["t5xxl_tiny.safetensors"],
+        "sd3.5_large.safetensors": flux["sd3_tiny.safetensors"], "clip_g.safetensors": flux["clip_g_tiny.safetensors"],
         "v1-5-pruned-emaonly.safetensors": checkpoints["sd15"],
         "sd_xl_base_1.0.safetensors": checkpoints["sdxl"],
         "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": tiny_models.write_clip_vision(staging / "clip_vision"),

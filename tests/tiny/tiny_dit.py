@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .tiny_models import FLUX_HEAD_WIDTH, TINY_CLIP, TINY_T5, initialise
+from .tiny_models import FLUX_HEAD_WIDTH, TINY_CLIP, TINY_CLIP_G, TINY_T5, initialise
 
 SEED = 20261202
 FLUX_CONTEXT = TINY_T5["d_model"]  # the tiny T5's width (4,096 in Flux.1)
@@ -27,8 +27,8 @@ TINY_FLUX = {"image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_
              "context_in_dim": FLUX_CONTEXT, "hidden_size": 32, "mlp_ratio": 2.0, "num_heads": 2, "depth": 2,
              "depth_single_blocks": 2, "axes_dim": [4, 6, 6], "theta": 10000, "patch_size": 2, "qkv_bias": True,
              "guidance_embed": True}
-SD3_CONTEXT = 24
-SD3_POOLED = 16
+SD3_CONTEXT = 4096  # SD3.5's text path pads CLIP-L + CLIP-G to T5's 4,096 and joins the tokens
+SD3_POOLED = TINY_CLIP["hidden_size"] + TINY_CLIP_G["hidden_size"]  # CLIP-L and CLIP-G pooled, side by side
 # SD3.5's joint blocks (qk_norm rmsnorm, as SD3.5 large/medium), depth 2 → width 128, 2 heads of 64.
 TINY_SD3 = {"in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 2, "num_patches": 32 * 32,
             "pos_embed_max_size": 32, "adm_in_channels": SD3_POOLED, "qk_norm": "rms",
@@ -121,7 +121,8 @@ def write_flux_workflow_files(folder: Path) -> dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = {name: folder / name for name in ("flux_tiny.safetensors", "clip_l_tiny.safetensors",
-                                                "t5xxl_tiny.safetensors", "ae_tiny.safetensors")}
+                                                "t5xxl_tiny.safetensors", "ae_tiny.safetensors",
+                                                "clip_g_tiny.safetensors", "sd3_tiny.safetensors")}
     if all(path.exists() for path in paths.values()):
         return paths
     config = {k: v for k, v in TINY_FLUX.items() if k != "image_model"}
@@ -135,8 +136,17 @@ def write_flux_workflow_files(folder: Path) -> dict[str, Path]:
     with torch.no_grad():
         vae.vae_scale.fill_(1.0)
         vae.vae_shift.fill_(0.0)
+    import comfy.sdxl_clip
+
+    clip_g = comfy.sdxl_clip.SDXLClipG(model_options={"clip_g_model_config": TINY_CLIP_G})
+    initialise(clip_g, SEED + 14)
+    # SD3.5 as Stability ships it: the MMDiT and its VAE in one checkpoint, the text encoders apart
+    sd3 = tiny_sd3().model
+    sd3_state = sd3.state_dict_for_saving(None, vae.state_dict(), None)
     states = {"flux_tiny.safetensors": unet.state_dict(), "clip_l_tiny.safetensors": text.clip_l.transformer.state_dict(),
-              "t5xxl_tiny.safetensors": text.t5xxl.transformer.state_dict(), "ae_tiny.safetensors": vae.state_dict()}
+              "t5xxl_tiny.safetensors": text.t5xxl.transformer.state_dict(), "ae_tiny.safetensors": vae.state_dict(),
+              "clip_g_tiny.safetensors": clip_g.transformer.state_dict(), "sd3_tiny.safetensors": sd3_state}
     for name, state in states.items():
-        comfy.utils.save_torch_file({k: v.float().contiguous() for k, v in state.items()}, str(paths[name]))
+        dtype = torch.float16 if name.startswith("t5xxl") else torch.float32  # the 4,096-wide T5 embedding: half
+        comfy.utils.save_torch_file({k: v.to(dtype).contiguous() for k, v in state.items()}, str(paths[name]))
     return paths

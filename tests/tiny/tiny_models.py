@@ -22,8 +22,11 @@ SEED = 20261125
 
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
              "num_hidden_layers": 3, "projection_dim": 64}
-# A T5-XXL of the real layout, tiny (Flux's text encoder; loaded by DualCLIPLoader through register_dit_loaders)
-TINY_T5 = {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2, "num_decoder_layers": 2}
+# A T5-XXL of the real layout, tiny but for its width (SD3.5's text path pads CLIP to 4,096 and joins T5's
+# tokens to it, so T5 keeps 4,096): Flux's and SD3.5's text encoder through register_dit_loaders.
+TINY_T5 = {"d_model": 4096, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2, "num_decoder_layers": 2}
+# CLIP-G: SD3.5's loader tells it from CLIP-L by a 31st layer, so the tiny one has 32.
+TINY_CLIP_G = {**TINY_CLIP, "num_hidden_layers": 32}
 FLUX_HEAD_WIDTH = 16  # a tiny Flux's head width: RoPE axes 4 + 6 + 6 (Flux.1: 128 = 16 + 56 + 56)
 SD15_CONTEXT = TINY_CLIP["hidden_size"]
 SDXL_CONTEXT = 2 * TINY_CLIP["hidden_size"]  # clip_l and clip_g side by side
@@ -163,14 +166,22 @@ def register_dit_loaders() -> None:
     if not getattr(load, "likeness_tiny", False):
         def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None,
                                           clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options={}):
-            t5 = [sd["encoder.final_layer_norm.weight"] for sd in state_dicts if "encoder.final_layer_norm.weight" in sd]
-            if clip_type == comfy.sd.CLIPType.FLUX and t5 and t5[0].shape[0] == TINY_T5["d_model"]:
+            tiny_t5 = any("encoder.final_layer_norm.weight" in sd and f"encoder.block.{TINY_T5['num_layers']}.layer.0"
+                          ".SelfAttention.q.weight" not in sd for sd in state_dicts)
+            # TripleCLIPLoader names no type: three encoders are SD3's, as ComfyUI's own detection reads them
+            kind = ("flux" if clip_type == comfy.sd.CLIPType.FLUX else
+                    "sd3" if clip_type == comfy.sd.CLIPType.SD3 or len(state_dicts) == 3 else None)
+            if kind and tiny_t5:
                 import comfy.supported_models_base as base
                 import comfy.text_encoders.flux as flux
+                import comfy.text_encoders.sd3_clip as sd3
 
-                options = {**model_options, "clip_l_model_config": TINY_CLIP, "t5xxl_model_config": TINY_T5}
-                clip = comfy.sd.CLIP(base.ClipTarget(flux.FluxTokenizer, flux.flux_clip(dtype_t5=torch.float32)),
-                                     embedding_directory=embedding_directory, model_options=options)
+                options = {**model_options, "clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP_G,
+                           "t5xxl_model_config": TINY_T5}
+                target = (base.ClipTarget(flux.FluxTokenizer, flux.flux_clip(dtype_t5=torch.float32))
+                          if kind == "flux" else
+                          base.ClipTarget(sd3.SD3Tokenizer, sd3.sd3_clip(dtype_t5=torch.float32)))
+                clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options=options)
                 for state in state_dicts:
                     clip.load_sd(state)
                 return clip
