@@ -95,6 +95,7 @@ def test_weights_and_masks_against_a_hand_biased_softmax_on_one_joint_attention(
     q, k, v = (torch.randn(rows, heads, queries, dim) for _ in range(3))
     left = torch.zeros(24, 40)
     left[:, :16] = 1.0  # image columns 0-1 of 5 (40 px → 5 tokens of 8 px)
+    left[:, 16:19] = 1.0  # and 3 of column 2's 8 px: 0.375 of it, under the 0.5 a token needs to count as inside
     right = torch.zeros(24, 40)
     right[8:, 24:] = 1.0  # rows 1-2, columns 3-4
     people = [face_kv.Identity(latent=torch.zeros(1), noise=torch.zeros(1), weight=w, sigma_range=sigmas.SigmaRange.always(),
