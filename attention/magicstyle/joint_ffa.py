@@ -23,14 +23,13 @@ from __future__ import annotations
 import torch
 
 from ..shared.adain import adain_tokens
-from ..shared.layer_table import BlockKey, dit_block_key
+from ..shared.layer_table import BlockKey
 from ..shared.rows import COND, rows_of
 from ..shared.sigmas import current_sigma
 from .feature_bank import PRECISIONS, StoredStates, TimestepOf, timestep_key
 from .ffa import ORDER, PASSES, FeatureFusion
 
-# The block widths of the families (channels of one image token's Q, K or V): for the memory formula.
-QKV = 3  # Q, K and V of every image token are stored
+QKV = 3  # Q, K and V of every image token are stored (the memory formula counts them)
 
 
 def pack_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -176,5 +175,3 @@ def apply_joint_ffa(model, fusion: FeatureFusion, keep_text_share: bool = True):
                                  _check_schedule(fusion))
     return patched
 
-
-__all__ = ["JointCapture", "JointFFAProcessor", "apply_joint_ffa", "dit_block_key", "joint_cache_bytes", "joint_ffa"]
