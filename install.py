@@ -26,10 +26,15 @@ import argparse
 import hashlib
 import json
 import os
+import queue
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import venv
 import zipfile
 from pathlib import Path
@@ -71,6 +76,9 @@ INSIGHTFACE = "insightface>=0.7.3"
 OPENCV_FLAVOURS = ("opencv-python", "opencv-python-headless", "opencv-contrib-python",
                    "opencv-contrib-python-headless")
 OPENCV_DEFAULT = "opencv-python-headless"  # no GUI libraries needed: ComfyUI draws nothing with OpenCV
+OPENCV_CONTRIB_HEADLESS = "opencv-contrib-python-headless"
+# What the face nodes call: Face Crop's warp, and insightface's detector, recogniser and norm_crop.
+CV2_FUNCTIONS = ("warpAffine", "resize", "dnn.blobFromImage", "dnn.blobFromImages")
 TORCH_FAMILY = ("torch", "torchvision", "torchaudio")
 
 MODEL_FOLDERS = {
@@ -85,7 +93,7 @@ MODEL_FOLDERS = {
                                      "detection and FaceSim work with it, FaceID adapters refuse its glintr100",
     "likeness": "Likeness weights: trained face K/V, MCDM unet.pth + adapter.pth "
                 "(bytedance/feature-preserve-portrait-editing)",
-    "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_pytorch_model.bin)",
+    "open_clip": "an open_clip checkpoint for LikenessCLIPScore (e.g. ViT-H-14 open_clip_model.safetensors)",
 }
 
 
@@ -141,10 +149,21 @@ MODEL_FILES = (
     {"name": "clip_g.safetensors", "directory": "text_encoders",
      "url": f"{HF}/stabilityai/stable-diffusion-3.5-large/resolve/main/text_encoders/clip_g.safetensors",
      "what": "CLIP-G text encoder as Stability AI ships it with SD3.5"},
-    {"name": "open_clip_pytorch_model.bin", "directory": "open_clip",
-     "url": f"{HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/open_clip_pytorch_model.bin",
-     "what": "open_clip ViT-H/14 (LAION-2B), the CLIP-I/CLIP-T scores' model (architecture ViT-H-14)"},
+    {"name": "open_clip_model.safetensors", "directory": "open_clip",
+     "url": f"{HF}/laion/CLIP-ViT-H-14-laion2B-s32B-b79K/resolve/main/open_clip_model.safetensors",
+     "what": "open_clip ViT-H/14 (LAION-2B), the CLIP-I/CLIP-T scores' model (architecture ViT-H-14), as LAION "
+             "ships it in safetensors"},
 )
+# The editor's missing-models dialog offers a download only for these suffixes and shows a red
+# "Only allowed suffixes" row for any other. Where the publisher ships no such form (h94's FaceID
+# .bin, ByteDance's .pth), the file stays out of the workflow's model metadata and the workflow's
+# note gives its link and folder instead.
+EDITOR_DOWNLOAD_SUFFIXES = (".safetensors", ".sft")
+
+
+def editor_downloads(model: dict) -> bool:
+    """Whether the editor's missing-models dialog can list ``model`` (a MODEL_FILES entry)."""
+    return model["name"].endswith(EDITOR_DOWNLOAD_SUFFIXES)
 # insightface's packs come as one zip from its GitHub release, with the pack's name as the node's
 # value (not in the editor's missing-models dialog: its model listing ignores .onnx files).
 # The shipped workflows load buffalo_l: IP-Adapter FaceID-PlusV2 was trained on its w600k_r50
@@ -166,9 +185,46 @@ def log(message: str) -> None:
     print(f"[likeness install] {message}", flush=True)
 
 
-def run(command: list[str], **kwargs) -> None:
+# pip's resolver reports a declared dependency the installer leaves out on purpose.
+LEFT_OUT = re.compile(r"^(\S+) \S+ requires (onnxruntime|opencv-python), which is not installed")
+LEFT_OUT_REASON = ("[likeness install] expected, not a failure: {package} declares {name}, which Likeness leaves out "
+                   "on purpose: it installs the onnxruntime that fits this machine and OpenCV's headless build "
+                   "instead (each shares one folder with the declared one, and two builds in one folder break each "
+                   "other); pip's check knows only the declared names.")
+# With progress on, only these of pip's lines are shown (what it fetches, what it installs, problems).
+PROGRESS_LINES = ("Collecting ", "Downloading ", "Installing collected packages", "Successfully installed",
+                  "ERROR", "WARNING")
+
+
+def run(command: list[str], *, progress: str | None = None, **kwargs) -> None:
+    """Run ``command``, its output line by line; after pip's resolver line about a dependency left
+    out on purpose, say why. ``progress``: show only pip's fetch and install lines, and after 30 s
+    without a line, one that says it is still at ``progress``."""
     log(" ".join(command))
-    subprocess.run(command, check=True, **kwargs)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout] + [lines.put(None)],
+                     daemon=True).start()
+    started = time.monotonic()
+    # Only a pip command's lines are explained: a nested install.py explains those of its own pip.
+    explained = set() if command[1:3] == ["-m", "pip"] else {"onnxruntime", "opencv-python"}
+    while True:
+        try:
+            line = lines.get(timeout=30)
+        except queue.Empty:
+            log(f"still {progress or 'working'} ({time.monotonic() - started:.0f} s)")
+            continue
+        if line is None:
+            break
+        line = line.rstrip()
+        if progress is None or line.startswith(PROGRESS_LINES):
+            print(line[:300] if progress else line, flush=True)
+        left_out = LEFT_OUT.match(line)
+        if left_out and left_out.group(2) not in explained:
+            explained.add(left_out.group(2))
+            print(LEFT_OUT_REASON.format(package=left_out.group(1), name=left_out.group(2)), flush=True)
+    if process.wait():
+        raise subprocess.CalledProcessError(process.returncode, command)
 
 
 # --- the example pictures ------------------------------------------------------
@@ -230,9 +286,36 @@ def onnxruntime_plan(installed: dict[str, str], cuda: bool) -> tuple[list[str], 
     return remove, bool(remove) or wanted not in installed
 
 
-def opencv_plan(installed: dict[str, str]) -> list[str]:
-    """The OpenCV build to install: none where any build is there already, else the headless one."""
-    return [] if any(name in installed for name in OPENCV_FLAVOURS) else [OPENCV_DEFAULT]
+def opencv_plan(installed: dict[str, str]) -> tuple[list[str], str | None]:
+    """What to uninstall, and the OpenCV build to (re)install, if any.
+
+    None installed: the headless build. One: kept. Several: they unpack into one cv2/ folder, so
+    uninstalling any of them deletes files the others need; all but one headless build go (the
+    contrib one where a contrib build was there) and that one is reinstalled at its version, with
+    no dependencies, over what the uninstalls deleted.
+    """
+    builds = [name for name in OPENCV_FLAVOURS if name in installed]
+    if not builds:
+        return [], OPENCV_DEFAULT
+    if len(builds) == 1:
+        return [], None
+    keep = OPENCV_CONTRIB_HEADLESS if any("contrib" in name for name in builds) else OPENCV_DEFAULT
+    version = installed.get(keep) or max(installed[name] for name in builds)
+    return [name for name in builds if name != keep], f"{keep}=={version}"
+
+
+def cv2_problem(python: str) -> str | None:
+    """Why ``import cv2`` in ``python`` is not the OpenCV the face nodes need, or None when it is."""
+    script = ("import json, cv2, functools\n"
+              "def has(name):\n"
+              "    try: functools.reduce(getattr, name.split('.'), cv2); return True\n"
+              "    except AttributeError: return False\n"
+              f"print(json.dumps([name for name in {CV2_FUNCTIONS!r} if not has(name)]))")
+    result = subprocess.run([python, "-c", script], capture_output=True, text=True)
+    if result.returncode:
+        return f"import cv2 fails: {(result.stderr.strip().splitlines() or ['?'])[-1]}"
+    missing = json.loads(result.stdout.strip().splitlines()[-1])
+    return f"cv2 lacks {', '.join(missing)}" if missing else None
 
 
 def requirement_name(requirement: str) -> str:
@@ -290,32 +373,53 @@ def install_into_comfyui_python(python: str = sys.executable) -> None:
         # with its dependencies it would put that flavour beside onnxruntime-gpu.
         if "insightface" not in installed_distributions(python):
             run(pip + ["--no-deps", INSIGHTFACE])
-        # insightface asks for opencv-python by name; the OpenCV build already there (any of them)
-        # is kept instead, as the onnxruntime flavour is.
+        # insightface asks for opencv-python by name; the OpenCV build already there (any one of
+        # them) is kept instead, as the onnxruntime flavour is, and several are repaired to one.
         own = [r for r in distribution_requirements(python, "insightface")
                if requirement_name(r) not in ONNXRUNTIME_FLAVOURS + OPENCV_FLAVOURS]
         now = installed_distributions(python)
-        missing = [r for r in own if requirement_name(r) not in now] + opencv_plan(now)
+        missing = [r for r in own if requirement_name(r) not in now]
         if missing:
             run(pip + ["-c", str(constraints)] + missing)
+        repair_opencv(python, pip + ["-c", str(constraints)])
 
     final = installed_distributions(python)
     flavours = [name for name in ONNXRUNTIME_FLAVOURS if name in final]
     if flavours != [wanted_onnxruntime(cuda)]:
         raise SystemExit(f"[likeness install] expected exactly {wanted_onnxruntime(cuda)}, found {flavours}")
-    opencv = [name for name in OPENCV_FLAVOURS if name in final]
-    if len(opencv) > 1:
-        log(f"warning: {len(opencv)} OpenCV builds are installed ({', '.join(opencv)}); they share one cv2 folder "
-            f"and may break each other. Keep one: pip uninstall {' '.join(opencv[1:])}")
     for name in TORCH_FAMILY:
         if installed.get(name) != final.get(name):
             raise SystemExit(f"[likeness install] {name} changed from {installed.get(name)} to {final.get(name)}")
-    log(f"done: {flavours[0]} {final[flavours[0]]}, insightface {final.get('insightface')}, "
+    opencv = next(name for name in OPENCV_FLAVOURS if name in final)
+    log(f"done: {flavours[0]} {final[flavours[0]]}, {opencv} {final[opencv]}, insightface {final.get('insightface')}, "
         f"torch {final['torch']} untouched")
     input_dir = comfyui_input_folder()
     if input_dir is not None:
         written = copy_examples(input_dir)
         log(f"example pictures in {input_dir}: {len(written)} copied, existing files left as they were")
+
+
+def repair_opencv(python: str, pip: list[str]) -> None:
+    """Leave one OpenCV build whose cv2 has what the face nodes call (opencv_plan); a cv2 broken by
+    an earlier uninstall of a second build is reinstalled in place."""
+    installed = installed_distributions(python)
+    remove, install = opencv_plan(installed)
+    if remove:
+        log(f"{len(remove) + 1} OpenCV builds share one cv2 folder and break each other: keeping "
+            f"{install.split('==')[0]}")
+        run([python, "-m", "pip", "uninstall", "-y"] + remove)
+    if install:
+        run(pip + (["--force-reinstall", "--no-deps"] if remove else []) + [install])
+    problem = cv2_problem(python)
+    if problem and not remove:
+        now = installed_distributions(python)
+        (build,) = [name for name in OPENCV_FLAVOURS if name in now]
+        log(f"{problem}: reinstalling {build} over it")
+        run(pip + ["--force-reinstall", "--no-deps", f"{build}=={now[build]}"])
+        problem = cv2_problem(python)
+    if problem:
+        raise SystemExit(f"[likeness install] {problem} after the repair; reinstall OpenCV by hand: "
+                         f"pip install --force-reinstall --no-deps {OPENCV_DEFAULT}")
 
 
 # --- job 2: a host from nothing ----------------------------------------------
@@ -340,7 +444,7 @@ def _build_code_digest() -> str:
     an unrelated change to the installer does not rebuild several GB)."""
     import inspect
 
-    parts = (install_into_comfyui_python, onnxruntime_plan, opencv_plan, torch_pin_constraints,
+    parts = (install_into_comfyui_python, onnxruntime_plan, opencv_plan, repair_opencv, torch_pin_constraints,
              distribution_requirements, extract_comfyui, build_host)
     return hashlib.sha256("".join(inspect.getsource(part) for part in parts).encode()).hexdigest()[:16]
 
@@ -420,15 +524,19 @@ def build_host(root: Path, extra_packages: tuple[str, ...] = (), *, install_pack
             link_pack(host.comfyui)
         copy_examples(host.comfyui / "input")  # examples added since the build, never over a user's file
         return host
-    log(f"building a ComfyUI {COMFYUI_VERSION} host in {host.root} (several minutes)")
+    log(f"building a ComfyUI {COMFYUI_VERSION} host in {host.root}: about 6.5 GB, a few minutes")
     host.stamp.unlink(missing_ok=True)
     shutil.rmtree(host.venv, ignore_errors=True)
     host.root.mkdir(parents=True, exist_ok=True)
     venv.EnvBuilder(with_pip=True).create(host.venv)
     python = str(host.python)
-    run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         *TORCH, *HOST_PACKAGES, FRONTEND, *FRONTEND_EXTRAS, *extra_packages])
+    log(f"1/3 fetching and installing {' and '.join(TORCH)} (with the CUDA libraries it brings, about 4 GB of "
+        "the 6.5), ComfyUI's packages and its graph editor: the longest step, a few minutes on a fast link")
+    run([python, "-m", "pip", "install", "--progress-bar", "off", "--disable-pip-version-check",
+         *TORCH, *HOST_PACKAGES, FRONTEND, *FRONTEND_EXTRAS, *extra_packages], progress="installing the host")
+    log("2/3 Likeness' own packages (insightface, onnxruntime, open_clip, OpenCV)")
     run([python, str(PACK_DIR / "install.py")])
+    log(f"3/3 ComfyUI {COMFYUI_VERSION} itself (from {COMFYUI_CARRIER}, its ComfyUI tree only)")
     extract_comfyui(host.comfyui, host.python)
     for folder in MODEL_FOLDERS:
         (host.comfyui / "models" / folder).mkdir(parents=True, exist_ok=True)
@@ -449,10 +557,30 @@ def print_model_folders(comfyui: Path) -> None:
     print()
 
 
+def port_taken(port: int) -> bool:
+    """Whether something already listens on 127.0.0.1:``port`` (where the server would); if so,
+    one sentence says it, in place of the server's traceback."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is free
+        try:
+            probe.bind(("127.0.0.1", port))
+            return False
+        except OSError:
+            print(f"[likeness install] Port {port} is in use (a server may already be running: open "
+                  f"http://127.0.0.1:{port}/). Stop it, or choose another port: --port {port + 1}", flush=True)
+            return True
+
+
 def start_server(host: Host, port: int) -> int:
+    if port_taken(port):
+        return 1
     command = [str(host.python), "main.py", "--listen", "127.0.0.1", "--port", str(port)]
     if not torch_sees_cuda(str(host.python)):
         command.append("--cpu")
+    if "torchaudio" not in installed_distributions(str(host.python)):
+        log("ComfyUI's start-up log will show 'torchaudio missing', 'IMPORT FAILED: nodes_audio.py' tracebacks and "
+            "'Please do a: pip install -r requirements.txt': its audio nodes need torchaudio, which this host "
+            "leaves out. Harmless for Likeness; everything else loads.")
     log(f"starting ComfyUI: http://127.0.0.1:{port}/  (Ctrl+C stops it)")
     try:
         return subprocess.call(command, cwd=host.comfyui)
@@ -470,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.new_host is None:
         install_into_comfyui_python(sys.executable)
         return 0
+    if not args.no_start and port_taken(args.port):  # before minutes of building, not after
+        return 1
     host = build_host(args.new_host.expanduser().resolve())
     print_model_folders(host.comfyui)
     return 0 if args.no_start else start_server(host, args.port)

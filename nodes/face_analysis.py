@@ -68,6 +68,12 @@ class LikenessFaceAnalysis(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, model_name: str) -> bool | str:
+        from .model_files import missing_insightface_pack
+
+        return missing_insightface_pack(model_name)
+
+    @classmethod
     def fingerprint_inputs(cls, model_name: str, **_) -> tuple:
         from ..attention.faces.insightface_backend import insightface_roots
         from .common import files_fingerprint

@@ -69,6 +69,12 @@ class LikenessFaceFusion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, kv: str = TRAINING_FREE) -> bool | str:
+        from .model_files import missing_file
+
+        return missing_file(LIKENESS_FOLDER, "kv", kv, kv_choices(), (TRAINING_FREE,))
+
+    @classmethod
     def fingerprint_inputs(cls, kv: str = TRAINING_FREE, **_) -> tuple:
         return model_file_fingerprint(LIKENESS_FOLDER, kv) if kv != TRAINING_FREE else ()
 

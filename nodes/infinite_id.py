@@ -16,6 +16,7 @@ from .common import (chosen_recipe, dataset_folder, files_fingerprint, image_fil
                      model_path, numbered_path, optimiser_inputs, require, require_mask, require_model_family,
                      trainer_outputs, training_progress)
 from .face_analysis import FaceAnalysisType
+from .model_files import join_problems, missing_file
 
 CATEGORY = "likeness/infinite_id"
 IPADAPTER_FOLDER = "ipadapter"
@@ -116,6 +117,12 @@ class LikenessIDAdapterLoader(io.ComfyNode):
             outputs=[IDAdapterType.Output(display_name="id_adapter",
                                           tooltip="The identity adapter, for the Infinite-ID nodes.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> bool | str:
+        register_ipadapter_folder()
+        return join_problems(missing_file(IPADAPTER_FOLDER, "adapter_name", adapter_name, adapter_files()),
+                             missing_file(LORAS_FOLDER, "lora", lora, lora_files(), (LORA_FROM_ADAPTER, NO_LORA)))
 
     @classmethod
     def fingerprint_inputs(cls, adapter_name: str, lora: str = LORA_FROM_ADAPTER) -> tuple:
@@ -231,7 +238,7 @@ class LikenessInfiniteID(io.ComfyNode):
                 cross_attention_merge: bool, adain_mean: bool, mix_weights: str, shortcut_scale: float,
                 start_percent: float, end_percent: float, mixing: str = DEFAULT_MIXING,
                 lora_scale: float = 1.0, mask=None) -> io.NodeOutput:
-        from ..attention.infinite_id import identity_streams
+        from ..attention.infinite_id import identity_streams, identity_tokens
         from ..attention.shared.layer_table import attention_keys, diffusion_model_of
         from ..attention.shared.sigmas import SigmaRange, model_sampling_of
         from .face_analysis import faceid_inputs
@@ -249,12 +256,12 @@ class LikenessInfiniteID(io.ComfyNode):
             require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
                     "one mask, (H, W) or (1, H, W): this person's region")
             mask = mask.reshape(mask.shape[-2:]).float().clamp(0, 1)
-        weights = identity_streams.parse_mix_weights(mix_weights, image.shape[0])
+        weights = identity_tokens.parse_mix_weights(mix_weights, image.shape[0])
         faces, embeddings = faceid_inputs(analysis, image)
         hidden = clip_vision.encode_image(faces)["penultimate_hidden_states"]
-        found = identity_streams.identity_tokens(id_adapter, embeddings, hidden,
-                                                 identity_streams.no_face_clip_hidden(clip_vision), weights,
-                                                 shortcut_scale, ACCEPTED_MIXING[mixing])
+        found = identity_tokens.identity_tokens(id_adapter, embeddings, hidden,
+                                                identity_tokens.no_face_clip_hidden(clip_vision), weights,
+                                                shortcut_scale, ACCEPTED_MIXING[mixing])
         try:
             lora = id_adapter.faceid_lora(model, lora_scale) if lora_scale > 0 else None
         except ValueError as error:
@@ -361,7 +368,7 @@ class IDPairReader:
     def __init__(self, folder, model, clip, vae, analysis, clip_vision):
         import torch
 
-        from ..attention.infinite_id.identity_streams import no_face_clip_hidden
+        from ..attention.infinite_id.identity_tokens import no_face_clip_hidden
         from ..attention.shared.training_folders import find_examples
 
         self.model, self.vae, self.analysis, self.clip_vision = model, vae, analysis, clip_vision

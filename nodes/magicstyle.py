@@ -318,24 +318,43 @@ class LikenessLoadFeatures(io.ComfyNode):
             description=f"Loads features saved by Likeness Save Features from models/{FEATURES_FOLDER}/. "
                         "Feature Fusion Attention refuses them if they do not fit the model, size or steps.",
             inputs=[io.Combo.Input("file", options=features_files(),
-                                   tooltip=f"A .safetensors file in models/{FEATURES_FOLDER}/.")],
+                                   tooltip=f"A .safetensors file in models/{FEATURES_FOLDER}/ (not read while "
+                                           "saved_file is connected)."),
+                    io.String.Input("saved_file", optional=True, force_input=True,
+                                    tooltip="Connect Likeness Save Features' file here to load what it saved in "
+                                            "the same Run (it runs first): one Run inverts a style, saves it and "
+                                            "applies it. Unconnected (or its node bypassed), 'file' is loaded.")],
             outputs=[Features.Output(display_name="features"),
                      io.Latent.Output(display_name="latent", tooltip="The inverted latent z_T saved with them "
                                       "(the style side of Likeness AdaIN Latent).")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, file: str) -> tuple:
-        return model_file_fingerprint(FEATURES_FOLDER, file)
+    def validate_inputs(cls, file: str, input_types: dict | None = None) -> bool | str:
+        # input_types lists the linked inputs: with saved_file linked, 'file' is not read. Taking it
+        # also hands the link's type check to this node.
+        from .model_files import missing_file
+
+        linked = (input_types or {}).get("saved_file")
+        if linked is not None:
+            return True if linked == "STRING" else f"saved_file: a {linked} is linked; expected a STRING (the file " \
+                                                   "output of Likeness Save Features)"
+        return missing_file(FEATURES_FOLDER, "file", file, features_files())
 
     @classmethod
-    def execute(cls, file: str) -> io.NodeOutput:
+    def fingerprint_inputs(cls, file: str, saved_file: str | None = None) -> tuple:
+        return model_file_fingerprint(FEATURES_FOLDER, saved_file or file)
+
+    @classmethod
+    def execute(cls, file: str, saved_file: str | None = None) -> io.NodeOutput:
         import comfy.model_management
 
         from ..attention.magicstyle.feature_files import load_bank
 
-        bank = load_bank(features_path(file, existing=True), device=comfy.model_management.unet_offload_device())
-        require(bank.latent is not None, "file", file, "features saved with their latent (save them again)")
+        chosen = saved_file or file
+        bank = load_bank(features_path(chosen, existing=True), device=comfy.model_management.unet_offload_device())
+        require(bank.latent is not None, "saved_file" if saved_file else "file", chosen,
+                "features saved with their latent (save them again)")
         return io.NodeOutput(bank, {"samples": bank.latent})
 
 

@@ -132,6 +132,12 @@ class LikenessCLIPScore(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, checkpoint: str) -> bool | str:
+        from .model_files import missing_file
+
+        return missing_file(OPEN_CLIP_FOLDER, "checkpoint", checkpoint, checkpoint_choices())
+
+    @classmethod
     def fingerprint_inputs(cls, checkpoint: str, **_) -> tuple:
         return checkpoint_fingerprint(checkpoint)
 

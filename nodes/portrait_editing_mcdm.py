@@ -11,6 +11,7 @@ from ..attention.shared import recipes
 from .common import (LIKENESS_FOLDER, chosen_recipe, dataset_folder, files_fingerprint, image_file_tensor,
                      model_file_fingerprint, model_path, numbered_path, optimiser_inputs, require, require_mask,
                      require_model_family, trainer_outputs, training_progress)
+from .model_files import join_problems, missing_file
 from .portrait_editing import SOURCE_SUFFIX
 
 CATEGORY = "likeness/editing"
@@ -63,6 +64,13 @@ class LikenessMCDMLoader(io.ComfyNode):
             outputs=[io.Model.Output(tooltip="The 8-channel UNet, for the MCDM guider, Edit Mask and samplers."),
                      MCDMType.Output(display_name="mcdm", tooltip="Adapter and image tower, for MCDM Conditioning.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> bool | str:
+        return join_problems(
+            missing_file(LIKENESS_FOLDER, "unet_name", unet_name, likeness_files()),
+            missing_file(LIKENESS_FOLDER, "adapter_name", adapter_name, likeness_files(), (NONE,)),
+            missing_file(CLIP_VISION_FOLDER, "clip_vision_name", clip_vision_name, clip_vision_files(), (NONE,)))
 
     @classmethod
     def fingerprint_inputs(cls, unet_name: str, adapter_name: str, clip_vision_name: str) -> tuple:

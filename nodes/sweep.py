@@ -149,6 +149,14 @@ class LikenessSweepGrid(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, clip_checkpoint=None) -> bool | str:
+        from .metrics import checkpoint_choices
+        from .model_files import missing_file
+
+        return missing_file(OPEN_CLIP_FOLDER, "clip_checkpoint", _first(clip_checkpoint, NO_CHECKPOINT),
+                            checkpoint_choices(), (NO_CHECKPOINT,))
+
+    @classmethod
     def fingerprint_inputs(cls, clip_checkpoint=None, **_) -> tuple:
         from .metrics import checkpoint_fingerprint
 

@@ -1,8 +1,8 @@
-"""The README's "At scale" section followed as written, on this machine: its servers (two, each on
+"""The "At scale" page (docs/at-scale.md) followed as written, on this machine: its servers (two, each on
 one CPU thread instead of a GPU), its pair job against both, its torchrun command with two
 processes on the pairs that job made; the result loads in Likeness MCDM Loader.
 
-The commands are read from the README's code blocks; only what cannot be the same here is
+The commands are read from its code blocks; only what cannot be the same here is
 replaced: counts (4 pairs, 2 steps), the servers' addresses, the tiny models (the pair canvas and
 steps, and the tiny-model registration wrapper around jobs/train.py)."""
 
@@ -29,9 +29,9 @@ PAIRS, STEPS = 4, 2
 
 
 def readme_commands() -> list[list[list[str]]]:
-    """The At scale section's bash blocks, each a list of commands (argv lists)."""
-    text = (REPO / "README.md").read_text()
-    section = text.split("\n## At scale\n", 1)[1].split("\n## ", 1)[0]
+    """The At scale page's bash blocks (docs/at-scale.md, which the README links), each a list of
+    commands (argv lists)."""
+    section = (REPO / "docs" / "at-scale.md").read_text()
     blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
     return [[shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
             for block in blocks]
@@ -94,7 +94,7 @@ def test_the_at_scale_section_runs_as_written(host, comfy, base_directory, tiny_
     output = work / option(training, "--output")
     assert (output / "checkpoints" / f"step_{STEPS:08d}.json").exists()
 
-    # the README: copy both files into models/likeness/ for Likeness MCDM Loader
+    # the page: copy both files into models/likeness/ for Likeness MCDM Loader
     likeness = base_directory / "models" / "likeness"
     likeness.mkdir(parents=True, exist_ok=True)
     for suffix in (".safetensors", ".adapter.safetensors"):

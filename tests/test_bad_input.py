@@ -121,7 +121,7 @@ CASES = [
       "5": {"class_type": "LikenessFaceCrop", "inputs": {"analysis": ["4", 0], "image": ["3", 0], "index": 0,
                                                          "crop_size": 64, "padding": 0.0}},
       "6": {"class_type": "PreviewImage", "inputs": {"images": ["5", 0]}}},
-     "LikenessFaceAnalysis", ["model_name='antelopev2'", "not found", "antelopev2.zip"]),
+     None, ["model_name='antelopev2'", "not found", "antelopev2.zip"]),
     ("an ID adapter that is not a FaceID file",
      {"4": {"class_type": "LikenessIDAdapterLoader", "inputs": {"adapter_name": "bad_truncated_faceid.safetensors"}},
       **checkpoint(), **image("3"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -74,16 +75,29 @@ def shipped_model_links(workflow: dict) -> list[str]:
                    for m in node.get("properties", {}).get("models", [])})
 
 
-def test_missing_models_dialog_lists_exactly_each_workflows_files(editor, base_directory, shipped_model_files):
-    """Without the model files the editor names every file a shipped workflow needs and its
-    folder; with the tests' tiny files under those names it names none."""
-    from harness.workflows import WORKFLOWS, shipped_workflows
-
-    placed = [path for path in shipped_model_files if path.is_symlink() and "insightface" not in path.parts]
-    hidden = [path.with_name("." + path.name) for path in placed]  # the model listing skips hidden files
+@contextmanager
+def model_files_hidden(shipped_model_files):
+    """The tests' model files under the shipped names, and the insightface pack, hidden (renamed to a
+    dot name, which ComfyUI's model listing and the face nodes skip) while the block runs: a host
+    where the user has not fetched them yet."""
+    placed = [path for path in shipped_model_files if path.is_symlink() or path.is_dir()]
+    hidden = [path.with_name("." + path.name) for path in placed]
     for path, away in zip(placed, hidden):
         path.rename(away)
     try:
+        yield
+    finally:
+        for path, away in zip(placed, hidden):
+            away.rename(path)
+
+
+def test_missing_models_dialog_lists_exactly_each_workflows_files(editor, base_directory, shipped_model_files):
+    """Without the model files the editor names every file a shipped workflow needs that it can
+    download, with its folder, and shows no red error row; with the tests' tiny files under those
+    names it names none."""
+    from harness.workflows import WORKFLOWS, shipped_workflows
+
+    with model_files_hidden(shipped_model_files):
         editor.reload()
         for name in shipped_workflows():
             workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
@@ -91,9 +105,7 @@ def test_missing_models_dialog_lists_exactly_each_workflows_files(editor, base_d
             assert expected, f"{name} loads models but carries no links"
             report = editor.load(workflow, f"missing_models_{name}")
             assert report.missing_models == expected, name
-    finally:
-        for path, away in zip(placed, hidden):
-            away.rename(path)
+            assert report.missing_model_errors == [], (name, report.missing_model_errors)
     editor.reload()
     for name in shipped_workflows():
         report = editor.load(WORKFLOWS / f"{name}.json", f"models_present_{name}")
@@ -120,6 +132,12 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, se
     assert sorted(templates.get("likeness", [])) == shipped_workflows()
     shown = editor.template_cards("likeness", shipped_workflows())
     assert sorted(shown) == shipped_workflows()
+    for name, card in shown.items():
+        # the card's title and description as this editor makes them for a custom node's template:
+        # the file name, and the name with '_' shown as spaces (it reads no other metadata; see
+        # docs/workflows.md). A newer editor that reads metadata fails this: then ship it.
+        lines = [line.strip() for line in card["text"].splitlines() if line.strip()]
+        assert name in lines and name.replace("_", " ") in lines, (name, lines)
     pictures = {name: thumbnail_cells(WORKFLOWS / f"{name}.jpg") for name in shipped_workflows()}
     for name, card in shown.items():
         # the card shows the pack's picture: workflows/<name>.jpg, and no other thumbnail is as near
@@ -127,3 +145,38 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, se
         distance = {other: float(np.abs(drawn - cells).max()) for other, cells in pictures.items()}
         assert distance[name] < 3 and min(distance, key=distance.get) == name, (name, distance)
         assert card["loaded_width"] > 100, f"{name}: its thumbnail did not load"
+
+
+def test_one_run_without_model_files_lists_every_missing_file(editor, shipped_model_files):
+    """Run on a host without the files: the editor's error dialog names every model file of the
+    workflow at once (ComfyUI's loaders and Likeness' own pickers, the insightface pack included),
+    and the nodes that need them are the ones marked."""
+    from harness.workflows import WORKFLOWS, load_api, shipped_workflows
+    from test_missing_files import needed_files
+
+    with model_files_hidden(shipped_model_files):
+        for name in shipped_workflows():
+            editor.load(WORKFLOWS / f"{name}.json", f"run_without_models_{name}")
+            answer = editor.run(f"run_without_models_{name}_errors")
+            needed = needed_files(load_api(name))
+            assert answer["refusal_logged"], name
+            assert set(answer["node_errors"]) == set(needed), (name, sorted(answer["node_errors"]))
+            for files in needed.values():
+                for _, file in files:
+                    assert file in answer["dialog"], (name, file, answer["dialog"][:2000])
+
+
+def test_every_workflow_opens_with_its_note_and_groups(editor):
+    """In the editor: the note left of the graph, and the titled groups of the workflow's stages."""
+    from harness.workflows import WORKFLOWS, load_ui, shipped_workflows
+
+    for name in shipped_workflows():
+        editor.load(WORKFLOWS / f"{name}.json", f"explained_{name}")
+        shown = editor.page.evaluate("""() => ({
+          groups: app.graph.groups.map(g => g.title),
+          notes: app.graph._nodes.filter(n => n.type === "MarkdownNote").map(n => n.widgets[0].value),
+        })""")
+        ui = load_ui(name)
+        assert shown["groups"] == [group["title"] for group in ui["groups"]] and len(shown["groups"]) >= 3, name
+        overview = [text for text in shown["notes"] if "**What it does.**" in text]
+        assert len(overview) == 1 and "**Model files**" in overview[0] and "**Paper:**" in overview[0], name

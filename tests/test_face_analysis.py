@@ -164,7 +164,7 @@ def test_missing_pack_names_the_folder_and_files(comfy, base_directory, register
     assert str(base_directory / "models" / "insightface" / "models" / "antelopev2") in message
     assert str(registered_root / "models" / "antelopev2") in message
     assert "scrfd_10g_bnkps.onnx" in message and "glintr100.onnx" in message
-    assert "model_zoo" in message and "antelopev2.zip" in message
+    assert "https://github.com/deepinsight/insightface/releases/download/v0.7/antelopev2.zip" in message
 
 
 def test_nested_unzip_is_named(comfy, registered_root):

@@ -195,7 +195,7 @@ def test_the_installer_lists_the_pack_the_workflows_load(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "models/insightface/models/buffalo_l/w600k_r50.onnx" in printed and BUFFALO_ZIP in printed
     readme = (REPO / "README.md").read_text()
-    shipped_table = readme[readme.index("## Model files"):readme.index("Other files some nodes take")]
+    shipped_table = readme[readme.index("## Model files"):readme.index("## Workflows")]
     assert BUFFALO_ZIP in shipped_table and "models/insightface/models/buffalo_l/" in shipped_table
 
 

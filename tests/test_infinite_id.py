@@ -12,7 +12,7 @@ from harness.sampling import encode, txt2img_latent
 @pytest.fixture(scope="module")
 def modules(comfy):
     paths = {"infinite_id": "infinite_id.identity_streams", "dispatch": "shared.dispatch",
-             "unet_layers": "shared.layer_table", "adain": "shared.adain"}
+             "unet_layers": "shared.layer_table", "adain": "shared.adain", "tokens": "infinite_id.identity_tokens"}
     return {name: comfy.pack(f"attention.{path}") for name, path in paths.items()}
 
 
@@ -87,7 +87,7 @@ def test_mixing_weights_one_zero_give_the_single_identity(comfy, modules, tiny_c
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     keys, kv, first = stand_in_adapter(modules, model, seed=1)
     _, _, second = stand_in_adapter(modules, model, seed=2)
-    mix = modules["infinite_id"].mix_identities
+    mix = modules["tokens"].mix_identities
     single = txt2img_latent(comfy, patched(modules, model, first, kv, keys), clip)
     mixed = txt2img_latent(comfy, patched(modules, model, mix([first, second], [1.0, 0.0]), kv, keys), clip)
     assert torch.equal(mixed, single)
@@ -159,18 +159,18 @@ def test_stacked_identities_are_attention_over_all_their_tokens(modules):
                                                   dispatch.default_attention, merge=False, align=False,
                                                   image_bias=bias)
 
-    tokens, bias = infinite_id.stack_identities([first, second], [1.0, 1.0])
+    tokens, bias = modules["tokens"].stack_identities([first, second], [1.0, 1.0])
     assert tokens.shape == (1, 8, 16) and bias is None
     both = torch.cat([first, second], 1)
     equal = image_attention(tokens, bias)
     torch.testing.assert_close(equal, hand_attention(q, both @ w_k.T, both @ w_v.T, 2), rtol=1e-5, atol=1e-5)
 
-    tokens, bias = infinite_id.stack_identities([first, second], [0.7, 0.3])
+    tokens, bias = modules["tokens"].stack_identities([first, second], [0.7, 0.3])
     weighted = image_attention(tokens, bias)
     log_weights = torch.tensor([0.7] * 4 + [0.3] * 4).log()
     torch.testing.assert_close(weighted, hand_attention(q, both @ w_k.T, both @ w_v.T, 2, log_weights),
                                rtol=1e-5, atol=1e-5)
-    mean = infinite_id.mix_identities([first, second], [0.7, 0.3])
+    mean = modules["tokens"].mix_identities([first, second], [0.7, 0.3])
     averaged = image_attention(mean, None)
     assert (weighted - averaged).abs().max() > 1e-2 * averaged.abs().max()
     assert (weighted - equal).abs().max() > 1e-2 * equal.abs().max()
@@ -236,7 +236,10 @@ def test_the_identity_stream_acts_only_inside_its_window(comfy, modules, tiny_ch
 
     def spy(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
         def counting(*args, **kw):
-            streams.append(float(transformer_options["sigmas"][0]))
+            # A call holding every stream's rows (the default) counts as the streams it holds.
+            rows = args[5].get("likeness_infinite_id_stream_rows")
+            held = 1 if rows is None else 1 + len(rows.identities)
+            streams.extend([float(transformer_options["sigmas"][0])] * held)
             return executor(*args, **kw)
         counting.class_obj = getattr(executor, "class_obj", None)
         return original(self, counting, x, timesteps, context, y, control, transformer_options, **kwargs)

@@ -74,7 +74,7 @@ def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, o
     from transformers import CLIPImageProcessor
 
     faceid, _ = oracle
-    infinite_id = comfy.pack("attention.infinite_id.identity_streams")
+    infinite_id = comfy.pack("attention.infinite_id.identity_tokens")
     adapter, state = adapter_for(comfy, base_directory, "sd15")
     size = tiny_models.TINY_CLIP_VISION["image_size"]
     pixels = np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -102,11 +102,33 @@ def test_cond_and_no_face_tokens_equal_get_image_embeds(comfy, base_directory, o
     assert (from_black - uncond).abs().max() > 1e-2 * uncond.abs().max()
 
 
+STREAM_ROWS = "likeness_infinite_id_stream_rows"  # a model call holding the text and identity streams' rows
+
+
 def stream_of(extra_options: dict) -> str:
     for name in ("identity", "text"):
         if f"likeness_infinite_id_{name}_stream" in extra_options:
             return name
     return "plain"
+
+
+def is_the_plain_models(got: torch.Tensor, plain: torch.Tensor) -> bool:
+    """The text stream's output against the unpatched model's. In a call holding both streams the
+    text rows share the UNet's matmuls with the identity rows, whose larger batch may round the last
+    bit differently: equal within 1e-5 relative there (a LoRA or identity token leaking onto the text
+    rows moves them by ~1e-2); bit for bit with a call per stream (test_text_stream_output_...)."""
+    return bool((got.double() - plain.double()).abs().max() <= 1e-5 * plain.double().abs().max())
+
+
+def streams_in(extra_options: dict, rows: int) -> dict[str, tuple[slice, list]]:
+    """Each stream a model call holds: its rows and its cond_or_uncond. A call holding both streams
+    (one identity) has the text rows first, then the identity stream's."""
+    layout = extra_options.get(STREAM_ROWS)
+    if layout is None:
+        return {stream_of(extra_options): (slice(0, rows), list(extra_options["cond_or_uncond"]))}
+    assert len(layout.identities) == 1 and rows == 2 * layout.text_rows
+    text = layout.text_rows
+    return {"text": (slice(0, text), list(layout.chunks)), "identity": (slice(text, rows), list(layout.chunks))}
 
 
 class LayerRecorder:
@@ -124,13 +146,15 @@ class LayerRecorder:
 
     def patch(self, n, context, value, extra_options):
         if self._here(extra_options):
-            assert stream_of(extra_options) not in self.inputs, "one model call per test"
-            self.inputs[stream_of(extra_options)] = (n.clone(), context.clone(), list(extra_options["cond_or_uncond"]))
+            for stream, (rows, cond_or_uncond) in streams_in(extra_options, n.shape[0]).items():
+                assert stream not in self.inputs, "one model call per test"
+                self.inputs[stream] = (n[rows].clone(), context[rows].clone(), cond_or_uncond)
         return n, context, value
 
     def output(self, n, extra_options):
         if self._here(extra_options):
-            self.outputs[stream_of(extra_options)] = n.clone()
+            for stream, (rows, _) in streams_in(extra_options, n.shape[0]).items():
+                self.outputs[stream] = n[rows].clone()
         return n
 
     def install(self, model):
@@ -224,7 +248,8 @@ def test_identity_rows_cross_attention_equals_lora_ip_attn_processor(comfy, tiny
             expected = processor(attention, n.float(), torch.cat([context.float(), ip_tokens], 1))
             plain_text = comfy_attention(n_text, context=context_text)
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4)
-        assert torch.equal(recorder.outputs["text"], plain_text), f"{key}: the text stream is the original attention"
+        assert is_the_plain_models(recorder.outputs["text"], plain_text), \
+            f"{key}: the text stream is the original attention"
         # The LoRA is really there: without it the identity rows differ well above rounding.
         no_lora = processors.LoRAIPAttnProcessor2_0(
             hidden_size=comfy_attention.to_q.weight.shape[0], cross_attention_dim=context.shape[-1],
@@ -280,13 +305,16 @@ def test_identity_rows_self_attention_equals_lora_attn_processor(comfy, tiny_che
                 expected = attention.to_out[0](hidden) + (hidden @ lora["out"][0].T) @ lora["out"][1].T
         torch.testing.assert_close(output, expected, rtol=1e-4, atol=1e-4)
         with torch.no_grad():
-            assert torch.equal(recorder.outputs["text"], comfy_attention(recorder.inputs["text"][0]))
+            assert is_the_plain_models(recorder.outputs["text"], comfy_attention(recorder.inputs["text"][0]))
 
 
-def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, base_directory):
-    """A weight-1 run: the text stream's noise prediction is bit for bit the unpatched model's."""
+@pytest.mark.parametrize("one_call", [False, True])
+def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, base_directory, monkeypatch, one_call):
+    """A weight-1 run: the text stream's noise prediction is bit for bit the unpatched model's with
+    a call per stream, and within rounding of the larger batch with both streams in one call."""
     import comfy.patcher_extension as extension
 
+    monkeypatch.setattr(comfy.pack("attention.infinite_id.stream_calls"), "BATCH_STREAMS", one_call)
     infinite_id, layers = (comfy.pack("attention.infinite_id.identity_streams"),
                            comfy.pack("attention.shared.layer_table"))
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
@@ -297,7 +325,8 @@ def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, bas
 
     def spy(executor, *args, **kwargs):
         out = executor(*args, **kwargs)
-        outputs[stream_of(args[5])].append(out)
+        for stream, (rows, _) in streams_in(args[5], out.shape[0]).items():
+            outputs[stream].append(out[rows])
         return out
 
     # The innermost DIFFUSION_MODEL wrapper sees each stream's UNet output.
@@ -307,7 +336,7 @@ def test_text_stream_output_is_the_unpatched_models(comfy, tiny_checkpoints, bas
     one_model_call(comfy, model, patched, clip)
     one_model_call(comfy, model, plain, clip)
     (identity,), (text,), (alone,) = outputs["identity"], outputs["text"], outputs["plain"]
-    assert torch.equal(text, alone)
+    assert is_the_plain_models(text, alone) if one_call else torch.equal(text, alone)
     assert (identity - alone).abs().max() > 1e-2 * alone.abs().max()
 
 

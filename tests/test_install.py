@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import socket
 import subprocess
 import sys
 import zipfile
@@ -158,6 +159,9 @@ MODEL_INPUTS = {"CheckpointLoaderSimple": ["ckpt_name"], "CLIPVisionLoader": ["c
 
 
 def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):
+    """In the editor's model metadata where its missing-models dialog can download the file (a
+    .safetensors); the others (h94's FaceID .bin, ByteDance's .pth) are left out of the dialog,
+    which would show them as a red error, and their link stands in the workflow's note."""
     import json
 
     catalogue = {model["name"]: model for model in installer.MODEL_FILES}
@@ -165,6 +169,10 @@ def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):
     for model in installer.MODEL_FILES:
         assert model["url"].startswith("https://huggingface.co/"), model  # a source the editor downloads from
         assert model["url"] in readme, f"the README's model table lacks {model['url']}"
+        assert model["url"].rsplit("/", 1)[1].rsplit(".", 1)[1] == model["name"].rsplit(".", 1)[1], model
+    assert [m["name"] for m in installer.MODEL_FILES if not installer.editor_downloads(m)] == [
+        "ip-adapter-faceid-plusv2_sd15.bin", "ip-adapter-faceid-plusv2_sdxl.bin", "outfit/unet.pth",
+        "outfit/adapter.pth"]
     for path in sorted((REPO / "workflows").glob("*.json")):
         ui = json.loads(path.read_text())
         api = json.loads((REPO / "workflows" / "api" / path.name).read_text())
@@ -179,17 +187,26 @@ def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):
                 assert {k: model[k] for k in ("name", "url", "directory")} == \
                     {k: catalogue[model["name"]][k] for k in ("name", "url", "directory")}
                 linked.append(model["name"])
-        assert sorted(set(linked)) == sorted(loaded), path.name
+        assert sorted(set(linked)) == sorted(n for n in loaded if installer.editor_downloads(catalogue[n])), path.name
+        notes = " ".join(node["widgets_values"][0] for node in ui["nodes"] if node["type"] == "MarkdownNote")
+        assert all(catalogue[n]["url"] in notes for n in loaded), path.name
 
 
 @pytest.mark.parametrize("installed, plan", [
-    ({}, ["opencv-python-headless"]),
-    ({"opencv-python": "5"}, []),
-    ({"opencv-python-headless": "5"}, []),
-    ({"opencv-contrib-python": "5"}, []),
-    ({"opencv-contrib-python-headless": "5"}, []),
+    ({}, ([], "opencv-python-headless")),
+    ({"opencv-python": "5"}, ([], None)),
+    ({"opencv-python-headless": "5"}, ([], None)),
+    ({"opencv-contrib-python": "5"}, ([], None)),
+    ({"opencv-contrib-python-headless": "5"}, ([], None)),
+    # two builds in one cv2/ folder: one headless build left, reinstalled over what the uninstall deletes
+    ({"opencv-python": "5.0.0.93", "opencv-python-headless": "5.0.0.93"},
+     (["opencv-python"], "opencv-python-headless==5.0.0.93")),
+    ({"opencv-python": "4.14.0.94", "opencv-contrib-python-headless": "4.14.0.94"},
+     (["opencv-python"], "opencv-contrib-python-headless==4.14.0.94")),
+    ({"opencv-python-headless": "5", "opencv-contrib-python": "5"},
+     (["opencv-python-headless", "opencv-contrib-python"], "opencv-contrib-python-headless==5")),
 ])
-def test_opencv_plan_keeps_any_build_and_adds_only_the_headless_one(installer, installed, plan):
+def test_opencv_plan_keeps_one_build_and_adds_only_a_headless_one(installer, installed, plan):
     assert installer.opencv_plan(installed) == plan
 
 
@@ -233,3 +250,135 @@ def test_manager_install_leaves_exactly_one_opencv(installer, tmp_path, flavour)
     assert [n for n in installer.OPENCV_FLAVOURS if n in after] == [flavour or "opencv-python-headless"]
     check = subprocess.run([python, "-c", "import cv2; print(cv2.__version__)"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr
+
+
+def _user_python_without_opencv(tmp_path: Path) -> str:
+    env_dir = tmp_path / "user-comfyui-python"
+    subprocess.run([sys.executable, "-m", "venv", str(env_dir)], check=True)
+    python = str(env_dir / "bin" / "python")
+    site = subprocess.run([python, "-c", "import site; print(site.getsitepackages()[0])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "host-packages.pth").write_text(str(_host_without_opencv(tmp_path)) + "\n")
+    return python
+
+
+WARP_CHECK = ("import cv2, numpy; m = numpy.float64([[1, 0, 1], [0, 1, 0]]); "
+              "out = cv2.warpAffine(numpy.arange(16, dtype=numpy.uint8).reshape(4, 4), m, (4, 4)); "
+              "print(int(out[1, 1]), int(out[1, 0]), cv2.dnn.blobFromImage(numpy.zeros((8, 8, 3), numpy.uint8)).shape)")
+
+
+def _the_old_advice_followed(installer, python: str) -> tuple[list[str], str]:
+    """Both builds (the real wheels, at the host's version, from the package index; no torch
+    involved), then what install.py used to advise, "pip uninstall opencv-python-headless": it
+    leaves opencv-python listed and cv2 broken. Returns pip's install command and the version."""
+    version = installer.installed_distributions(sys.executable)["opencv-python-headless"]
+    pip = [python, "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check"]
+    subprocess.run(pip + [f"opencv-python-headless=={version}", f"opencv-python=={version}"], check=True)
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "opencv-python-headless"], check=True,
+                   capture_output=True)
+    assert installer.cv2_problem(python) is not None
+    return pip, version
+
+
+@pytest.mark.slow
+def test_two_opencv_builds_are_repaired_to_one_working_headless_cv2(installer, tmp_path):
+    """opencv-python beside opencv-python-headless (as InstantID's instructions leave it): uninstalling
+    either one empties the cv2/ folder they share (shown first), and install.py leaves the headless one,
+    whole."""
+    python = _user_python_without_opencv(tmp_path)
+    pip, version = _the_old_advice_followed(installer, python)
+    subprocess.run(pip + [f"opencv-python-headless=={version}"], check=True)  # both again, as a user would have
+    assert [n for n in installer.OPENCV_FLAVOURS if n in installer.installed_distributions(python)] == \
+        ["opencv-python", "opencv-python-headless"]
+
+    run = subprocess.run([python, str(REPO / "install.py")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "pip uninstall opencv-python-headless" not in run.stdout + run.stderr  # the advice that broke cv2
+
+    after = installer.installed_distributions(python)
+    assert [n for n in installer.OPENCV_FLAVOURS if n in after] == ["opencv-python-headless"]
+    assert after["opencv-python-headless"] == version
+    assert installer.cv2_problem(python) is None
+    # the pack's warp, by hand: shifted one pixel right, the first column is the border (0)
+    warped = subprocess.run([python, "-c", WARP_CHECK], capture_output=True, text=True)
+    assert warped.returncode == 0, warped.stderr
+    assert warped.stdout.split()[:2] == ["4", "0"] and "(1, 3, 8, 8)" in warped.stdout
+
+
+@pytest.mark.slow
+def test_a_cv2_broken_by_an_earlier_uninstall_is_reinstalled(installer, tmp_path):
+    """The state the old advice left: one build listed, its cv2/ folder emptied by uninstalling the
+    other. Running install.py again repairs it."""
+    python = _user_python_without_opencv(tmp_path)
+    _the_old_advice_followed(installer, python)
+
+    run = subprocess.run([python, str(REPO / "install.py")], capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert [n for n in installer.OPENCV_FLAVOURS if n in installer.installed_distributions(python)] == \
+        ["opencv-python"]
+    assert installer.cv2_problem(python) is None
+
+
+def test_a_port_in_use_is_one_sentence_naming_it_and_the_option(tmp_path):
+    """Before any building: the host folder is not even created."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        run = subprocess.run([sys.executable, str(REPO / "install.py"), "--new-host", str(tmp_path / "host"),
+                              "--port", str(port)], capture_output=True, text=True, cwd=REPO, timeout=60)
+    said = (run.stdout + run.stderr).strip()
+    assert run.returncode == 1
+    assert said.count("\n") == 0 and "Traceback" not in said, said
+    assert f"Port {port} is in use" in said and f"--port {port + 1}" in said, said
+    assert not (tmp_path / "host").exists()
+
+
+def test_pips_resolver_line_about_a_dependency_left_out_is_explained_right_after_it(installer, capfd, tmp_path):
+    resolver = ("ERROR: pip's dependency resolver does not currently take into account all the packages that are "
+                "installed. This behaviour is the source of the following dependency conflicts.")
+    lines = [resolver, "insightface 0.7.3 requires onnxruntime, which is not installed.",
+             "insightface 0.7.3 requires opencv-python, which is not installed.", "Successfully installed tqdm"]
+    pip_stand_in = tmp_path / "pip"
+    pip_stand_in.mkdir()
+    (pip_stand_in / "__init__.py").write_text("")  # a package in the working folder comes before the real pip
+    (pip_stand_in / "__main__.py").write_text(f"print({chr(10).join(lines)!r})\n")
+    installer.run([sys.executable, "-m", "pip"], cwd=tmp_path)  # pip here is the stand-in, run as pip runs
+    printed = capfd.readouterr().out.splitlines()[1:]  # after the command line the installer logs
+    assert printed[0] == resolver and printed[1] == lines[1]
+    assert printed[2].startswith("[likeness install] expected, not a failure: insightface declares onnxruntime")
+    assert printed[3] == lines[2]
+    assert "insightface declares opencv-python" in printed[4] and "headless" in printed[4]
+    assert printed[5:] == [lines[3]]
+    # a nested install.py's output passes through unexplained: its own run explained it already
+    installer.run([sys.executable, "-c", f"print({chr(10).join(lines)!r})"])
+    assert capfd.readouterr().out.splitlines()[1:] == lines
+
+
+def test_progress_shows_what_pip_fetches_and_installs_and_nothing_else(installer, capfd):
+    lines = ["Collecting torch==2.14.1", "  Obtaining dependency information for torch", "Downloading torch.whl (2 GB)",
+             "Requirement already satisfied: numpy", "Installing collected packages: torch",
+             "Successfully installed torch-2.14.1"]
+    installer.run([sys.executable, "-c", f"print({chr(10).join(lines)!r})"], progress="installing the host")
+    printed = capfd.readouterr().out.splitlines()[1:]
+    assert printed == [lines[0], lines[2], lines[4], lines[5]]
+
+
+def test_the_harmless_start_up_lines_are_explained_before_the_server_starts(installer, tmp_path, capfd):
+    """A host whose Python has no torchaudio (as every host built here): one line says what ComfyUI's
+    log will show and that it is harmless, then the server starts (here a stand-in main.py)."""
+    host = installer.Host(tmp_path / "host")
+    host.python.parent.mkdir(parents=True)
+    host.python.symlink_to(sys.executable)
+    host.comfyui.mkdir(parents=True)
+    (host.comfyui / "main.py").write_text("print('stand-in ComfyUI')\n")
+    assert "torchaudio" not in installer.installed_distributions(str(host.python))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert installer.start_server(host, port) == 0
+    printed = capfd.readouterr().out.splitlines()
+    (explained,) = [i for i, line in enumerate(printed) if "torchaudio missing" in line]
+    assert "IMPORT FAILED: nodes_audio.py" in printed[explained] and "Harmless for Likeness" in printed[explained]
+    started = next(i for i, line in enumerate(printed) if line.startswith("[likeness install] starting ComfyUI"))
+    assert explained < started and printed[-1] == "stand-in ComfyUI"

@@ -69,7 +69,7 @@ def test_a_missing_checkpoint_is_named(comfy, tiny_open_clip):
 # oracle with insightface's norm_crop; measured 7e-7 for FaceSim, 2e-5 for CLIP-I on faces, 1e-7 on whole
 # images): each check also asserts that the images' scores differ by far more.
 
-CLIP = "open_clip_pytorch_model.bin"  # the shipped name; the tests' file is a tiny open_clip model
+CLIP = "open_clip_model.safetensors"  # the shipped name; the tests' file is a tiny open_clip model
 FACE_TOLERANCE = 1e-4  # the pack aligns faces with its own transform, insightface with norm_crop
 CLIP_TOLERANCE = 1e-5  # the same pixels through the same model
 CROP_TOLERANCE = 2e-4  # faces cut by the pack's warp of the float image, by norm_crop of the uint8 one

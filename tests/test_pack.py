@@ -15,7 +15,7 @@ HEAVY = ("insightface", "open_clip", "onnxruntime", "onnx", "cv2", "timm", "tran
 
 
 def test_top_level_layout_is_the_designed_one():
-    for path in ("__init__.py", "nodes", "attention", "install.py", "workflows", "workflows/api", "tests",
+    for path in ("__init__.py", "nodes", "attention", "install.py", "workflows", "workflows/api", "docs", "tests",
                  "pyproject.toml", "README.md", "requirements.txt", "LICENSE", ".ci/run"):
         assert (REPO / path).exists(), path
     assert "GNU GENERAL PUBLIC LICENSE" in (REPO / "LICENSE").read_text()[:200]

@@ -17,7 +17,7 @@ from PIL import Image
 
 from harness.workflows import SHIPPED_FACE_PACK, txt2img_prompt
 
-CLIP = "open_clip_pytorch_model.bin"  # the shipped name; the tests' file is a tiny open_clip model
+CLIP = "open_clip_model.safetensors"  # the shipped name; the tests' file is a tiny open_clip model
 CFGS = [2.0, 4.0, 6.0, 8.0]
 SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44))  # attention/measuring/plots.py's first three, in order
 

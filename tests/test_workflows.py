@@ -15,9 +15,6 @@ from harness.workflows import (WORKFLOWS, api_inputs, for_tiny_models, load_api,
 
 pytestmark = pytest.mark.slow
 
-# Output nodes to queue on their own first (the editor's "queue selected
-# output nodes"), e.g. saving a style that the rest of the graph loads.
-FIRST_TARGETS = {"magicstyle_style_library": ["7"]}
 LONG = {"magicstyle_sweep"}  # two 30-step inversions and four 30-step samplings, even on tiny models
 EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2, "face_fusion": 1,
                    "face_fusion_multi_reference": 1, "face_fusion_two_people": 1, "infinite_id_sdxl": 1,
@@ -44,12 +41,11 @@ def workflow_files(server, base_directory, shipped_model_files):
 
 @pytest.mark.parametrize("name", shipped_workflows())
 def test_workflow_runs_through_the_api(server, tiny_checkpoints, base_directory, workflow_files, name):
+    """Each workflow as shipped, in one Run (magicstyle_style_library saves its style and applies it)."""
     prompt = for_tiny_models(load_api(name))
-    if name in FIRST_TARGETS:  # the library's first file must be this run's (the soak test saved others)
+    if name == "magicstyle_style_library":  # as on a new user's host: no style saved before
         for saved in (base_directory / "models" / "likeness_features").glob("my_style_*"):
             saved.unlink()
-        first = server.run_prompt(prompt, targets=FIRST_TARGETS[name])
-        assert first.ok, first.error
     result = server.run_prompt(prompt, timeout=900 if name in LONG else 300)
     assert result.ok, result.error
     images = [Image.open(path) for path in result.files if "temp" not in path.parts]
@@ -70,6 +66,12 @@ def test_workflow_loads_in_the_editor_and_matches_its_twin(editor, name):
 
 GROUPED = [(name, group["title"]) for name in shipped_workflows()
            for group in load_layout(WORKFLOWS, name).get("groups", [])]
+# The groups a user may switch off (the others are stages the graph needs).
+OPTIONAL = [(name, group["title"]) for name in shipped_workflows()
+            for group in load_layout(WORKFLOWS, name).get("groups", []) if group.get("optional")]
+# The groups whose title tells the user to bypass them: the optional ones, and magicstyle_style_library's
+# "make the style" group once a style is saved (tested with its file below).
+TOLD_TO_BYPASS = {(name, title) for name, title in GROUPED if "bypass" in title}
 
 # The editor's groups: the nodes each holds (its own rule) and the prompt with them bypassed.
 BYPASS_GROUP = """
@@ -85,8 +87,11 @@ BYPASS_GROUP = """
 
 @pytest.mark.parametrize("name, title", GROUPED)
 def test_a_group_bypassed_in_the_editor_queues_the_prompt_the_api_tests_run(editor, name, title):
-    """What the API test below runs for "group off" is what the real editor queues once the group's
-    nodes are bypassed: the group holds exactly the layout's nodes (and its notes)."""
+    """Every group holds exactly the layout's nodes (and its notes) by the editor's own rule; for a
+    group the user is told to bypass, what the API tests run for "group off" is what the real editor
+    queues once the group's nodes are bypassed. (Bypassing a stage the graph needs has no such
+    promise: the editor then sends a converted widget's own value where the API tests leave the
+    input out.)"""
     editor.load(WORKFLOWS / f"{name}.json", name)
     ids = editor.page.evaluate(BYPASS_GROUP, title)
     (wanted,) = [g for g in load_layout(WORKFLOWS, name)["groups"] if g["title"] == title]
@@ -95,11 +100,12 @@ def test_a_group_bypassed_in_the_editor_queues_the_prompt_the_api_tests_run(edit
     assert {str(i) for i in set(ids) - notes} == set(wanted["nodes"])
     (saved,) = [g for g in ui["groups"] if g["title"] == title]
     assert set(ids) == nodes_inside(ui, saved)
-    expected = with_bypassed(load_api(name), ui, wanted["nodes"])
-    assert api_inputs(editor.to_api_prompt()) == api_inputs(expected)
+    if (name, title) in TOLD_TO_BYPASS:
+        expected = with_bypassed(load_api(name), ui, wanted["nodes"])
+        assert api_inputs(editor.to_api_prompt()) == api_inputs(expected)
 
 
-@pytest.mark.parametrize("name, title", GROUPED)
+@pytest.mark.parametrize("name, title", OPTIONAL)
 def test_the_workflow_runs_with_each_group_on_and_off(server, tiny_checkpoints, workflow_files, name, title):
     (group,) = [g for g in load_layout(WORKFLOWS, name)["groups"] if g["title"] == title]
     prompt = fewer_steps(for_tiny_models(load_api(name)), 4)  # the wiring is under test, not the schedule
@@ -176,3 +182,61 @@ def test_queued_twice_with_one_input_changed_the_cached_outputs_were_left_alone(
     # pixels, a changed input a fifth of them or more.
     changed_pixels = float((cached_image != first_image).any(-1).mean())
     assert changed_pixels > 0.15, f"{input_name}={value} changed {changed_pixels:.0%} of the pixels"
+
+
+def test_a_style_saved_by_the_library_workflow_is_reused_with_its_first_group_bypassed(server, tiny_checkpoints,
+                                                                                       base_directory,
+                                                                                       workflow_files):
+    """The style library's note: bypass group 2 to reuse a saved style. Load Features then reads the
+    file in its list (the one the first Run saved), and the photos come out as in that first Run."""
+    name = "magicstyle_style_library"
+    prompt = fewer_steps(for_tiny_models(load_api(name)), 4)
+    first = server.run_prompt(prompt)
+    assert first.ok, first.error
+    saved = first.outputs["7"]["text"][0]  # Save Features' file, as its node reports it
+    (make_style,) = [g for g in load_layout(WORKFLOWS, name)["groups"] if g["title"].startswith("2 ·")]
+    reuse = with_bypassed(prompt, load_ui(name), make_style["nodes"])
+    assert "saved_file" not in reuse["8"]["inputs"] and "7" not in reuse
+    reuse["8"]["inputs"]["file"] = saved
+    again = server.run_prompt(reuse)
+    assert again.ok, again.error
+    pictures = saved_pixels(first), saved_pixels(again)
+    assert len(pictures[0]) == len(pictures[1]) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(*pictures))
+    assert (base_directory / "models" / "likeness_features" / saved).exists()
+
+
+def test_the_groups_a_user_is_told_to_bypass_say_so_in_their_title():
+    """Each optional group's title says to bypass it, so the editor test above compares its prompt."""
+    assert OPTIONAL and set(OPTIONAL) <= TOLD_TO_BYPASS
+    assert {name for name, _ in TOLD_TO_BYPASS} == {"magicstyle_small_face", "magicstyle_style_library"}
+
+
+def test_every_ui_workflow_explains_itself():
+    """Groups by stage that hold every node, titled; one note outside them that names every model
+    file the workflow loads with its folder and link, what to change first and the paper."""
+    installer = load_installer()
+    for name in shipped_workflows():
+        ui, api = load_ui(name), load_api(name)
+        notes = [node for node in ui["nodes"] if node["type"] == "MarkdownNote"]
+        grouped = set()
+        for group in ui["groups"]:
+            assert group["title"].strip(), name
+            grouped |= nodes_inside(ui, group)
+        assert len(ui["groups"]) >= 3, name
+        assert {node["id"] for node in ui["nodes"] if node["type"] != "MarkdownNote"} <= grouped, name
+        (overview,) = [node for node in notes if node["id"] not in grouped]
+        text = overview["widgets_values"][0]
+        for words in ("**What it does.**", "**Model files**", "**Change first:**", "**Paper:**"):
+            assert words in text, (name, words)
+        values = {v for node in api.values() for v in node["inputs"].values() if isinstance(v, str)}
+        for model in installer.MODEL_FILES:
+            if model["name"] in values:
+                assert f"`{model['name']}` → `models/{model['directory']}/`" in text and model["url"] in text, \
+                    (name, model["name"])
+        for pack in {n["inputs"]["model_name"] for n in api.values() if n["class_type"] == "LikenessFaceAnalysis"}:
+            assert f"models/insightface/models/{pack}/" in text, (name, pack)
+            assert installer.INSIGHTFACE_PACK_URL.format(pack=pack) in text, (name, pack)
+        # the models in the note are the ones the workflow loads: no other
+        named = [model["name"] for model in installer.MODEL_FILES if f"`{model['name']}`" in text]
+        assert set(named) <= values, name

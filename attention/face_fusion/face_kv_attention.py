@@ -33,7 +33,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from ..infinite_id.identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, TEXT_STREAM
+from ..infinite_id.stream_calls import ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, STREAM_ROWS, TEXT_STREAM
 from ..shared.dispatch import ATTENTION_MASK, PASS, Pass, pass_of
 from ..shared.layer_table import BlockKey, layer_key, transformer_block
 from ..shared.rows import COND, UNCOND, row_mask
@@ -47,7 +47,7 @@ UNET = "likeness_unet"
 ORDER = 150  # after FFA-style self-attention changes; cross-attention keys are added late
 WRAPPER_KEY = "likeness_face_fusion"
 # Per-call state of the image's own streams (Infinite-ID's): the face pass is not one of them.
-IMAGE_STREAM_KEYS = (TEXT_STREAM, IDENTITY_STREAM, ACTIVE_IDENTITY, LORA_STATE)
+IMAGE_STREAM_KEYS = (TEXT_STREAM, IDENTITY_STREAM, ACTIVE_IDENTITY, LORA_STATE, STREAM_ROWS)
 
 
 def reference_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:

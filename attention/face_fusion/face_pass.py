@@ -27,18 +27,19 @@ would not fit.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 
 import torch
 
-from ..shared.dispatch import PASS, Pass, dispatchers, pass_of
+from ..shared.dispatch import PASS, Pass, other_likeness_processors, pass_of
+from ..shared.extra_rows import control_for_rows, count_rows_in_estimate, fits, per_row_inputs, rows_counted
 from ..shared.rows import COND, rows_of
 from ..shared.sigmas import current_sigma
 from .face_kv_attention import (FACE_PASS, FACE_ROWS, FACE_STATES, IMAGE_STREAM_KEYS, UNET, FaceFusion,
                                 FaceFusionProcessor, FaceRows, Identity, face_input)
 
 POSITIVE = "likeness_face_positive"  # the positive prompt's model conds (c_crossattn, y), for the face rows
-FACE_MEMORY = "likeness_face_memory"  # this step's FaceRowsMemory: whether the face rows fit in a call
+FACE_MEMORY = "likeness_face_memory"  # this step's ExtraRowsMemory: whether the face rows fit in a call
+OWNER = "face_fusion"  # whose rows the model's memory estimate counts
 # Tests set this False to run the separate face call everywhere and compare the two paths.
 BATCH_FACE_ROWS = True
 
@@ -63,38 +64,9 @@ def positive_prompt(positive: list[dict] | None, sigma: torch.Tensor) -> dict | 
     return None
 
 
-class FaceRowsMemory:
-    """The model's ``memory_required`` with the face rows counted in every model call."""
-
-    def __init__(self, original, fusion: FaceFusion) -> None:
-        self.original, self.fusion = original, fusion
-
-    def extra_rows(self) -> int:
-        return sum(i.latent.shape[0] for i in self.fusion.identities if i.weight > 0)
-
-    def __call__(self, input_shape, cond_shapes={}):
-        shape = [int(input_shape[0]) + self.extra_rows(), *input_shape[1:]]
-        return self.original(shape, cond_shapes=cond_shapes)
-
-
-@contextmanager
-def face_rows_counted(base_model, fusion: FaceFusion):
-    """ComfyUI's model (BaseModel) whose ``memory_required`` counts the face rows, for as long as
-    ComfyUI sizes a call with it; whatever stood there before (another patch's too) is restored."""
-    current = base_model.memory_required
-    if isinstance(current, FaceRowsMemory):
-        yield current
-        return
-    had_own = "memory_required" in vars(base_model)
-    memory = FaceRowsMemory(current, fusion)
-    base_model.memory_required = memory
-    try:
-        yield memory
-    finally:
-        if had_own:
-            base_model.memory_required = current
-        else:
-            del base_model.memory_required
+def _face_rows(fusion: FaceFusion):
+    """Rows every model call gains: one per active reference, whatever the call holds."""
+    return lambda rows: sum(i.latent.shape[0] for i in fusion.identities if i.weight > 0)
 
 
 def per_step(fusion: FaceFusion):
@@ -105,7 +77,7 @@ def per_step(fusion: FaceFusion):
         found = positive_prompt(conds[0] if conds else None, timestep)
         if found is not None:
             options[POSITIVE] = found
-        with face_rows_counted(model, fusion) as memory:
+        with rows_counted(model, OWNER, _face_rows(fusion)) as memory:
             options[FACE_MEMORY] = memory
             return executor(model, conds, x_in, timestep, {**model_options, "transformer_options": options})
     return calc_cond_batch
@@ -113,10 +85,7 @@ def per_step(fusion: FaceFusion):
 
 def count_face_rows_in_estimate(fusion: FaceFusion):
     """PREPARE_SAMPLING wrapper: the memory ComfyUI frees before loading the model counts them too."""
-    def prepare(executor, model, noise_shape, conds, model_options=None):
-        with face_rows_counted(model.model, fusion):
-            return executor(model, noise_shape, conds, model_options=model_options)
-    return prepare
+    return count_rows_in_estimate(OWNER, lambda model: _face_rows(fusion))
 
 
 def _rows_like(tensor: torch.Tensor | None, row: int, count: int) -> torch.Tensor | None:
@@ -145,15 +114,6 @@ def _with_source_channels(faces: torch.Tensor, group: list[Identity], channels: 
                          f"expected a model of {faces.shape[1]} channels, or an editing model of "
                          f"{2 * faces.shape[1]} (noisy latent + source latent)")
     return torch.cat([faces, sources], 1)
-
-
-def _padded_control(control: dict | None, rows: int) -> dict | None:
-    """ControlNet residuals for the image rows, zeros for the face rows (a separate face call gets
-    none). New lists: the UNet pops them as it goes."""
-    if control is None:
-        return None
-    return {name: [None if c is None else torch.cat([c, c.new_zeros((rows, *c.shape[1:]))]) for c in residuals]
-            for name, residuals in control.items()}
 
 
 class FaceFusionWrapper:
@@ -213,7 +173,9 @@ class FaceFusionWrapper:
         out = executor(torch.cat([x, faces]), torch.cat([timesteps, face_timesteps]),
                        torch.cat([context, _rows_like(context_f, 0, count)]),
                        None if y is None else torch.cat([y, _rows_like(y_f, 0, count)]),
-                       _padded_control(control, count), options, **kwargs)
+                       # Zeros for the face rows: a separate face call gets no control.
+                       control_for_rows(control, lambda c: torch.cat([c, c.new_zeros((count, *c.shape[1:]))])),
+                       options, **kwargs)
         return out[:images]
 
     def _separate_because(self, groups, x, context, context_f, transformer_options, kwargs) -> str | None:
@@ -222,19 +184,18 @@ class FaceFusionWrapper:
             return "batching turned off"
         if len(groups) > 1 or tuple(groups[0][1].shape[1:]) != tuple(x.shape[1:]):
             return "references of another size than the image"
-        others = {type(p).__name__ for d in dispatchers({"transformer_options": transformer_options})
-                  for p in d.processors if not isinstance(p, FaceFusionProcessor)}
+        others = other_likeness_processors(transformer_options, lambda p: isinstance(p, FaceFusionProcessor))
         if others:
             return f"another Likeness patch acts in the same call ({', '.join(sorted(others))})"
         if context_f is None or tuple(context_f.shape[1:]) != tuple(context.shape[1:]):
             return "the positive prompt has another token count than this call's"
-        if any(isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == x.shape[0] for v in kwargs.values()):
+        if per_row_inputs(kwargs, x.shape[0]):
             return "the model call has per-row inputs of its own"
         chunks = transformer_options.get("cond_or_uncond") or []
         count = groups[0][1].shape[0]
         if not chunks or x.shape[0] % len(chunks) or count % (x.shape[0] // len(chunks)):
             return "the face rows do not fill whole cond/uncond chunks"
-        if not _fits(transformer_options.get(FACE_MEMORY), x, count):
+        if not fits(transformer_options.get(FACE_MEMORY), x, count):
             return "the larger batch would not fit in free memory"
         return None
 
@@ -259,17 +220,6 @@ class FaceFusionWrapper:
         cond = rows_of(COND, transformer_options.get("cond_or_uncond", [COND]), batch)
         row = cond[0] if cond else 0
         return _rows_like(context, row, 1), _rows_like(y, row, 1)
-
-
-def _fits(memory: FaceRowsMemory | None, x: torch.Tensor, extra_rows: int) -> bool:
-    """ComfyUI's own rule for what one call may hold (samplers._calc_cond_batch), for the image
-    rows of this call plus the face rows."""
-    if memory is None:
-        return True
-    import comfy.model_management
-
-    needed = memory.original([x.shape[0] + extra_rows, *x.shape[1:]])
-    return needed * 1.5 < comfy.model_management.get_free_memory(x.device)
 
 
 def _states_of(group: list[Identity], captured: dict) -> list[tuple[Identity, dict, int]]:

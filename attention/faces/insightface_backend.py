@@ -37,8 +37,7 @@ DETECTION_SIZES = (640, 512, 384, 256, 128)
 DETECTION_THRESHOLD = 0.5
 # The release each pack zip comes from (the links install.py and the README list too).
 PACK_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/{name}.zip"
-WHERE_TO_GET = ("the insightface model zoo (https://github.com/deepinsight/insightface/tree/master/model_zoo): "
-                "download {name}.zip and unzip it so the .onnx files sit directly in that folder")
+WHERE_TO_GET = PACK_URL + " (unzip it so the .onnx files sit directly in that folder)"
 
 # ArcFace's 5 landmarks (eye centres, nose tip, mouth corners) in a 112×112 crop.
 ARCFACE_TEMPLATE = ((38.2946, 51.6963), (73.5318, 51.5014), (56.0252, 71.7366),

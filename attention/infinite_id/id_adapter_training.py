@@ -30,7 +30,8 @@ from ..shared.recipes import Recipe
 from ..shared.sigmas import model_sampling_of
 from ..shared.training_loop import (Batching, Resume, World, diffusion_loss, leave_inference_mode, normal_copy,
                                     optimise, shared, unwrapped)
-from .identity_streams import ACTIVE_IDENTITY, IDENTITY_STREAM, WRAPPER_KEY, InfiniteID, apply_infinite_id
+from .identity_streams import WRAPPER_KEY, InfiniteID, apply_infinite_id
+from .stream_calls import ACTIVE_IDENTITY, IDENTITY_STREAM
 
 
 @dataclass
@@ -62,9 +63,12 @@ def identity_stream(model, settings: InfiniteID, keys: list[BlockKey]):
     """A clone of ``model`` that runs only ``settings``' identity stream, through sampling's processors."""
     import comfy.patcher_extension
 
-    wrapper_type = comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL
+    kinds = comfy.patcher_extension.WrappersMP
+    wrapper_type = kinds.DIFFUSION_MODEL
     patched = apply_infinite_id(model, settings, keys)
-    patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
+    # One stream, no extra rows: ComfyUI's memory estimate is the model's own.
+    for kind in (kinds.CALC_COND_BATCH, kinds.PREPARE_SAMPLING, wrapper_type):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
     patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, IdentityStreamOnly(settings))
     return patched
 
@@ -108,7 +112,7 @@ def train_id_adapter(model, adapter, pairs: Sequence[IdentityPair], *, steps: in
                      validation: int | None = None):
     """(trained adapter, validation loss before, after). The input adapter is left as it is.
     ``pairs``: a list, or a sequence that reads each pair when first asked (jobs/train.py's).
-    ``no_face_hidden``: CLIP's hidden states of the "no face" image (identity_streams.no_face_clip_hidden),
+    ``no_face_hidden``: CLIP's hidden states of the "no face" image (identity_tokens.no_face_clip_hidden),
     what a dropped identity (probability ``identity_dropout``) is read from. ``scale`` is s_scale,
     ``lora_scale`` FaceID's LoRA scale as Likeness Infinite-ID takes them. Under torchrun (``world``)
     the mappers and K/V train as DistributedDataParallel; ``resume`` continues a checkpoint's

@@ -1,9 +1,9 @@
 """Infinite-ID inference: identity stream and text stream on one latent.
 
-Each model call becomes two UNet calls on the same latent and prompt: the
-text stream first, exactly the call the unpatched model would make (so its
-prediction is the original model's bit for bit), keeping each self-attention
-layer's K_t/V_t; then the identity stream, which reads them:
+Each model call runs two streams on the same latent and prompt: the text
+stream, exactly what the unpatched model computes (so its prediction is the
+original model's), and the identity stream, which reads the text stream's
+self-attention K_t/V_t of the same layer:
 
 * self-attention of the identity stream — mixed attention (Eq. 5):
   K̂ = [K_id; K_t], V̂ = [V_id; V_t], K_t/V_t from the text stream's same layer;
@@ -34,64 +34,32 @@ value 0 instead) and reads the text cross-attention only. Chained nodes add
 identities to one patch: one text stream, then one identity stream per person
 (each reads only its own tokens), ε_text + Σ_i weight_i·M_i·(ε_id,i − ε_text);
 with complementary masks each region is its own person's stream exactly.
+
+The streams share one UNet call where they can (stream_calls.py: rows per
+stream, the processors here each handling their own identity's rows), or take
+a call each. What the identity stream reads (c_id, several references'
+mixing, the "no face" tokens) is built in identity_tokens.py.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..shared.adain import adain_mean
-from ..shared.dispatch import PASS, Pass, pass_of
+from ..shared.dispatch import Pass, pass_of
 from ..shared.layer_table import BlockKey, layer_key
 from ..shared.rows import UNCOND, row_mask
-from ..shared.sigmas import SigmaRange, current_sigma
+from ..shared.sigmas import SigmaRange
 from ..shared.token_masks import mask_to_tokens, region_on_grid
 from .faceid_lora import FaceIDLoRA
+from .stream_calls import (ACTIVE_IDENTITY, IDENTITY_STREAM, LORA_STATE, STREAM_ROWS, TEXT_STREAM, InfiniteIDWrapper,
+                           count_stream_rows_in_estimate, in_own_block, own_rows_output, per_step)
 
-# transformer_options keys: which stream a UNet call is, and the text stream's K_t/V_t per layer.
-TEXT_STREAM = "likeness_infinite_id_text_stream"
-IDENTITY_STREAM = "likeness_infinite_id_identity_stream"
-# Which identity (its InfiniteID settings) the identity stream of this call runs for.
-ACTIVE_IDENTITY = "likeness_infinite_id_active"
-# Per block call: the identity stream's attention inputs and outputs the LoRA needs. ComfyUI gives
-# the patches of one block call one extra_options dict; processors may see copies of it, so the
-# value is a dict that every copy shares.
-LORA_STATE = "likeness_infinite_id_lora"
-MIXING = ("stack", "mean")
 ORDER = 120
 WRAPPER_KEY = "likeness_infinite_id"
-
-
-def _check_weights(tokens: list[torch.Tensor], weights: list[float]) -> None:
-    if len(tokens) != len(weights) or not tokens:
-        raise ValueError(f"{len(tokens)} identities and {len(weights)} mixing weights: give one weight each")
-    if sum(weights) <= 0 or min(weights) < 0:
-        raise ValueError(f"mixing weights {weights}: none may be negative and at least one must be above 0")
-
-
-def mix_identities(tokens: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Identity mixing by averaging: a weighted mean of several people's tokens (the "mean" option)."""
-    _check_weights(tokens, weights)
-    total = sum(weights)
-    return sum(t * (w / total) for t, w in zip(tokens, weights))
-
-
-def stack_identities(tokens: list[torch.Tensor], weights: list[float]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Identity mixing as A.7 does it: the references' tokens side by side, (1, R·T, C), and the
-    additive attention bias log(w_r / Σw) on reference r's keys, (R·T,), or None when the weights
-    are equal (the bias would cancel in the softmax). A reference of weight 0 is left out, which is
-    what its bias of −inf would do, exactly."""
-    _check_weights(tokens, weights)
-    kept = [(t.reshape(1, -1, t.shape[-1]), w) for t, w in zip(tokens, weights) if w > 0]
-    stacked = torch.cat([t for t, _ in kept], dim=1)
-    if len({w for _, w in kept}) == 1:
-        return stacked, None
-    total = sum(w for _, w in kept)
-    return stacked, torch.cat([torch.full((t.shape[1],), math.log(w / total)) for t, w in kept])
 
 
 def mixed_attention(q, k_id, v_id, k_t, v_t, extra_options, attend, *, mixed: bool, align: bool):
@@ -150,6 +118,7 @@ class InfiniteID:
     sigma_range: SigmaRange = field(default_factory=SigmaRange.always)
     mask: torch.Tensor | None = None  # (H, W) this identity's region, any size; None = everywhere
     _kv_on_device: dict = field(default_factory=dict, repr=False)
+    reported: set = field(default_factory=set, repr=False, compare=False)  # stream-call paths logged this run
 
     def __deepcopy__(self, memo):
         return self
@@ -164,6 +133,7 @@ class InfiniteID:
 
     def release(self) -> None:
         self._kv_on_device.clear()
+        self.reported.clear()  # each run logs its stream-call path once
         if self.lora is not None:
             self.lora.release()
 
@@ -186,36 +156,6 @@ class InfiniteID:
     def region(self, extra_options: dict, queries: int, device) -> torch.Tensor | None:
         """(queries,) booleans, this identity's region on the layer's token grid; None: everywhere."""
         return region_on_grid(self.mask, extra_options, queries, device)
-
-
-class InfiniteIDWrapper:
-    """DIFFUSION_MODEL wrapper: the text stream's call, one identity stream's per active identity,
-    then ε_text + Σ_i weight_i·M_i·(ε_id,i − ε_text)."""
-
-    def __init__(self, identities: list[InfiniteID]) -> None:
-        self.identities = list(identities)
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def __call__(self, executor, x, timesteps, context, y, control, transformer_options, **kwargs):
-        # Runs on the image only: a face reference pass is read as the plain model reads it.
-        if current_sigma(transformer_options) is None or pass_of(transformer_options) is not Pass.IMAGE:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        blends = [(s, s.blend(x)) for s in self.identities if s.active(transformer_options)]
-        blends = [(s, b) for s, b in blends if b is not None]
-        if not blends:
-            return executor(x, timesteps, context, y, control, transformer_options, **kwargs)
-        text_kv: dict = {}
-        text = executor(x, timesteps, context, y, control, {**transformer_options, TEXT_STREAM: text_kv}, **kwargs)
-        out = text
-        for settings, blend in blends:
-            identity = executor(x, timesteps, context, y, control,
-                                {**transformer_options, IDENTITY_STREAM: text_kv, ACTIVE_IDENTITY: settings,
-                                 PASS: Pass.IDENTITY_STREAM},
-                                **kwargs)
-            out = out + blend * (identity - text)
-        return out
 
 
 def _runs_for(settings: InfiniteID, extra_options: dict) -> bool:
@@ -258,6 +198,11 @@ class MixedAttentionProcessor:
         return self
 
     def __call__(self, q, k, v, extra_options, attend):
+        if STREAM_ROWS in extra_options:
+            return in_own_block(self.settings, q, k, v, extra_options, attend, self._stream, text_kv=True)
+        return self._stream(q, k, v, extra_options, attend)
+
+    def _stream(self, q, k, v, extra_options, attend):
         key = layer_key(extra_options)
         text_kv = extra_options.get(TEXT_STREAM)
         if text_kv is not None:
@@ -292,6 +237,11 @@ class CrossAttentionMergeProcessor:
         self.settings.release()
 
     def __call__(self, q, k, v, extra_options, attend):
+        if STREAM_ROWS in extra_options:
+            return in_own_block(self.settings, q, k, v, extra_options, attend, self._stream, text_kv=False)
+        return self._stream(q, k, v, extra_options, attend)
+
+    def _stream(self, q, k, v, extra_options, attend):
         key = layer_key(extra_options)
         s = self.settings
         if IDENTITY_STREAM not in extra_options or key not in s.kv or not _runs_for(s, extra_options):
@@ -321,7 +271,8 @@ class LoRAInputs:
         return self
 
     def __call__(self, n, context, value, extra_options):
-        if pass_of(extra_options) is Pass.IDENTITY_STREAM:
+        # (a call holding every stream: the whole call's, each identity takes its rows)
+        if pass_of(extra_options) is Pass.IDENTITY_STREAM or STREAM_ROWS in extra_options:
             extra_options.setdefault(LORA_STATE, {})[self.kind] = (n, context, value)
         return n, context, value
 
@@ -336,6 +287,13 @@ class LoRAOutput:
         return self
 
     def __call__(self, n, extra_options):
+        if STREAM_ROWS in extra_options:
+            found = own_rows_output(self.settings, self.kind, extra_options)
+            if found is None:
+                return n
+            rows, hidden = found
+            delta = self.settings.lora.delta(self.kind, layer_key(extra_options), "out", hidden)
+            return n if delta is None else torch.cat([n[:rows.start], n[rows] + delta, n[rows.stop:]])
         if pass_of(extra_options) is not Pass.IDENTITY_STREAM or not _runs_for(self.settings, extra_options):
             return n
         hidden = extra_options.get(LORA_STATE, {}).pop(f"{self.kind}_out", None)
@@ -346,8 +304,8 @@ class LoRAOutput:
 
 
 def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
-    """A clone of ``model`` running Infinite-ID's two streams; on a model that already runs
-    Infinite-ID, the identity is added (one text stream, one identity stream per identity)."""
+    """A clone of ``model`` running Infinite-ID's streams; on a model that already runs Infinite-ID,
+    the identity is added (one text stream, one identity stream per identity)."""
     import comfy.patcher_extension
 
     from ..shared.dispatch import patched_clone
@@ -365,62 +323,10 @@ def apply_infinite_id(model, settings: InfiniteID, layers: list[BlockKey]):
                 getattr(patched, f"set_model_{kind}_patch")(LoRAInputs(kind))
         patched.set_model_attn1_output_patch(LoRAOutput(settings, "attn1"))
         patched.set_model_attn2_output_patch(LoRAOutput(settings, "attn2"))
-    patched.remove_wrappers_with_key(wrapper_type, WRAPPER_KEY)
-    patched.add_wrapper_with_key(wrapper_type, WRAPPER_KEY, InfiniteIDWrapper(identities))
+    # Each wrapper holds the identities it serves: a chained identity replaces them all.
+    wrapper, kinds = InfiniteIDWrapper(identities), comfy.patcher_extension.WrappersMP
+    for kind, each in ((kinds.CALC_COND_BATCH, per_step(wrapper)),
+                       (kinds.PREPARE_SAMPLING, count_stream_rows_in_estimate(wrapper)), (wrapper_type, wrapper)):
+        patched.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        patched.add_wrapper_with_key(kind, WRAPPER_KEY, each)
     return patched
-
-
-@dataclass(frozen=True)
-class IdentityTokens:
-    """What the identity stream reads: c_id, the stacked references' bias, and the "no face" tokens."""
-
-    tokens: torch.Tensor  # (1, T, context)
-    bias: torch.Tensor | None  # (T,) or None
-    uncond: torch.Tensor  # (1, T, context), as many tokens as ``tokens``
-
-
-def identity_tokens(adapter, face_embeds: torch.Tensor, clip_hidden: torch.Tensor, no_face_clip_hidden: torch.Tensor,
-                    mix_weights: list[float], scale: float = 1.0, mixing: str = "stack") -> IdentityTokens:
-    """c_id of the references (stacked or averaged, A.7) and, for the uncond rows, the adapter's
-    projection of "no face": a zero ArcFace embedding and CLIP of a zero (normalised) image, as
-    IP-Adapter FaceID's get_image_embeds computes it."""
-    if mixing not in MIXING:
-        raise ValueError(f"mixing={mixing!r}: expected one of {', '.join(MIXING)}")
-    with torch.no_grad():
-        each = adapter.image_tokens(face_embeds.float(), clip_hidden.float(), scale)
-        empty = adapter.image_tokens(torch.zeros_like(face_embeds[:1]).float(), no_face_clip_hidden.float(), scale)
-    references = list(each.split(1))
-    if mixing == "mean":
-        return IdentityTokens(mix_identities(references, mix_weights), None, empty)
-    tokens, bias = stack_identities(references, mix_weights)
-    # As many "no face" copies as tokens, under the same bias: attending over them is attending over one.
-    return IdentityTokens(tokens, bias, empty.repeat(1, tokens.shape[1] // empty.shape[1], 1))
-
-
-def no_face_clip_hidden(clip_vision) -> torch.Tensor:
-    """CLIP's penultimate hidden states of an all-zero *normalised* image (the mean colour), the
-    "no image" input of IP-Adapter FaceID. ComfyUI's encode_image would normalise (and round) a
-    pixel image first, so the model is called on zeros directly."""
-    import comfy.model_management
-
-    comfy.model_management.load_model_gpu(clip_vision.patcher)
-    size = clip_vision.image_size
-    zeros = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
-    with torch.no_grad():
-        out = clip_vision.model(pixel_values=zeros, intermediate_output=-2)
-    return out[1].to(comfy.model_management.intermediate_device())
-
-
-def parse_mix_weights(text: str, references: int) -> list[float]:
-    """"0.7, 0.3" → [0.7, 0.3]; empty → equal weights."""
-    if not text.strip():
-        return [1.0] * references
-    try:
-        weights = [float(part) for part in text.replace(";", ",").split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"mix_weights={text!r}: expected numbers separated by commas, "
-                         "one per reference image") from None
-    if len(weights) != references:
-        raise ValueError(f"mix_weights={text!r} gives {len(weights)} weights for {references} reference image(s): "
-                         "give one per image, or leave it empty for equal weights")
-    return weights

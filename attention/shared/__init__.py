@@ -13,6 +13,8 @@
     rows.py              which batch rows are cond and which uncond (``cond_or_uncond``)
     sigmas.py            sigma <-> timestep and start/end percentages as sigma windows
     token_masks.py       masks resized to a layer's token grid
+    extra_rows.py        rows a patch adds to the image's own model call: counted in ComfyUI's memory
+                         estimate, checked against free memory, given ControlNet residuals
     adain.py             AdaIN (MagicStyle Eq. 4) and AdaIN-mean (Infinite-ID Eq. 8)
     training_loop.py     the diffusion loss through a patched model and the optimisation loop (one
                          process or torchrun: DDP, accumulation, mixed precision, checkpoints)

@@ -206,6 +206,14 @@ def dispatchers(model) -> Iterable[AttentionDispatcher]:
                 yield patch
 
 
+def other_likeness_processors(transformer_options: dict, own: Callable[[object], bool]) -> set[str]:
+    """Names of the Likeness processors on a model call's dispatchers that ``own`` does not claim:
+    a patch that reshapes the call's rows (Face Fusion's face rows, Infinite-ID's streams in one
+    call) leaves the call as it is where another Likeness patch, designed for whole calls, acts."""
+    return {type(p).__name__ for d in dispatchers({"transformer_options": transformer_options})
+            for p in d.processors if not own(p)}
+
+
 def _adopt_later_patches(model_options: dict) -> None:
     """ComfyUI looks a 3-part key up before the 2-part one, so a patch another pack placed on the
     2-part key after Likeness took the 3-part one would never run: the dispatcher runs it."""

@@ -75,6 +75,9 @@ MODEL_URL_BLOCKED = (
     re.compile(r"Fetch API cannot load (?P<url>\S+)\. Refused to connect because it violates the document's "
                r"Content Security Policy\."))
 FILE_SIZE_FAILED = "Error fetching file size: TypeError: Failed to fetch"
+# Run on a prompt the server refuses: the editor logs the 400 and its PromptExecutionError (GraphEditor.run).
+REFUSED_PROMPT = "Failed to load resource: the server responded with a status of 400 (Bad Request)"
+REFUSED_PROMPT_ERROR = "PromptExecutionError: Prompt execution failed"
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ async (names) => {
         for (let c = 0; c < 3; c++) sum[c] += data[4 * (y * canvas.width + x) + c];
       cells.push(...sum.map(v => v / ((x1 - x0) * (y1 - y0))));
     }
-    cards[name] = {thumbnail: img.src, loaded_width: img.naturalWidth, loaded_height: img.naturalHeight, cells};
+    cards[name] = {thumbnail: img.src, loaded_width: img.naturalWidth, loaded_height: img.naturalHeight, cells,
+                   text: card.innerText};
   }
   return cards;
 }
@@ -151,6 +155,19 @@ async (names) => {
 MISSING_MODELS = """
 () => [...document.querySelectorAll('.comfy-missing-models li')]
   .map(item => (item.innerText.match(/(\\S+) \\/ (\\S+)/) || [""])[0]).filter(Boolean)
+"""
+# The red error boxes in that list (a file the dialog will not download: "Only allowed suffixes ...").
+MISSING_MODEL_ERRORS = """
+() => [...document.querySelectorAll('.comfy-missing-models li .p-message')].map(box => box.innerText.trim())
+"""
+# Run (the editor's queue button): the node errors the server answered and the dialog the editor shows.
+RUN = """
+async () => {
+  await app.queuePrompt(0, 1);
+  for (let i = 0; i < 30 && !document.querySelector('.p-dialog'); i++) await new Promise(r => setTimeout(r, 100));
+  return {node_errors: app.lastNodeErrors || {},
+          dialog: [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\\n')};
+}
 """
 
 
@@ -164,8 +181,9 @@ class GraphReport:
     node_count: int
     screenshot: Path
     console_errors: list[ConsoleError] = field(default_factory=list)
-    # The editor's missing-models dialog: "directory / name" of each file it lists.
+    # The editor's missing-models dialog: "directory / name" of each file it lists, and its red error rows.
     missing_models: list[str] = field(default_factory=list)
+    missing_model_errors: list[str] = field(default_factory=list)
 
     @property
     def problems(self) -> list[str]:
@@ -238,6 +256,7 @@ class GraphEditor:
         alerts = self.page.evaluate(
             "() => [...document.querySelectorAll('.p-toast-message')].map(t => t.innerText.trim())")
         missing_models = self.page.evaluate(MISSING_MODELS)
+        missing_model_errors = self.page.evaluate(MISSING_MODEL_ERRORS)
         for _ in range(3):  # the missing-nodes and missing-models dialogs, if any
             if not self.page.locator(".p-dialog").count():
                 break
@@ -245,7 +264,26 @@ class GraphEditor:
             self.page.wait_for_timeout(300)
         return GraphReport(report["missing"] or [], report["unregistered"], report["errored"], alerts,
                            report["node_count"], screenshot, self.console_errors[errors_before:],
-                           sorted(missing_models))
+                           sorted(missing_models), missing_model_errors)
+
+    def run(self, name: str) -> dict:
+        """Press Run on the loaded graph: {"node_errors": what the server refused, per node, "dialog":
+        the text of the dialog the editor then shows}. The dialog is closed afterwards."""
+        before = len(self.console_errors)
+        answer = self.page.evaluate(RUN)
+        self.page.wait_for_timeout(300)
+        self.page.screenshot(path=str(self.artifacts / f"{name}.png"))
+        # What the editor logs when the server refuses a prompt (POST /prompt answered 400), and only that.
+        refused = [e for e in self.console_errors[before:]
+                   if (e.text, e.path) == (REFUSED_PROMPT, "/api/prompt") or e.text == REFUSED_PROMPT_ERROR]
+        self.console_errors[before:] = [e for e in self.console_errors[before:] if e not in refused]
+        answer["refusal_logged"] = bool(refused)
+        for _ in range(3):
+            if not self.page.locator(".p-dialog").count():
+                break
+            self.page.keyboard.press("Escape")
+            self.page.wait_for_timeout(300)
+        return answer
 
     def screenshot_graph(self, path: Path, width: int = 1024) -> Path:
         """The loaded graph as the editor's canvas draws it (no menus around it), fitted to the

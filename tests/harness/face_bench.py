@@ -70,11 +70,15 @@ def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int)
     ``before``/``after`` called around the variant's run (a setting it needs, undone after)."""
     import statistics
 
+    import comfy.model_management
+
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, (model, before, after) in variants.items():
             before()
             try:
+                # Switching ModelPatchers reloads the model: done before the clock starts.
+                comfy.model_management.load_models_gpu([model])
                 times[name].append(sample_steps(model, latent, steps))
             finally:
                 after()
@@ -83,22 +87,26 @@ def interleaved_step_seconds(variants: dict, latent, *, rounds: int, steps: int)
 
 def face_rows_figures(model, attention: dict, *, size: int, rounds: int = 5, steps: int = 2) -> dict:
     """Face Fusion (one reference) with its face rows in the image's call and with a separate face
-    call, and Infinite-ID, each per step over a plain step (cfg 5), interleaved in one process."""
-    face_pass = attention["face_pass"]
+    call, and Infinite-ID (one identity) with its streams in one call and with a call per stream,
+    each per step over a plain step (cfg 5), interleaved in one process."""
+    face_pass, stream_calls = attention["face_pass"], attention["stream_calls"]
 
-    def batching(on: bool):
-        return lambda: setattr(face_pass, "BATCH_FACE_ROWS", on)
+    def batching(module, flag: str, on: bool):
+        return lambda: setattr(module, flag, on)
 
     nothing = lambda: None  # noqa: E731
-    face = with_face(model, attention, size)
+    face, identity = with_face(model, attention, size), with_infinite_id(model, attention)
     variants = {"plain": (model, nothing, nothing),
-                "face_batched": (face, batching(True), nothing),
-                "face_separate": (face, batching(False), batching(True)),
-                "infinite_id": (with_infinite_id(model, attention), nothing, nothing)}
+                "face_batched": (face, batching(face_pass, "BATCH_FACE_ROWS", True), nothing),
+                "face_separate": (face, batching(face_pass, "BATCH_FACE_ROWS", False),
+                                  batching(face_pass, "BATCH_FACE_ROWS", True)),
+                "infinite_id_batched": (identity, batching(stream_calls, "BATCH_STREAMS", True), nothing),
+                "infinite_id_separate": (identity, batching(stream_calls, "BATCH_STREAMS", False),
+                                         batching(stream_calls, "BATCH_STREAMS", True))}
     latent = torch.zeros(1, 4, size // 8, size // 8)
     sample_steps(model, latent, 1)  # loads the model
     seconds = interleaved_step_seconds(variants, latent, rounds=rounds, steps=steps)
     figures = {"size": size, "rounds": rounds, "steps_per_run": steps, "plain_step_s": round(seconds["plain"], 4)}
-    for name in ("face_batched", "face_separate", "infinite_id"):
+    for name in ("face_batched", "face_separate", "infinite_id_batched", "infinite_id_separate"):
         figures[f"{name}_over_plain"] = round(seconds[name] / seconds["plain"], 3)
     return figures

@@ -104,7 +104,7 @@ def place_tiny_models(models: Path, checkpoints: dict[str, Path]) -> list[Path]:
         "clip-vit-base-patch32.safetensors": staging / "clip_vision" / mcdm["clip_vision"],
         "outfit/unet.pth": staging / "likeness" / mcdm["unet"],
         "outfit/adapter.pth": staging / "likeness" / mcdm["adapter"],
-        "open_clip_pytorch_model.bin": staging / "open_clip" / "open_clip_pytorch_model.bin",
+        "open_clip_model.safetensors": staging / "open_clip" / "open_clip_model.safetensors",
     }
     # A tiny open_clip model for the CLIP scores, its config beside the placed name (a <stem>.json
     # next to the checkpoint is the architecture the metric nodes load).
@@ -112,19 +112,21 @@ def place_tiny_models(models: Path, checkpoints: dict[str, Path]) -> list[Path]:
 
     import open_clip
     import torch
+    from safetensors.torch import save_file
 
     clip_config = {"embed_dim": 32,
                    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
                    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
-    config_path = models / "open_clip" / "open_clip_pytorch_model.json"
+    config_path = models / "open_clip" / "open_clip_model.json"
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(json.dumps(clip_config))
-    sources["open_clip_pytorch_model.bin"].parent.mkdir(parents=True, exist_ok=True)
+    sources["open_clip_model.safetensors"].parent.mkdir(parents=True, exist_ok=True)
     open_clip.add_model_config(str(config_path))
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        torch.save(open_clip.create_model("open_clip_pytorch_model").state_dict(),
-                   sources["open_clip_pytorch_model.bin"])
+        weights = open_clip.create_model("open_clip_model").state_dict()
+    save_file({name: tensor.contiguous() for name, tensor in weights.items()},
+              str(sources["open_clip_model.safetensors"]))
     placed = []
     for model in load_installer().MODEL_FILES:
         target = models / model["directory"] / model["name"]

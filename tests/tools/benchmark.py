@@ -82,9 +82,11 @@ def patch_worker(kind: str, size: int, steps: int) -> None:
 
 def face_rows(size: int = 256) -> dict:
     """Issue 21: Face Fusion's face rows batched into the image's call vs a separate face call, and
-    Infinite-ID, per step over a plain step, interleaved in one process (full-size random SD1.5)."""
+    Infinite-ID's streams in one call vs a call per stream, per step over a plain step, interleaved
+    in one process (full-size random SD1.5)."""
     attention = _attention_modules(("face_fusion.face_kv_attention", "face_fusion.face_pass",
-                                    "infinite_id.identity_streams", "shared.sigmas", "shared.layer_table"))
+                                    "infinite_id.identity_streams", "infinite_id.stream_calls", "shared.sigmas",
+                                    "shared.layer_table"))
     from harness.face_bench import face_rows_figures
     from harness.magicstyle_bench import full_sd15
     from tiny import tiny_models

@@ -34,7 +34,7 @@ def load(comfyui: str) -> dict:
     return {path.rsplit(".", 1)[-1]: importlib.import_module(f"attention.{path}")
             for path in ("magicstyle.ddim_inversion", "magicstyle.ffa", "shared.sigmas", "shared.layer_table",
                          "magicstyle.feature_bank", "shared.dispatch", "face_fusion.face_kv_attention",
-                         "infinite_id.identity_streams")}
+                         "infinite_id.identity_streams", "face_fusion.face_pass", "infinite_id.stream_calls")}
 
 
 def tiny_unet(kind: str):
@@ -139,6 +139,11 @@ def main() -> int:
         model = full_sd15(tiny_models.initialise)
         report["face_fusion_bench_gpu"] = measure_gpu(model, attention, size=512, steps=20)
         print(json.dumps(report["face_fusion_bench_gpu"], indent=1), flush=True)
+        # Issue 21: face rows and identity streams batched vs separate calls, interleaved, fp16 at 512.
+        from harness.face_bench import face_rows_figures
+
+        report["face_rows_gpu"] = face_rows_figures(model, attention, size=512, rounds=5, steps=10)
+        print(json.dumps(report["face_rows_gpu"], indent=1), flush=True)
         if "--skip-magicstyle" not in sys.argv:
             report["magicstyle_bench_gpu"] = measure(model, attention, size=512, steps=30, bytes_size=512)
             print(json.dumps(report["magicstyle_bench_gpu"], indent=1), flush=True)

@@ -10,9 +10,11 @@ draws it, with the example pictures, as the template thumbnail beside it
 (workflows/<name>.jpg). tests/test_workflows.py checks that every UI
 workflow still turns into its API twin.
 
-What an API prompt cannot say (groups with titles, Markdown notes, node titles, nodes bypassed by
-default) comes from a sidecar per workflow, workflows/layout/<name>.json (harness/layout.py); a
-node bypassed by default leaves the UI workflow's prompt as the editor's bypass does.
+What an API prompt cannot say (groups by stage with titles, Markdown notes, node titles, nodes
+bypassed by default) comes from a sidecar per workflow, workflows/layout/<name>.json
+(harness/layout.py); a node bypassed by default leaves the UI workflow's prompt as the editor's
+bypass does. A note's "{models}" becomes the list of the model files the twin loads, each with
+its folder and link.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ SHIPPED = REPO / "workflows"
 
 def with_model_links(workflow: dict, model_files) -> dict:
     """properties.models on every node whose widget values name a file of ``model_files``: what
-    the editor's missing-models dialog reads."""
+    the editor's missing-models dialog reads (only files it can download: see install.editor_downloads)."""
     for node in workflow["nodes"]:
         values = node.get("widgets_values") or []
         values = values.values() if isinstance(values, dict) else values
@@ -46,6 +48,26 @@ def with_model_links(workflow: dict, model_files) -> dict:
         if models:
             node.setdefault("properties", {})["models"] = models
     return workflow
+
+
+def models_markdown(prompt: dict, installer) -> str:
+    """The model files an API prompt loads, as a Markdown list for its note: each file, its folder
+    and its link (install.MODEL_FILES), and the insightface pack its Face Analysis loads."""
+    values = {value for node in prompt.values() for value in node["inputs"].values() if isinstance(value, str)}
+    lines = []
+    for model in installer.MODEL_FILES:
+        if model["name"] in values:
+            where = "the editor's missing-models dialog offers it" if installer.editor_downloads(model) else \
+                "not in the editor's missing-models dialog, which downloads only .safetensors: save it yourself"
+            lines.append(f"- `{model['name']}` → `models/{model['directory']}/`. {model['what']}. <{model['url']}> "
+                         f"({where})")
+    packs = sorted({node["inputs"]["model_name"] for node in prompt.values()
+                    if node["class_type"] == "LikenessFaceAnalysis"})
+    for pack in packs:
+        lines.append(f"- insightface `{pack}` → `models/insightface/models/{pack}/`. Unzip "
+                     f"<{installer.INSIGHTFACE_PACK_URL.format(pack=pack)}> so its `.onnx` files sit directly in that "
+                     "folder (not in the editor's dialog: it lists no zips)")
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -62,14 +84,18 @@ def main() -> int:
                 for api_file in sorted((folder / "api").glob("*.json")):
                     if sys.argv[1:] and api_file.stem not in sys.argv[1:]:
                         continue
-                    workflow = editor.ui_from_api(json.loads(api_file.read_text()), api_file.stem)
-                    workflow = apply_layout(workflow, load_layout(folder, api_file.stem))
-                    workflow = with_model_links(workflow, installer.MODEL_FILES)
+                    prompt = json.loads(api_file.read_text())
+                    workflow = editor.ui_from_api(prompt, api_file.stem)
+                    workflow = apply_layout(workflow, load_layout(folder, api_file.stem),
+                                            models_markdown(prompt, installer))
+                    workflow = with_model_links(workflow, [model for model in installer.MODEL_FILES
+                                                           if installer.editor_downloads(model)])
                     target = folder / api_file.name
                     target.write_text(json.dumps(workflow, indent=1) + "\n")
                     print(f"wrote {target.relative_to(REPO)}")
-                    if folder == SHIPPED:
-                        editor.load(target, api_file.stem)
+                    if folder == SHIPPED:  # the graph as the canvas draws it: notes are page elements it leaves blank
+                        editor.load({**workflow, "nodes": [node for node in workflow["nodes"]
+                                                           if node["type"] != "MarkdownNote"]}, api_file.stem)
                         thumbnail = editor.screenshot_graph(target.with_suffix(".jpg"))
                         print(f"wrote {thumbnail.relative_to(REPO)}")
             editor.close()
