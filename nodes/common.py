@@ -56,6 +56,8 @@ def model_file_fingerprint(folder_name: str, *names: str) -> tuple:
 
 SUPPORTED_MODELS = ("an SD1.5- or SDXL-family model that predicts noise (eps): an SD1.5 or SDXL checkpoint, or one "
                     "fine-tuned from them")
+SUPPORTED_WITH_DIT = ("an SD1.5- or SDXL-family model that predicts noise (eps), or a Flux.1 (dev or schnell) or "
+                      "SD3.5 (MMDiT, flow) model: an SD1.5, SDXL, Flux.1 or SD3.5 file, or one fine-tuned from them")
 
 
 def describe_model(model) -> str:
@@ -69,24 +71,32 @@ def describe_model(model) -> str:
     return f"{type(config).__name__ if config is not None else type(model.model).__name__} ({prediction})"
 
 
-def require_model_family(model, input_name: str = "model", *, image_channels: int | None = None) -> None:
+def require_model_family(model, input_name: str = "model", *, image_channels: int | None = None,
+                         dit: bool = False) -> str:
     """Refuse, by name and before any sampling, a model Likeness' methods are not defined for:
-    another architecture (SD3, Flux, ... have no SD UNet attention layout), another prediction
-    (v-prediction, flow), or an MCDM-only input given a plain model (``image_channels``: the
-    UNet's input channels the node needs)."""
+    another architecture, another prediction (v-prediction; flow outside Flux.1/SD3.5), or an
+    MCDM-only input given a plain model (``image_channels``: the UNet's input channels the node
+    needs). ``dit``: the node also runs Flux.1 and SD3.5 (MagicStyle, training-free Face Fusion).
+    Returns the family (layer_table.FAMILIES)."""
     import comfy.model_sampling
-    import comfy.supported_models
 
-    config = getattr(model.model, "model_config", None)
+    from ..attention.shared.layer_table import DIT_FAMILIES, family_of
+
+    family = family_of(model)
     sampling = model.get_model_object("model_sampling")
-    family_ok = isinstance(config, (comfy.supported_models.SD15, comfy.supported_models.SDXL))
+    if dit and family in DIT_FAMILIES:
+        flow = isinstance(sampling, comfy.model_sampling.CONST)
+        require(flow, input_name, describe_model(model), SUPPORTED_WITH_DIT)
+        return family
     eps = isinstance(sampling, comfy.model_sampling.EPS) and not isinstance(
-        sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.IMG_TO_IMG))
-    require(family_ok and eps, input_name, describe_model(model), SUPPORTED_MODELS)
+        sampling, (comfy.model_sampling.V_PREDICTION, comfy.model_sampling.IMG_TO_IMG, comfy.model_sampling.CONST))
+    require(family in ("sd15", "sdxl") and eps, input_name, describe_model(model),
+            SUPPORTED_WITH_DIT if dit else SUPPORTED_MODELS)
     if image_channels is not None:
         channels = model.model.diffusion_model.input_blocks[0][0].in_channels
         require(channels == image_channels, input_name, f"a UNet taking {channels} input channels",
                 f"a UNet taking {image_channels} (an MCDM from Likeness MCDM Loader: noisy latent + input latent)")
+    return family
 
 
 def require_mask(mask, input_name: str = "mask", purpose: str = "where to edit") -> None:

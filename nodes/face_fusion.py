@@ -33,7 +33,8 @@ class LikenessFaceFusion(io.ComfyNode):
             category=CATEGORY,
             description="Passes the reference face through the UNet beside the image and concatenates its keys "
                         "and values to the text's in every cross-attention (Face Fusion Eq. 1–6). Chain the node "
-                        "to add people; give each a mask to keep them apart (Eq. 7).",
+                        "to add people; give each a mask to keep them apart (Eq. 7). On Flux.1/SD3.5 (training-free "
+                        "only) the face's image-token keys and values join every joint attention's.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to patch; it is cloned, never changed."),
                 io.Latent.Input("face", tooltip="VAE-encoded face crop(s) of one person: a batch is several "
@@ -80,7 +81,10 @@ class LikenessFaceFusion(io.ComfyNode):
     @classmethod
     def execute(cls, model, face: dict, weight: float, kv: str, start_percent: float, end_percent: float,
                 face_noise: str, noise_seed: int, uncond: bool, mask=None) -> io.NodeOutput:
-        require_model_family(model)
+        family = require_model_family(model, dit=True)
+        dit = family in ("flux", "sd3")
+        require(not dit or kv == TRAINING_FREE, "kv", kv, f"'{TRAINING_FREE}' on Flux.1/SD3.5 (trained face K/V "
+                "files are SD1.5/SDXL UNet layouts)")
         samples = face["samples"]
         require(samples.dim() == 4 and samples.shape[0] >= 1, "face", tuple(samples.shape),
                 "a LATENT of one or more encoded face crops")
@@ -97,6 +101,10 @@ class LikenessFaceFusion(io.ComfyNode):
                             mask=mask, kv=None if kv == TRAINING_FREE else load_face_kv(kv),
                             clean=face_noise == "clean", uncond=uncond)
         layers = attention_keys(diffusion_model_of(model))
+        if dit:
+            from ..attention.face_fusion.joint_face_attention import apply_joint_face_fusion
+
+            return io.NodeOutput(apply_joint_face_fusion(model, identity, layers))
         return io.NodeOutput(apply_face_fusion(model, identity, layers))
 
 

@@ -10,21 +10,40 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..attention.magicstyle.ddim_inversion import AUTO_PRECISION, CAPTURES, PRECISION_CHOICES, invert, inversion_steps
+from ..attention.magicstyle.ddim_inversion import (AUTO_PRECISION, CAPTURES, MODES, PRECISION_CHOICES, invert,
+                                                   inversion_steps)
 from ..attention.magicstyle.feature_bank import FeatureBank, merge_banks, model_fingerprint
 from ..attention.magicstyle.ffa import PLACEMENTS, FeatureFusion, apply_ffa
 from ..attention.shared.adain import adain_latent
-from ..attention.shared.layer_table import LAYER_SETS, attention_keys, attention_levels, diffusion_model_of, select_keys
+from ..attention.shared.layer_table import (DIT_FAMILIES, DIT_LAYER_SETS, LAYER_SETS, attention_keys, attention_levels,
+                                            diffusion_model_of, parse_blocks, select_keys)
 from ..attention.shared.sigmas import SigmaRange, model_sampling_of
 from .common import (FEATURES_FOLDER, Features, features_files, features_path, model_file_fingerprint, require,
                      require_mask, require_model_family)
 
 CATEGORY = "likeness/magicstyle"
-CACHED_LAYER_SETS = ("all", "decoder", "decoder_high_res")
-LAYERS_TOOLTIP = ("all = every self-attention layer (MagicStyle; SD1.5 16, SDXL 70); decoder = every "
+CACHED_LAYER_SETS = ("all", "decoder", "decoder_high_res", "double", "single")
+LAYERS_TOOLTIP = ("all = every self-attention layer (MagicStyle; SD1.5 16, SDXL 70; on Flux.1 every joint "
+                  "block, 19 double + 38 single; on SD3.5 every joint block); decoder = every "
                   "output block's (SD1.5 9, SDXL 36); decoder_high_res = the output blocks' at the latent's "
                   "full and half resolution, StyleID's set (SD1.5 output blocks 6-11; SDXL, which has no "
-                  "attention at full resolution, output blocks 3-5).")
+                  "attention at full resolution, output blocks 3-5); double / single = Flux's double- or "
+                  "single-stream blocks (SD3.5's joint blocks are 'double'). No paper backs a DiT set: 'all' "
+                  "is MagicStyle's own choice carried over (README, MagicStyle on Flux and SD3.5).")
+BLOCKS_TOOLTIP = ("DiT only: a list of blocks instead of 'layers', e.g. 'd0, d5, s12' (d = double / SD3.5 "
+                  "joint block, s = Flux single block). Empty = 'layers'.")
+
+
+def chosen_keys(model, family: str, layers: str, blocks: str, among: list) -> list:
+    """The layer keys a node acts on: a named set of ``among``, or (DiT) a block list."""
+    if family in DIT_FAMILIES:
+        require(layers in DIT_LAYER_SETS, "layers", layers, f"one of {', '.join(DIT_LAYER_SETS)} on a DiT")
+        if blocks.strip():
+            return [k for k in parse_blocks(blocks, attention_keys(diffusion_model_of(model))) if k in set(among)]
+        return select_keys(list(among), layers)
+    require(not blocks.strip(), "blocks", blocks, "an empty list on SD1.5/SDXL (use layers)")
+    require(layers in LAYER_SETS, "layers", layers, f"one of {', '.join(LAYER_SETS)} on SD1.5/SDXL")
+    return select_keys(list(among), layers, attention_levels(model))
 
 
 class LikenessInvert(io.ComfyNode):
@@ -65,6 +84,12 @@ class LikenessInvert(io.ComfyNode):
                                        "2-3.5% (README, Memory). auto = fp16 where the fp16 cache of this inversion "
                                        "and one image beside it fits half of what ComfyUI has free for the run "
                                        "(cache_on=auto's rule), fp8 otherwise; the choice is logged."),
+                io.String.Input("blocks", default="", optional=True, tooltip=BLOCKS_TOOLTIP),
+                io.Combo.Input("mode", options=list(MODES), default="cache", optional=True,
+                               tooltip="cache = keep the features of every chosen layer and step (the paper); "
+                                       "recompute = keep only the inverted latents (a few MB) and "
+                                       "recompute the features beside the image, in the same batch, at each step: "
+                                       "for sizes whose cache would not fit (README, Memory)."),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="z_T: feed a sampler with add_noise disabled."),
@@ -74,17 +99,17 @@ class LikenessInvert(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, conditioning, latent: dict, steps: int, capture: str, layers: str,
-                cache_on: str, precision: str = AUTO_PRECISION) -> io.NodeOutput:
+                cache_on: str, precision: str = AUTO_PRECISION, blocks: str = "", mode: str = "cache") -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
         import latent_preview
 
-        require_model_family(model)
-        keys = select_keys(attention_keys(diffusion_model_of(model)), layers, attention_levels(model))
+        family = require_model_family(model, dit=True)
+        keys = chosen_keys(model, family, layers, blocks, attention_keys(diffusion_model_of(model)))
         progress = latent_preview.prepare_callback(model, inversion_steps(model, steps))
         samples, bank = invert(model, conditioning, latent["samples"], steps, capture=capture, layers=keys,
                                storage_device=comfy.model_management.unet_offload_device(), precision=precision,
-                               callback=progress, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED)
+                               callback=progress, disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, mode=mode)
         if bank is not None:
             bank.placement = cache_on
         out = {key: value for key, value in latent.items() if key not in ("samples", "noise_mask")}
@@ -144,13 +169,14 @@ class LikenessFeatureFusionAttention(io.ComfyNode):
                                "image in the batch you sample, or one for all."),
                 Features.Input("style", tooltip="Features of the style image (capture kv)."),
                 io.Float.Input("alpha", default=0.8, min=0.0, max=2.0, step=0.01,
-                               tooltip="Weight of the content query Q_c (MagicStyle: 0.8)."),
+                               tooltip="Weight of the content query Q_c (MagicStyle: 0.8; on Flux/SD3.5 the same "
+                                       "default, carried over: no paper backs a DiT value)."),
                 io.Float.Input("beta", default=0.2, min=0.0, max=2.0, step=0.01,
-                               tooltip="Weight of the current query (MagicStyle: 0.2). Higher stylises more "
-                                       "and keeps less of the content's detail."),
+                               tooltip="Weight of the current query (MagicStyle: 0.2; DiT: carried over). Higher "
+                                       "stylises more and keeps less of the content's detail."),
                 io.Float.Input("temperature", default=1.0, min=0.1, max=5.0, step=0.05,
                                tooltip="Scales the attention logits (StyleID's temperature); 1 is the paper."),
-                io.Combo.Input("layers", options=list(LAYER_SETS), default="all",
+                io.Combo.Input("layers", options=list(dict.fromkeys(LAYER_SETS + DIT_LAYER_SETS)), default="all",
                                tooltip=f"Layers to fuse, among those cached: {LAYERS_TOOLTIP} encoder: the "
                                        "input blocks'; middle: the middle block's."),
                 io.Int.Input("style_index", default=0, min=0, max=4095,
@@ -162,7 +188,12 @@ class LikenessFeatureFusionAttention(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="Where to stylise (any size; stretched onto the latent). On each layer's "
                                       "grid, queries where the mask is above 0.5 get FFA; the others attend "
-                                      "as without FFA. Empty = the whole image."),
+                                      "as without FFA. Empty = the whole image. SD1.5/SDXL only for now."),
+                io.String.Input("blocks", default="", optional=True, tooltip=BLOCKS_TOOLTIP),
+                io.Boolean.Input("keep_text_share", default=True, optional=True,
+                                 tooltip="DiT only: count the text keys twice as FFA doubles the image keys, so the "
+                                         "prompt keeps its share of joint attention (alpha 1, beta 0, style = content "
+                                         "is then exactly the plain model). Off: K = [K_txt; K_c; K_s] as written."),
             ],
             outputs=[io.Model.Output(tooltip="The patched model; the input MODEL is unchanged.")],
         )
@@ -170,8 +201,10 @@ class LikenessFeatureFusionAttention(io.ComfyNode):
     @classmethod
     def execute(cls, model, content: FeatureBank, style: FeatureBank, alpha: float, beta: float,
                 temperature: float, layers: str, style_index: int, start_percent: float,
-                end_percent: float, mask=None) -> io.NodeOutput:
-        require_model_family(model)
+                end_percent: float, mask=None, blocks: str = "", keep_text_share: bool = True) -> io.NodeOutput:
+        family = require_model_family(model, dit=True)
+        require(mask is None or family not in DIT_FAMILIES, "mask", "a mask on a DiT",
+                "no mask on Flux/SD3.5 (where-to-stylise masks are SD1.5/SDXL only for now)")
         if mask is not None:
             require_mask(mask, purpose="where to stylise")
             require(mask.dim() == 2 or mask.shape[0] == 1, "mask", f"a batch of {mask.shape[0]} masks",
@@ -181,14 +214,30 @@ class LikenessFeatureFusionAttention(io.ComfyNode):
         content.check_compatible(fingerprint=fingerprint, what="content features")
         style.check_compatible(fingerprint=fingerprint, latent_hw=tuple(content.latent_shape[-2:]),
                                sigmas=content.sigmas, what="style features")
-        keys = [k for k in select_keys(content.layers, layers, attention_levels(model)) if k in set(style.layers)]
+        keys = [k for k in chosen_keys(model, family, layers, blocks, content.layers) if k in set(style.layers)]
         require(keys, "layers", layers, f"a set the features were cached for ({len(content.layers)} "
                 f"content and {len(style.layers)} style layers)")
         sampling = model_sampling_of(model)
+        sigma_range = SigmaRange.from_percent(sampling, start_percent, end_percent)
+        if content.trajectory is not None or style.trajectory is not None:
+            require(content.trajectory is not None and style.trajectory is not None, "style", "one side recompute",
+                    "content and style both inverted with mode recompute, or both with cache")
+            from ..attention.magicstyle.recompute import apply_recompute
+
+            require(style_index < style.images, "style_index", style_index, f"below {style.images}")
+            require(mask is None, "mask", "a mask", "no mask with features inverted in recompute mode (cache mode)")
+            return io.NodeOutput(apply_recompute(
+                model, content, style, style_index=style_index, layers=keys, alpha=alpha,
+                beta=beta, temperature=temperature, sigma_range=sigma_range, keep_text_share=keep_text_share,
+                dit=family in DIT_FAMILIES))
         fusion = FeatureFusion(content, style, style_index=style_index, alpha=alpha, beta=beta,
                                temperature=temperature, layers=keys,
                                sigma_range=SigmaRange.from_percent(sampling, start_percent, end_percent),
                                model_sampling=sampling, placement=content.placement, mask=mask)
+        if family in DIT_FAMILIES:
+            from ..attention.magicstyle.joint_ffa import apply_joint_ffa
+
+            return io.NodeOutput(apply_joint_ffa(model, fusion, keep_text_share))
         return io.NodeOutput(apply_ffa(model, fusion))
 
 

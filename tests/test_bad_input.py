@@ -79,10 +79,13 @@ CASES = [
      {**checkpoint(), **encode("2"), **latent("3"), **v_prediction(), **invert(model=("5", 0)),
       **preview_latent("11", ("10", 0))},
      "LikenessInvert", ["model", "v-prediction", "SD1.5- or SDXL-family"]),
-    ("SD3-shaped model into Invert",
-     {**checkpoint(), **encode("2"), **latent("3"), **sd3(), **invert(model=("6", 0)),
-      **preview_latent("11", ("10", 0))},
-     "LikenessInvert", ["model", "SD3", "flow", "SD1.5- or SDXL-family"]),
+    # SD3.5 runs MagicStyle and Face Fusion (tests/test_dit.py); an SD-only node refuses it by name
+    ("SD3-shaped model into an SD-only node",
+     {**checkpoint(), **encode("2"), **sd3(),
+      "7": {"class_type": "LikenessMCDMGuider", "inputs": {
+          "model": ["6", 0], "positive": ["2", 0], "negative": ["2", 0], "image_scale": 3.0, "spatial_scale": 2.0,
+          "text_scale": 4.0}}, **sample_with(("7", 0))},
+     "LikenessMCDMGuider", ["model", "SD3", "flow", "SD1.5- or SDXL-family"]),
     ("features of another size into FFA",
      {**checkpoint(), **encode("2"), **latent("3"), **latent("4", 96, 96),
       **invert(), "12": {"class_type": "LikenessInvert", "inputs": {

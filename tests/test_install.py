@@ -153,7 +153,9 @@ def test_the_built_host_has_every_picture_a_workflow_loads(host):
 MODEL_INPUTS = {"CheckpointLoaderSimple": ["ckpt_name"], "CLIPVisionLoader": ["clip_name"],
                 "ControlNetLoader": ["control_net_name"], "LikenessIDAdapterLoader": ["adapter_name"],
                 "LikenessMCDMLoader": ["unet_name", "adapter_name", "clip_vision_name"],
-                "LikenessSweepGrid": ["clip_checkpoint"]}
+                "LikenessSweepGrid": ["clip_checkpoint"], "UNETLoader": ["unet_name"],
+                "DualCLIPLoader": ["clip_name1", "clip_name2"], "VAELoader": ["vae_name"],
+                "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"]}
 
 
 def test_every_model_a_workflow_loads_carries_its_publishers_link(installer):

@@ -16,6 +16,10 @@ from harness.workflows import WORKFLOWS, load_api, load_ui, shipped_workflows
 MAGICSTYLE = ("euler", "ddim_uniform", 30, 5.0)  # MagicStyle Sec. IV-A: 30-step DDIM, guidance 5
 INFINITE_ID = ("euler", "ddim_uniform", 30, 5.0)  # Infinite-ID Sec. 4.1: DDIM, 30 steps, guidance 5.0
 FACE_FUSION = ("euler", "ddim_uniform", 30, 7.5)  # paper silent: IP-Adapter FaceID-PlusV2's card (DDIM 30, 7.5)
+# No paper samples these on a DiT: MagicStyle's schedule (30 ddim_uniform steps) at cfg 1, Flux-dev's distilled
+# guidance in the conditioning; Face Fusion as ComfyUI's Flux.1-dev example samples (euler, simple, 20, cfg 1).
+MAGICSTYLE_FLUX = ("euler", "ddim_uniform", 30, 1.0)
+FACE_FUSION_FLUX = ("euler", "simple", 20, 1.0)
 EDITING = ("uni_pc_bh2", "sgm_uniform", 20)  # portrait editing Supp. 1.3: UniPC, T = 20; demo.py: UniPC (bh2)
 EXPECTED = {
     "magicstyle": [MAGICSTYLE], "magicstyle_style_library": [MAGICSTYLE], "magicstyle_sweep": [MAGICSTYLE],
@@ -25,6 +29,7 @@ EXPECTED = {
     "face_fusion": [FACE_FUSION], "face_fusion_multi_reference": [FACE_FUSION], "face_fusion_two_people": [FACE_FUSION],
     "mcdm_edit": [(*EDITING, (3.0, 2.0, 4.0))],  # demo.py: s1 3, s2 2, s3 4 (the paper: 3 / 3 / 5)
     "diffedit_edit": [(*EDITING, 7.5)],  # plain SD: the supplement's guidance 7.5 (Supp. 1.1), DiffEdit's too
+    "magicstyle_flux": [MAGICSTYLE_FLUX], "face_fusion_flux": [FACE_FUSION_FLUX], "magicstyle_sd35": [MAGICSTYLE],
     "pair_generation": [("heun", "karras", 20, 7.5)],  # Supp. 1.1: T = 20, guidance 7.5, Stochastic Karras VE
 }
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}  # the editor's control_after_generate

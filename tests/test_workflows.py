@@ -20,7 +20,8 @@ EXPECTED_IMAGES = {"magicstyle": 1, "magicstyle_style_library": 2, "face_fusion"
                    "face_fusion_multi_reference": 1, "face_fusion_two_people": 1, "infinite_id_sdxl": 1,
                    "infinite_id_sd15": 1, "infinite_id_style": 1, "identity_mix": 1, "diffedit_edit": 1,
                    "pair_generation": 2, "mcdm_edit": 1, "magicstyle_small_face": 1,
-                   "magicstyle_sweep": 4, "infinite_id_two_people": 1}
+                   "magicstyle_sweep": 4, "infinite_id_two_people": 1, "magicstyle_flux": 1, "face_fusion_flux": 1,
+                   "magicstyle_sd35": 1}
 
 
 def test_every_workflow_has_a_ui_file_and_an_api_twin():

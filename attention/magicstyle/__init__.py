@@ -5,6 +5,10 @@
     feature_files.py    the cache as safetensors (Save / Load Features)
     ffa.py              FFF: Feature Fusion Attention, Algorithm 1 and Eq. 5
                         (Q = αQ_c + βQ_cur, K = [K_c; K_s], V = [AdaIN(V_c, V_s); V_s])
+    joint_ffa.py        the same on Flux.1 / SD3.5: Q/K/V captured in joint attention (after
+                        modulation, QK-norm, RoPE), FFA there with the text tokens' own K/V
+    recompute.py        recompute mode: only the inverted latents kept; content and style run
+                        beside the image in the same batch (unet_recompute.py: on SD1.5/SDXL)
     face_region.py      small faces (MagicID's DIIR): a face's square region, its crop at the
                         model's size, the restored crop pasted back under a feathered mask
 

@@ -1,4 +1,4 @@
-"""DDIM inversion through ComfyUI's own sampling.
+"""DDIM inversion through ComfyUI's own sampling (Euler inversion of the flow on a DiT).
 
 Euler over the flipped ``ddim_uniform`` sigmas with zero noise and cfg 1 is
 deterministic DDIM inversion for an eps model; a forward pass with the core
@@ -6,6 +6,9 @@ KSamplerAdvanced (euler, ddim_uniform, same steps, add_noise off) then walks
 the same sigmas back. Inversion evaluates the UNet at σ_0…σ_{N−1} while the
 forward pass evaluates at σ_N…σ_1, so the schedule gets σ_N once more at the
 end: a zero-length step that moves nothing but lets the capture see σ_N.
+On a rectified-flow model (Flux.1, SD3.5) the same Euler steps over the model's own flipped
+sigmas integrate its velocity field backwards: the same code inverts it (cfg 1; Flux-dev's
+distilled guidance is the conditioning's, as the model takes it).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from .ffa import free_for_run, keep_on_device
 
 FLIP_FLOOR = 1e-4  # FlipSigmas' stand-in for the final 0, where the model is not defined
 CAPTURES = ("qkv", "kv", "none")
+MODES = ("cache", "recompute")  # keep the features, or only the inverted latents (recompute.py)
 AUTO_PRECISION = "auto"
 PRECISION_CHOICES = (AUTO_PRECISION, *PRECISIONS)
 GB = 1e9
@@ -39,8 +43,14 @@ def auto_precision_chooser(model, layers: list[BlockKey], latent_shape, timestep
     image beside them (a style for a content batch, a content for a style), from the exact formula
     (feature_bank.cache_bytes)."""
     images = int(latent_shape[0]) + 1
-    fp16_bytes = cache_bytes(model.model.model_config.unet_config, layers, tuple(latent_shape[-2:]), timesteps,
-                             images, "fp16")
+    if is_dit(model):
+        from .joint_ffa import dit_hidden, image_tokens, joint_cache_bytes
+
+        fp16_bytes = joint_cache_bytes(dit_hidden(model), len(layers), image_tokens(model, tuple(latent_shape[-2:])),
+                                       timesteps, images, "fp16")
+    else:
+        fp16_bytes = cache_bytes(model.model.model_config.unet_config, layers, tuple(latent_shape[-2:]), timesteps,
+                                 images, "fp16")
 
     def choose() -> str:
         free = free_for_run(model.load_device)
@@ -51,6 +61,13 @@ def auto_precision_chooser(model, layers: list[BlockKey], latent_shape, timestep
         return chosen
 
     return choose
+
+
+def is_dit(model) -> bool:
+    """A joint-attention model (Flux.1, SD3.5): captured and fused in joint_ffa.py."""
+    from ..shared.layer_table import DIT_FAMILIES, family_of
+
+    return family_of(model) in DIT_FAMILIES
 
 
 def forward_sigmas(model, steps: int) -> torch.Tensor:
@@ -75,7 +92,7 @@ def inversion_sigmas(forward: torch.Tensor) -> torch.Tensor:
 
 def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: str, layers: list[BlockKey],
            storage_device, precision: str = "fp8", callback=None,
-           disable_pbar: bool = False) -> tuple[torch.Tensor, FeatureBank | None]:
+           disable_pbar: bool = False, mode: str = "cache") -> tuple[torch.Tensor, FeatureBank | None]:
     """(z_T, features). The model passed in is cloned, never changed."""
     import comfy.sample
     import comfy.samplers
@@ -84,17 +101,34 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         raise ValueError(f"capture={capture!r}: expected one of {', '.join(CAPTURES)}")
     if precision not in PRECISION_CHOICES:
         raise ValueError(f"precision={precision!r}: expected one of {', '.join(PRECISION_CHOICES)}")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
     forward = forward_sigmas(model, steps)
     schedule = inversion_sigmas(forward)
     sampling = model_sampling_of(model)
     patched = model.clone()
     recorder = None
-    if capture != "none":
+    if capture != "none" and mode == "recompute":
+        import comfy.patcher_extension
+
+        from .recompute import TrajectoryRecorder
+
+        recorder = TrajectoryRecorder(sampling, [sampling.timestep(s) for s in forward[:-1]])
+        patched.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "likeness_trajectory", recorder)
+    elif capture != "none":
         wanted = [sampling.timestep(s) for s in forward[:-1]]
         if precision == AUTO_PRECISION:
             precision = auto_precision_chooser(model, layers, latent_image.shape, len(wanted))
-        recorder = FeatureCapture(layers, sampling, storage_device, wanted=wanted, precision=precision)
-        patched.set_model_attn1_patch(recorder)
+        if is_dit(model):
+            # Rectified flow: the same Euler steps over the flipped sigmas integrate the velocity field
+            # backwards; features come from joint attention (after modulation, QK-norm, RoPE).
+            from .joint_ffa import JointCapture, capture_clone
+
+            recorder = JointCapture(layers, sampling, storage_device, wanted=wanted, precision=precision)
+            patched = capture_clone(model, recorder)
+        else:
+            recorder = FeatureCapture(layers, sampling, storage_device, wanted=wanted, precision=precision)
+            patched.set_model_attn1_patch(recorder)
     latent_image = comfy.sample.fix_empty_latent_channels(patched, latent_image)
     noise = torch.zeros_like(latent_image)
     try:
@@ -102,7 +136,7 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
                                              positive, positive, latent_image, callback=callback,
                                              disable_pbar=disable_pbar, seed=0)
     except BaseException:
-        if recorder is not None:
+        if hasattr(recorder, "discard"):
             recorder.discard()
         raise
     if recorder is None:
@@ -113,12 +147,18 @@ def invert(model, positive, latent_image: torch.Tensor, steps: int, *, capture: 
         sigmas=[float(s) for s in forward],
         latent_shape=list(latent_image.shape),
         model_fingerprint=model_fingerprint(model),
-        steps=steps, capture=capture, dtype=recorder.precision)
+        steps=steps, capture=capture, dtype=getattr(recorder, "precision", None) or "fp16")
+    bank.latent = samples.detach().cpu()
+    if mode == "recompute":
+        bank.trajectory = recorder.trajectory
+        if len(bank.trajectory.latents) != len(bank.timesteps):
+            raise RuntimeError(f"inversion kept {len(bank.trajectory.latents)} of {len(bank.timesteps)} latents: "
+                               "another patch on this model skipped Likeness' recorder")
+        return samples, bank
     bank.features = recorder.finish()
     if getattr(model.load_device, "type", "cpu") == "cuda" and torch.device(storage_device).type == "cpu":
         # Page-locked: a run moves it to the GPU (or streams it) without an extra copy.
         bank.features = {key: stored.pinned() for key, stored in bank.features.items()}
-    bank.latent = samples.detach().cpu()
     expected = len(bank.timesteps) * len(bank.layers)
     if len(bank.features) != expected:
         raise RuntimeError(f"inversion captured {len(bank.features)} of {expected} features: another patch "

@@ -146,13 +146,16 @@ class FeatureBank:
     latent: torch.Tensor | None = field(default=None, repr=False)
     # Where a sampling run keeps it: "auto", "device" or "cpu" (see ffa.FeatureFusion).
     placement: str = "auto"
+    # recompute mode: the inverted latents instead of the features (recompute.Trajectory)
+    trajectory: object = field(default=None, repr=False)
 
     @property
     def images(self) -> int:
         return self.latent_shape[0]
 
     def nbytes(self) -> int:
-        return sum(stored.nbytes for stored in self.features.values())
+        kept = 0 if self.trajectory is None else self.trajectory.nbytes()
+        return kept + sum(stored.nbytes for stored in self.features.values())
 
     def get(self, timestep: float, layer: BlockKey) -> StoredStates | None:
         return self.features.get((timestep_key(timestep), tuple(layer)))
@@ -166,6 +169,7 @@ class FeatureBank:
         part.features = {key: value[start:start + length] for key, value in self.features.items()}
         part.placement = self.placement
         part.latent = None if self.latent is None else self.latent[start:start + length]
+        part.trajectory = None if self.trajectory is None else self.trajectory.select(start, length)
         return part
 
     def metadata(self) -> dict:
@@ -199,6 +203,9 @@ class FeatureBank:
 def merge_banks(banks: list[FeatureBank]) -> FeatureBank:
     """One bank over the images of several (same model, size, schedule)."""
     first = banks[0]
+    if any(b.trajectory is not None for b in banks):
+        raise ValueError("features kept for recompute (the inverted latents) cannot be merged: invert the images "
+                         "in one batch")
     for other in banks[1:]:
         other.check_compatible(fingerprint=first.model_fingerprint, latent_hw=tuple(first.latent_shape[-2:]),
                                sigmas=first.sigmas)

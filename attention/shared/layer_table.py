@@ -1,9 +1,14 @@
-"""Where the attention layers of a UNet are, by the keys ComfyUI gives them.
+"""Where the attention layers of a model are, by the keys ComfyUI gives them.
 
-ComfyUI names a transformer block ``(block_name, number, index)``: the block
-is "input", "middle" or "output", the number its position in that list of
-the UNet, the index the block's place inside its SpatialTransformer. The
-keys are read off the model, never assumed from one architecture.
+ComfyUI names a UNet's transformer block ``(block_name, number, index)``: the
+block is "input", "middle" or "output", the number its position in that list
+of the UNet, the index the block's place inside its SpatialTransformer. A
+DiT's joint-attention block is ``(block_type, block_index, 0)`` here: Flux's
+"double" and "single" stream blocks as ComfyUI's Flux names them in its
+transformer_options, SD3.5's joint blocks "double" as ComfyUI's
+``patches_replace["dit"]`` keys them. The keys are read off the model, never
+assumed from one architecture; a new family plugs in here (its keys and
+``FAMILIES``) and in joint_attention.py (its attention call).
 """
 
 from __future__ import annotations
@@ -15,11 +20,56 @@ import torch
 BlockKey = tuple[str, int, int]
 
 
+DIT_BLOCK_TYPES = ("double", "single")
+
+
 def layer_key(options: dict) -> BlockKey | None:
     """The key of the layer an attention patch is called for, from ComfyUI's per-call options
-    (``block`` and ``block_index``); None outside a transformer block."""
+    (``block`` and ``block_index``; a DiT's ``block_type`` and ``block_index``); None outside a
+    transformer block."""
     block = options.get("block")
-    return None if block is None else (block[0], block[1], options.get("block_index", 0))
+    if block is None:
+        return dit_block_key(options)
+    return (block[0], block[1], options.get("block_index", 0))
+
+
+def dit_block_key(options: dict) -> BlockKey | None:
+    """("double" | "single", index, 0) of the DiT block a call is in, or None."""
+    block_type = options.get("block_type")
+    return None if block_type not in DIT_BLOCK_TYPES else (block_type, int(options.get("block_index", 0)), 0)
+
+
+# The families the methods are defined for: (name, what a user calls it). Anything else is refused.
+FAMILIES = {"sd15": "SD1.5", "sdxl": "SDXL", "flux": "Flux.1", "sd3": "SD3.5"}
+DIT_FAMILIES = ("flux", "sd3")
+
+
+def family_of(model) -> str | None:
+    """"sd15", "sdxl", "flux" (Flux.1 dev/schnell), "sd3" (SD3/3.5 MMDiT) or None, from the
+    ModelPatcher's ComfyUI model config and model class (Flux.2, Chroma and others derive from
+    Flux's classes: they are None)."""
+    import comfy.model_base
+    import comfy.supported_models as known
+
+    config = getattr(model.model, "model_config", None)
+    if isinstance(config, known.SDXL):
+        return "sdxl"
+    if isinstance(config, known.SD15):
+        return "sd15"
+    if isinstance(config, known.SD3) and type(model.model) is comfy.model_base.SD3:
+        return "sd3"
+    if (type(config) in (known.Flux, known.FluxSchnell) and type(model.model) is comfy.model_base.Flux
+            and config.unet_config.get("image_model") == "flux"):
+        return "flux"
+    return None
+
+
+def dit_keys(diffusion_model: torch.nn.Module) -> list[BlockKey]:
+    """Every joint-attention block key of a Flux or MMDiT, in forward order."""
+    if hasattr(diffusion_model, "double_blocks"):
+        return ([("double", i, 0) for i in range(len(diffusion_model.double_blocks))]
+                + [("single", i, 0) for i in range(len(getattr(diffusion_model, "single_blocks", [])))])
+    return [("double", i, 0) for i in range(len(getattr(diffusion_model, "joint_blocks", [])))]
 
 
 def _stages(unet: torch.nn.Module) -> Iterator[tuple[str, int, torch.nn.Module]]:
@@ -40,7 +90,9 @@ def _transformer_blocks(stage: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def attention_keys(unet: torch.nn.Module) -> list[BlockKey]:
-    """Every transformer block key of the UNet, in forward order."""
+    """Every transformer block key of the UNet (or joint-attention block of a DiT), in forward order."""
+    if hasattr(unet, "double_blocks") or hasattr(unet, "joint_blocks"):
+        return dit_keys(unet)
     return [(name, number, index)
             for name, number, stage in _stages(unet)
             for index, _ in enumerate(_transformer_blocks(stage))]
@@ -68,6 +120,7 @@ def diffusion_model_of(model) -> torch.nn.Module:
 # the latent's full and half resolution. On SDXL, whose full resolution has no attention, that is the
 # half-resolution output blocks 3-5.
 LAYER_SETS = ("all", "decoder", "decoder_high_res", "encoder", "middle")
+DIT_LAYER_SETS = ("all", "double", "single")
 HIGH_RES_LEVELS = (0, 1)  # resolution levels: 0 = the latent's own grid, 1 = half of it
 
 
@@ -75,10 +128,11 @@ def select_keys(keys: list[BlockKey], layers: str, levels: dict[BlockKey, int] |
     """A named subset of the keys: all, decoder (every output block), decoder_high_res (output blocks
     at HIGH_RES_LEVELS; needs ``levels``, each key's resolution level, see attention_levels), encoder
     (input blocks), middle."""
-    wanted = {"all": ("input", "middle", "output"), "decoder": ("output",), "decoder_high_res": ("output",),
-              "encoder": ("input",), "middle": ("middle",)}
+    wanted = {"all": ("input", "middle", "output", *DIT_BLOCK_TYPES), "decoder": ("output",),
+              "decoder_high_res": ("output",), "encoder": ("input",), "middle": ("middle",),
+              "double": ("double",), "single": ("single",)}
     if layers not in wanted:
-        raise ValueError(f"layers={layers!r}: expected one of {', '.join(LAYER_SETS)}")
+        raise ValueError(f"layers={layers!r}: expected one of {', '.join(dict.fromkeys(LAYER_SETS + DIT_LAYER_SETS))}")
     chosen = [key for key in keys if key[0] in wanted[layers]]
     if layers == "decoder_high_res":
         if levels is None:
@@ -87,9 +141,26 @@ def select_keys(keys: list[BlockKey], layers: str, levels: dict[BlockKey, int] |
     return chosen
 
 
+def parse_blocks(text: str, keys: list[BlockKey]) -> list[BlockKey]:
+    """DiT blocks by a list such as "d0, d3, s10" (d = double / joint block, s = single), checked
+    against the model's ``keys``."""
+    chosen = []
+    for item in [part.strip() for part in text.replace(";", ",").split(",") if part.strip()]:
+        kind = {"d": "double", "s": "single"}.get(item[:1].lower())
+        if kind is None or not item[1:].isdigit() or (kind, int(item[1:]), 0) not in keys:
+            have = f"d0-d{sum(k[0] == 'double' for k in keys) - 1}" + (
+                f", s0-s{sum(k[0] == 'single' for k in keys) - 1}" if any(k[0] == "single" for k in keys) else "")
+            raise ValueError(f"blocks={text!r}: {item!r} is not a block of this model; expected a list like "
+                             f"'d0, d3, s10' of its blocks ({have})")
+        chosen.append((kind, int(item[1:]), 0))
+    return list(dict.fromkeys(chosen))
+
+
 def attention_levels(model) -> dict[BlockKey, int]:
     """The resolution level of every self-attention layer of a ModelPatcher's UNet (0 = the latent's
-    own grid, each level halves it), from its config (attention_geometry)."""
+    own grid, each level halves it), from its config (attention_geometry); empty for a DiT (one grid)."""
+    if "model_channels" not in model.model.model_config.unet_config:
+        return {}
     return {key: level for key, (level, _) in attention_geometry(model.model.model_config.unet_config).items()}
 
 

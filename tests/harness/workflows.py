@@ -70,7 +70,7 @@ def for_tiny_models(prompt: dict, size: int = 64) -> dict:
     prompt = copy.deepcopy(prompt)
     for node in prompt.values():
         inputs = node["inputs"]
-        if node["class_type"] in ("ImageScale", "EmptyLatentImage"):
+        if node["class_type"] in ("ImageScale", "EmptyLatentImage", "EmptySD3LatentImage"):
             # keep the aspect (a pair canvas is twice as wide as tall)
             inputs["width"], inputs["height"] = size * inputs["width"] // inputs["height"], size
         if node["class_type"] == "LikenessFaceCrop":
@@ -84,13 +84,17 @@ def place_tiny_models(models: Path, checkpoints: dict[str, Path]) -> list[Path]:
     """The tests' tiny files (real layouts, tiny sizes) under every name the shipped workflows load
     (install.MODEL_FILES), and a tiny insightface pack under the name they choose. Returns the
     files placed; a file already there is kept."""
-    from tiny import tiny_controlnet, tiny_faceid, tiny_insightface, tiny_mcdm, tiny_models
+    from tiny import tiny_controlnet, tiny_dit, tiny_faceid, tiny_insightface, tiny_mcdm, tiny_models
 
     from .paths import load_installer
 
     staging = models.parent / "tiny-staging"
     mcdm = tiny_mcdm.write(staging)
+    flux = tiny_dit.write_flux_workflow_files(staging / "flux")
     sources = {
+        "flux1-dev.safetensors": flux["flux_tiny.safetensors"], "ae.safetensors": flux["ae_tiny.safetensors"],
+        "clip_l.safetensors": flux["clip_l_tiny.safetensors"], "t5xxl_fp16.safetensors": flux["t5xxl_tiny.safetensors"],
+        "sd3.5_large.safetensors": flux["sd3_tiny.safetensors"], "clip_g.safetensors": flux["clip_g_tiny.safetensors"],
         "v1-5-pruned-emaonly.safetensors": checkpoints["sd15"],
         "sd_xl_base_1.0.safetensors": checkpoints["sdxl"],
         "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors": tiny_models.write_clip_vision(staging / "clip_vision"),

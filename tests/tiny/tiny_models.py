@@ -22,6 +22,12 @@ SEED = 20261125
 
 TINY_CLIP = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
              "num_hidden_layers": 3, "projection_dim": 64}
+# A T5-XXL of the real layout, tiny but for its width (SD3.5's text path pads CLIP to 4,096 and joins T5's
+# tokens to it, so T5 keeps 4,096): Flux's and SD3.5's text encoder through register_dit_loaders.
+TINY_T5 = {"d_model": 4096, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2, "num_decoder_layers": 2}
+# CLIP-G: SD3.5's loader tells it from CLIP-L by a 31st layer, so the tiny one has 32.
+TINY_CLIP_G = {**TINY_CLIP, "num_hidden_layers": 32}
+FLUX_HEAD_WIDTH = 16  # a tiny Flux's head width: RoPE axes 4 + 6 + 6 (Flux.1: 128 = 16 + 56 + 56)
 SD15_CONTEXT = TINY_CLIP["hidden_size"]
 SDXL_CONTEXT = 2 * TINY_CLIP["hidden_size"]  # clip_l and clip_g side by side
 SDXL_ADM = TINY_CLIP["projection_dim"] + 6 * 256  # pooled clip_g + size/crop embeddings
@@ -135,11 +141,62 @@ def write_clip_vision(folder: Path) -> Path:
     return path
 
 
+def register_dit_loaders() -> None:
+    """Teach ComfyUI's loaders the tiny Flux files (test-only): UNETLoader's detection fixes Flux's 24
+    heads and RoPE axes, so a Flux whose heads are FLUX_HEAD_WIDTH wide gets its own; DualCLIPLoader
+    (type flux) builds its text encoders from their JSON configs, so a tiny T5 + CLIP-L pair gets the
+    tiny configs. Nothing else changes."""
+    import comfy.model_detection
+    import comfy.sd
+
+    detect = comfy.model_detection.detect_unet_config
+    if not getattr(detect, "likeness_tiny", False):
+        def detect_unet_config(state_dict, key_prefix, metadata=None):
+            config = detect(state_dict, key_prefix, metadata=metadata)
+            norm = state_dict.get(f"{key_prefix}double_blocks.0.img_attn.norm.key_norm.scale")
+            if config and config.get("image_model") == "flux" and norm is not None and norm.shape[0] == FLUX_HEAD_WIDTH:
+                mlp = state_dict[f"{key_prefix}double_blocks.0.img_mlp.0.weight"].shape[0]
+                config.update(num_heads=config["hidden_size"] // FLUX_HEAD_WIDTH, axes_dim=[4, 6, 6],
+                              mlp_ratio=mlp / config["hidden_size"])
+            return config
+
+        detect_unet_config.likeness_tiny = True
+        comfy.model_detection.detect_unet_config = detect_unet_config
+    load = comfy.sd.load_text_encoder_state_dicts
+    if not getattr(load, "likeness_tiny", False):
+        def load_text_encoder_state_dicts(state_dicts=[], embedding_directory=None,
+                                          clip_type=comfy.sd.CLIPType.STABLE_DIFFUSION, model_options={}):
+            tiny_t5 = any("encoder.final_layer_norm.weight" in sd and f"encoder.block.{TINY_T5['num_layers']}.layer.0"
+                          ".SelfAttention.q.weight" not in sd for sd in state_dicts)
+            # TripleCLIPLoader names no type: three encoders are SD3's, as ComfyUI's own detection reads them
+            kind = ("flux" if clip_type == comfy.sd.CLIPType.FLUX else
+                    "sd3" if clip_type == comfy.sd.CLIPType.SD3 or len(state_dicts) == 3 else None)
+            if kind and tiny_t5:
+                import comfy.supported_models_base as base
+                import comfy.text_encoders.flux as flux
+                import comfy.text_encoders.sd3_clip as sd3
+
+                options = {**model_options, "clip_l_model_config": TINY_CLIP, "clip_g_model_config": TINY_CLIP_G,
+                           "t5xxl_model_config": TINY_T5}
+                target = (base.ClipTarget(flux.FluxTokenizer, flux.flux_clip(dtype_t5=torch.float32))
+                          if kind == "flux" else
+                          base.ClipTarget(sd3.SD3Tokenizer, sd3.sd3_clip(dtype_t5=torch.float32)))
+                clip = comfy.sd.CLIP(target, embedding_directory=embedding_directory, model_options=options)
+                for state in state_dicts:
+                    clip.load_sd(state)
+                return clip
+            return load(state_dicts, embedding_directory, clip_type, model_options)
+
+        load_text_encoder_state_dicts.likeness_tiny = True
+        comfy.sd.load_text_encoder_state_dicts = load_text_encoder_state_dicts
+
+
 def register() -> dict[str, type]:
     """Put the tiny configs at the front of ComfyUI's detection list (once)."""
     import comfy.supported_models
 
     _teach_clip_vision_loader()
+    register_dit_loaders()
     if not _REGISTERED:
         sd15, sdxl = _classes()
         _REGISTERED.update(sd15=sd15, sdxl=sdxl)

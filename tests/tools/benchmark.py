@@ -248,6 +248,19 @@ def training_figures(steps: int = 12) -> dict:
     return figures
 
 
+def dit_section() -> dict:
+    """MagicStyle on Flux: FFA step ÷ plain step (cache, recompute), tiny and full-width one-block
+    Flux on this CPU; cache vs recompute memory for Flux and SDXL at 1024² (harness/dit_bench.py)."""
+    from harness.dit_bench import dit_figures
+    from harness.inprocess import ComfyInProcess
+
+    host = load_installer().Host(host_root())
+    with tempfile.TemporaryDirectory() as folder:
+        base = make_base_directory(Path(folder) / "base")
+        comfy = ComfyInProcess(host.comfyui, base, base / "custom_nodes" / PACK_NAME)
+        return dit_figures(comfy)
+
+
 def host_root_comfyui() -> Path:
     return load_installer().Host(host_root()).comfyui
 
@@ -256,6 +269,9 @@ def main() -> int:
     if "--worker" in sys.argv:
         at = sys.argv.index("--worker")
         patch_worker(sys.argv[at + 1], int(sys.argv[at + 2]), int(sys.argv[at + 3]))
+        return 0
+    if "--dit" in sys.argv:
+        print(json.dumps({"dit": dit_section()}, indent=1))
         return 0
     if "--face-rows" in sys.argv:
         print(json.dumps({"face_rows_cpu": face_rows()}, indent=1))

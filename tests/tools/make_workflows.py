@@ -1,6 +1,6 @@
 """Regenerate the UI-format workflows from their API-format twins.
 
-    <host python> tests/tools/make_workflows.py
+    <host python> tests/tools/make_workflows.py [name ...]   (names: only those workflows)
 
 The API twins (workflows/api/*.json, tests/workflows/api/*.json) are
 written by hand; the real graph editor lays each one out and serialises it
@@ -82,6 +82,8 @@ def main() -> int:
             editor = GraphEditor(server.url, base)
             for folder in FOLDERS:
                 for api_file in sorted((folder / "api").glob("*.json")):
+                    if sys.argv[1:] and api_file.stem not in sys.argv[1:]:
+                        continue
                     prompt = json.loads(api_file.read_text())
                     workflow = editor.ui_from_api(prompt, api_file.stem)
                     workflow = apply_layout(workflow, load_layout(folder, api_file.stem),
