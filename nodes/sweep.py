@@ -43,6 +43,13 @@ def sweep_values(start: float, stop: float, count: int, listed: str = "") -> lis
     return [round(start + (stop - start) * i / (count - 1), 10) for i in range(count)]
 
 
+def sweep_choices(listed: str) -> list[str]:
+    """The settings of a text or choice input to sweep, one per line (blank lines skipped)."""
+    choices = [line.strip() for line in listed.splitlines() if line.strip()]
+    require(len(choices) <= MAX_VALUES, "choices", listed, f"at most {MAX_VALUES} lines")
+    return choices
+
+
 class LikenessSweep(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -66,6 +73,10 @@ class LikenessSweep(io.ComfyNode):
                 io.String.Input("values", default="", optional=True,
                                 tooltip="Comma-separated values to use instead of start/stop/count, "
                                         "e.g. 0.5, 0.7, 0.9, 1.0."),
+                io.String.Input("choices", default="", multiline=True, optional=True,
+                                tooltip="One setting per line, for a text or choice input (FFA's blocks or "
+                                        "layers, e.g. 'double', 'single', 'd0, d5'): the sweep runs once per "
+                                        "line; 'choices' gives the lines, 'values' their numbers 0, 1, 2, ..."),
             ],
             outputs=[
                 io.Float.Output(display_name="values", is_output_list=True,
@@ -75,13 +86,20 @@ class LikenessSweep(io.ComfyNode):
                 io.Float.Output(display_name="one_minus", is_output_list=True,
                                 tooltip="1 − each value, for a paired weight (MagicStyle β = 1 − α)."),
                 io.String.Output(display_name="label", tooltip="The label, for the grid."),
+                io.String.Output(display_name="choices", is_output_list=True,
+                                 tooltip="The lines of 'choices' (else the values as text), one run each; "
+                                         "connect to the swept text input and to the grid's 'choices'."),
             ],
         )
 
     @classmethod
-    def execute(cls, label: str, start: float, stop: float, count: int, values: str = "") -> io.NodeOutput:
-        swept = sweep_values(start, stop, count, values or "")
-        return io.NodeOutput(swept, [int(round(v)) for v in swept], [round(1.0 - v, 10) for v in swept], label)
+    def execute(cls, label: str, start: float, stop: float, count: int, values: str = "",
+                choices: str = "") -> io.NodeOutput:
+        lines = sweep_choices(choices or "")
+        swept = [float(i) for i in range(len(lines))] if lines else sweep_values(start, stop, count, values or "")
+        texts = lines or [f"{v:g}" for v in swept]
+        return io.NodeOutput(swept, [int(round(v)) for v in swept], [round(1.0 - v, 10) for v in swept], label,
+                             texts)
 
 
 def _first(value, default=None):
@@ -115,6 +133,10 @@ class LikenessSweepGrid(io.ComfyNode):
                 io.Image.Input("images", tooltip="The swept run's images (one run per value)."),
                 io.Float.Input("values", force_input=True, tooltip="Likeness Sweep's values."),
                 io.String.Input("label", default="value", tooltip="The swept input's name (Likeness Sweep's label)."),
+                io.String.Input("choices", optional=True, force_input=True,
+                                tooltip="Likeness Sweep's choices, when it swept the lines of a text or choice "
+                                        "input: each column is labelled with its line, the plot runs over their "
+                                        "numbers."),
                 FaceAnalysisType.Input("analysis", optional=True,
                                        tooltip="Likeness Face Analysis: with face_reference, scores FaceSim."),
                 io.Image.Input("face_reference", optional=True, tooltip="The person's photo for FaceSim."),
@@ -164,9 +186,9 @@ class LikenessSweepGrid(io.ComfyNode):
         return checkpoint_fingerprint(checkpoint) if checkpoint != NO_CHECKPOINT else ()
 
     @classmethod
-    def execute(cls, images: list, values: list, label: list, analysis=None, face_reference=None, no_face=None,
-                clip_checkpoint=None, architecture=None, clip_reference=None, prompt=None, clip_i_on=None,
-                pairing=None, scale=None) -> io.NodeOutput:
+    def execute(cls, images: list, values: list, label: list, choices=None, analysis=None, face_reference=None,
+                no_face=None, clip_checkpoint=None, architecture=None, clip_reference=None, prompt=None,
+                clip_i_on=None, pairing=None, scale=None) -> io.NodeOutput:
         from ..attention.measuring import plots
 
         label = _first(label, "value")
@@ -180,15 +202,20 @@ class LikenessSweepGrid(io.ComfyNode):
                          prompt=_first(prompt, "") or "", **settings)
         names = {metric: metric_label(metric, settings["scale"], settings["clip_i_on"]) for metric in scores}
         columns = []
+        if choices:
+            require(len(choices) == len(values), "choices", f"{len(choices)} line(s)",
+                    f"one per value ({len(values)}): connect the same sweep's choices and values")
         for i, (value, run) in enumerate(zip(values, images)):
-            lines = [f"{label} = {value:.4g}"] + [f"{names[metric]}  {numbers[i]:.3f}"
+            shown = choices[i] if choices else f"{value:.4g}"
+            lines = [f"{label} = {shown}"] + [f"{names[metric]}  {numbers[i]:.3f}"
                                                   for metric, numbers in scores.items()]
             columns.append(("\n".join(lines), list(run)))
         grid, boxes = plots.labelled_grid(columns)
         series = {names[metric]: list(zip(values, numbers)) for metric, numbers in scores.items()}
-        plot, drawn = plots.line_plot(series, title=f"metrics against {label}", x_label=label,
+        x_label = f"{label} (line number)" if choices else label
+        plot, drawn = plots.line_plot(series, title=f"metrics against {label}", x_label=x_label,
                                       y_label=y_label(settings["scale"]))
-        report = {"label": label, "values": list(values), "metrics": scores, "names": names, **settings,
+        report = {"label": label, "values": list(values), "choices": list(choices or []), "metrics": scores, "names": names, **settings,
                   "cells": [[list(box) for box in column] for column in boxes],
                   "plot_points": {metric: [list(p) for p in drawn[names[metric]]] for metric in scores}}
         text = json.dumps(report)

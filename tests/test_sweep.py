@@ -23,8 +23,9 @@ SERIES_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44))  # attention/mea
 
 
 def test_sweep_emits_evenly_spaced_values_or_a_list(comfy):
-    values, ints, one_minus, label = comfy.run_node("LikenessSweep", label="alpha", start=0.5, stop=1.0, count=4)
-    assert label == "alpha"
+    values, ints, one_minus, label, texts = comfy.run_node("LikenessSweep", label="alpha", start=0.5, stop=1.0,
+                                                           count=4)
+    assert label == "alpha" and texts == [f"{v:g}" for v in values]
     assert values == pytest.approx([0.5, 0.5 + 0.5 / 3, 0.5 + 1.0 / 3, 1.0], abs=1e-9)
     assert one_minus == pytest.approx([0.5, 0.5 - 0.5 / 3, 0.5 - 1.0 / 3, 0.0], abs=1e-9)
     assert ints == [0, 1, 1, 1]  # round half to even: 0.5 -> 0
@@ -33,6 +34,10 @@ def test_sweep_emits_evenly_spaced_values_or_a_list(comfy):
     assert comfy.run_node("LikenessSweep", label="w", start=0.3, stop=9.0, count=1)[0] == [0.3]
     with pytest.raises(ValueError, match=r"values='1, x' cannot be used: 'x' is not a number"):
         comfy.run_node("LikenessSweep", label="w", start=0, stop=1, count=2, values="1, x")
+    # A text or choice input: one run per line (blank lines skipped), numbered for the plot.
+    lines = comfy.run_node("LikenessSweep", label="blocks", start=0, stop=1, count=2, values="5",
+                           choices="d0\n\n d1, s1 \nall\n")
+    assert lines[4] == ["d0", "d1, s1", "all"] and lines[0] == [0.0, 1.0, 2.0]
 
 
 def sweep_prompt(ckpt: str) -> dict:

@@ -240,3 +240,28 @@ def test_every_ui_workflow_explains_itself():
         # the models in the note are the ones the workflow loads: no other
         named = [model["name"] for model in installer.MODEL_FILES if f"`{model['name']}`" in text]
         assert set(named) <= values, name
+
+
+def test_the_sweep_runs_ffas_blocks_on_flux_once_per_line(server, workflow_files):
+    """Likeness Sweep's choices into FFA's text input `blocks` (Flux): the graph runs once per line,
+    each line reaching FFA as written, and the grid labels each column with its line."""
+    prompt = for_tiny_models(load_api("magicstyle_flux"))
+    (ffa,) = [k for k, node in prompt.items() if node["class_type"] == "LikenessFeatureFusionAttention"]
+    (decode,) = [k for k, node in prompt.items() if node["class_type"] == "VAEDecode"]
+    prompt["90"] = {"class_type": "LikenessSweep", "inputs": {"label": "blocks", "start": 0.0, "stop": 1.0,
+                                                              "count": 1, "choices": "d0\nd1, s1\nd0, s0"}}
+    prompt[ffa]["inputs"]["blocks"] = ["90", 4]
+    prompt["91"] = {"class_type": "LikenessSweepGrid", "inputs": {"images": [decode, 0], "values": ["90", 0],
+                                                                  "label": ["90", 3], "choices": ["90", 4]}}
+    prompt["92"] = {"class_type": "PreviewImage", "inputs": {"images": ["91", 0]}}
+    result = server.run_prompt(prompt, timeout=600)
+    assert result.ok, (result.error or {}).get("exception_message")
+    pictures = [np.asarray(Image.open(p), dtype=np.float32) for p in result.files
+                if "magicstyle_flux" in p.name and p.suffix == ".png"]
+    assert len(pictures) == 3
+    report = json.loads(result.outputs["91"]["text"][0])
+    assert report["choices"] == ["d0", "d1, s1", "d0, s0"] and report["values"] == [0.0, 1.0, 2.0]
+    # Each line reaches FFA's blocks as it is: a line naming a block the model lacks stops the run there.
+    prompt["90"]["inputs"]["choices"] = "d0\nd7"
+    refused = server.run_prompt(prompt, timeout=600)
+    assert not refused.ok and "d7" in (refused.error or {}).get("exception_message", "")
