@@ -275,7 +275,7 @@ def train_mcdm_job(args: argparse.Namespace) -> dict:
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, trained_adapter, before, after = mcdm_training.train_mcdm(
         model, adapter, reader, empty_text=empty_text, null=null, steps=args.steps,
-        recipe=recipe_of(args, pack("attention.shared.recipes").MCDM), seed=args.seed, on_step=progress,
+        recipe=recipe_of(args, pack("attention.shared.recipes").MCDM_TRAINING), seed=args.seed, on_step=progress,
         batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
         on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "pairs": len(reader), "processes": world.size,
@@ -338,7 +338,7 @@ def train_face_kv_job(args: argparse.Namespace) -> dict:
         print(f"face_kv: {len(reader)} examples, {world.size} process(es) on {device}, global batch "
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     weights, before, after = face_kv_training.train_face_kv(
-        model, reader, steps=args.steps, recipe=recipe_of(args, pack("attention.shared.recipes").FACE_KV),
+        model, reader, steps=args.steps, recipe=recipe_of(args, pack("attention.shared.recipes").FACE_KV_TRAINING),
         seed=args.seed, on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world,
         resume=resume, initial=initial, on_checkpoint=on_checkpoint, validation=args.validation)
     summary = {"steps": args.steps, "first_step": first, "examples": len(reader), "processes": world.size,
@@ -404,7 +404,7 @@ def train_id_adapter_job(args: argparse.Namespace) -> dict:
               f"{config['global_batch']}, steps {first}..{args.steps}", flush=True)
     trained, before, after = id_adapter_training.train_id_adapter(
         model, adapter, reader, steps=args.steps, seed=args.seed, no_face_hidden=reader.no_face_hidden,
-        recipe=recipe_of(args, pack("attention.shared.recipes").ID_ADAPTER), scale=args.shortcut_scale,
+        recipe=recipe_of(args, pack("attention.shared.recipes").ID_ADAPTER_TRAINING), scale=args.shortcut_scale,
         # a checkpoint's file carries the LoRA at --lora-scale already: read back at 1, it runs as before
         lora_scale=args.lora_scale if resume is None else 1.0, identity_dropout=args.identity_dropout,
         on_step=progress, batching=training.Batching(args.batch, args.accumulate), world=world, resume=resume,
