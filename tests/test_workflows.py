@@ -265,3 +265,25 @@ def test_the_sweep_runs_ffas_blocks_on_flux_once_per_line(server, workflow_files
     prompt["90"]["inputs"]["choices"] = "d0\nd7"
     refused = server.run_prompt(prompt, timeout=600)
     assert not refused.ok and "d7" in (refused.error or {}).get("exception_message", "")
+
+
+def test_face_fusion_runs_on_sd35_over_the_api(server, workflow_files):
+    """face_fusion_flux with magicstyle_sd35's loaders (SD3.5 checkpoint, triple CLIP, cfg 5 with a
+    negative): Face Fusion on the MMDiT through the server, as a user's graph would run it. (What it
+    computes is proven in-process, tests/test_face_fusion_dit.py: the tiny VAE's pictures are too
+    flat to show it.)"""
+    flux = for_tiny_models(load_api("face_fusion_flux"))
+    sd35 = for_tiny_models(load_api("magicstyle_sd35"))
+    prompt = {k: v for k, v in flux.items() if v["class_type"] not in ("UNETLoader", "DualCLIPLoader", "VAELoader",
+                                                                        "FluxGuidance")}
+    prompt["1"], prompt["2"] = sd35["1"], sd35["2"]
+    for node in prompt.values():
+        for name, value in node["inputs"].items():
+            if value == ["3", 0]:  # the VAE: the checkpoint's
+                node["inputs"][name] = ["1", 2]
+    prompt["15"] = {"class_type": "CLIPTextEncode", "inputs": {"clip": ["2", 0], "text": "lowres, blurry"}}
+    (sampler,) = [k for k, v in prompt.items() if v["class_type"] == "KSampler"]
+    prompt[sampler]["inputs"].update(positive=["9", 0], negative=["15", 0], cfg=5.0)
+    result = server.run_prompt(prompt, timeout=600)
+    assert result.ok, (result.error or {}).get("exception_message")
+    assert [Image.open(p).size for p in result.files if p.suffix == ".png" and "temp" not in p.parts] == [(64, 64)]
