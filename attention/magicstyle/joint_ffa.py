@@ -23,10 +23,9 @@ from __future__ import annotations
 import torch
 
 from ..shared.adain import adain_tokens
-from ..shared.layer_table import BlockKey
 from ..shared.rows import COND, rows_of
 from ..shared.sigmas import current_sigma
-from .feature_bank import PRECISIONS, StoredStates, TimestepOf, timestep_key
+from .feature_bank import PRECISIONS, FeatureCapture, StoredStates
 from .ffa import ORDER, PASSES, FeatureFusion
 
 QKV = 3  # Q, K and V of every image token are stored (the memory formula counts them)
@@ -67,22 +66,12 @@ def joint_ffa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: int, cont
     return torch.cat([plain[:, :text], fused, plain[:, text:]], dim=1)
 
 
-class JointCapture:
+class JointCapture(FeatureCapture):
     """A joint-attention processor that records the image tokens' Q/K/V of chosen blocks during an
-    inversion (cond rows only: inversion runs at cfg 1); same interface as FeatureCapture."""
+    inversion (cond rows only: inversion runs at cfg 1); FeatureCapture's store, a DiT's capture."""
 
     order = 0
     passes = PASSES
-
-    def __init__(self, layers: list[BlockKey], model_sampling, storage_device, *, wanted: list,
-                 precision="fp8") -> None:
-        self.layers = {tuple(k) for k in layers}
-        self.wanted = {timestep_key(t) for t in wanted}
-        self.timestep_of = TimestepOf(model_sampling)
-        self.storage_device = storage_device
-        self._choose = precision if callable(precision) else None
-        self.precision = None if callable(precision) else precision
-        self._entries: dict = {}
 
     def __call__(self, q, k, v, call, attend):
         sigma = current_sigma(call.options)
@@ -95,16 +84,6 @@ class JointCapture:
             self._entries[(self.timestep_of(sigma), call.key)] = StoredStates.store(
                 states, self.precision, self.storage_device)
         return attend(q, k, v)
-
-    def __deepcopy__(self, memo):
-        return self
-
-    def finish(self) -> dict:
-        entries, self._entries = self._entries, {}
-        return entries
-
-    def discard(self) -> None:
-        self._entries = {}
 
 
 class JointFFAProcessor:
