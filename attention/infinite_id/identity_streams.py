@@ -185,11 +185,13 @@ def _keep_for_output(extra_options: dict, kind: str, inputs, hidden: torch.Tenso
         extra_options[LORA_STATE][f"{kind}_out"] = hidden
 
 
-class MixedAttentionProcessor:
-    """attn1: keeps K_t/V_t in the text stream; mixed attention (Eq. 5) in the identity stream."""
+class _StreamProcessor:
+    """A dispatcher processor of one identity: its stream's rows in a call holding both streams (the
+    rest passed on), or the whole call when the streams run apart."""
 
     order = ORDER
     passes = frozenset({Pass.IMAGE, Pass.IDENTITY_STREAM})
+    reads_text_kv = False  # whether the identity rows read the text rows' K/V of the same layer
 
     def __init__(self, settings: InfiniteID) -> None:
         self.settings = settings
@@ -199,8 +201,18 @@ class MixedAttentionProcessor:
 
     def __call__(self, q, k, v, extra_options, attend):
         if STREAM_ROWS in extra_options:
-            return in_own_block(self.settings, q, k, v, extra_options, attend, self._stream, text_kv=True)
+            return in_own_block(self.settings, q, k, v, extra_options, attend, self._stream,
+                                text_kv=self.reads_text_kv)
         return self._stream(q, k, v, extra_options, attend)
+
+    def _stream(self, q, k, v, extra_options, attend):
+        raise NotImplementedError
+
+
+class MixedAttentionProcessor(_StreamProcessor):
+    """attn1: keeps K_t/V_t in the text stream; mixed attention (Eq. 5) in the identity stream."""
+
+    reads_text_kv = True
 
     def _stream(self, q, k, v, extra_options, attend):
         key = layer_key(extra_options)
@@ -221,25 +233,11 @@ class MixedAttentionProcessor:
         return out
 
 
-class CrossAttentionMergeProcessor:
+class CrossAttentionMergeProcessor(_StreamProcessor):
     """attn2: image cross-attention (+ the text's, Eq. 6) in the identity stream; the text stream as it is."""
-
-    order = ORDER
-    passes = frozenset({Pass.IMAGE, Pass.IDENTITY_STREAM})
-
-    def __init__(self, settings: InfiniteID) -> None:
-        self.settings = settings
-
-    def __deepcopy__(self, memo):
-        return self
 
     def cleanup(self) -> None:
         self.settings.release()
-
-    def __call__(self, q, k, v, extra_options, attend):
-        if STREAM_ROWS in extra_options:
-            return in_own_block(self.settings, q, k, v, extra_options, attend, self._stream, text_kv=False)
-        return self._stream(q, k, v, extra_options, attend)
 
     def _stream(self, q, k, v, extra_options, attend):
         key = layer_key(extra_options)
