@@ -19,7 +19,9 @@ from test_install import MODEL_INPUTS
 
 pytestmark = pytest.mark.slow
 
-CORE_LOADERS = {"CheckpointLoaderSimple", "CLIPVisionLoader", "ControlNetLoader"}
+CORE_LOADERS = {"CheckpointLoaderSimple", "CLIPVisionLoader", "ControlNetLoader", "UNETLoader", "DualCLIPLoader",
+                "VAELoader"}
+CORE_V3_LOADERS = {"TripleCLIPLoader"}
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +68,10 @@ def test_one_post_names_every_missing_file_with_its_folder(bare_server, name):
     needed = needed_files(prompt)
     assert needed, name
     errors = body["node_errors"]
+    # ComfyUI 0.3.75 checks no V3 node's dropdown at validation, its own V3 loaders' neither: their
+    # missing file is reported when the node runs (the workflow's note names it with its link).
+    needed = {node_id: files for node_id, files in needed.items()
+              if prompt[node_id]["class_type"] not in CORE_V3_LOADERS}
     # exactly the nodes that load a file report, and every file is named by its node
     assert set(errors) == set(needed), (name, sorted(errors), sorted(needed))
     links = {model["name"]: model["url"] for model in load_installer().MODEL_FILES}
@@ -75,7 +81,8 @@ def test_one_post_names_every_missing_file_with_its_folder(bare_server, name):
             if file.endswith(".zip"):  # an insightface pack: its folder and its zip
                 assert f"models/{folder}" in said and f"releases/download/v0.7/{file}" in said, (name, said)
             elif prompt[node_id]["class_type"] in CORE_LOADERS:  # ComfyUI's own message: the file and the input
-                assert f"'{file}' not in []" in said, (name, said)
+                # (VAELoader always offers its built-in 'pixel_space' beside the files it finds)
+                assert f"'{file}' not in []" in said or f"'{file}' not in ['pixel_space']" in said, (name, said)
             else:
                 assert f"models/{folder}/{file} is missing" in said and links[file] in said, (name, said)
 
