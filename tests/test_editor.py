@@ -152,13 +152,13 @@ def test_one_run_without_model_files_lists_every_missing_file(editor, shipped_mo
     workflow at once (ComfyUI's loaders and Likeness' own pickers, the insightface pack included),
     and the nodes that need them are the ones marked."""
     from harness.workflows import WORKFLOWS, load_api, shipped_workflows
-    from test_missing_files import needed_files
+    from test_missing_files import checked_at_validation, needed_files
 
     with model_files_hidden(shipped_model_files):
         for name in shipped_workflows():
             editor.load(WORKFLOWS / f"{name}.json", f"run_without_models_{name}")
             answer = editor.run(f"run_without_models_{name}_errors")
-            needed = needed_files(load_api(name))
+            needed = checked_at_validation(load_api(name), needed_files(load_api(name)))
             assert answer["refusal_logged"], name
             assert set(answer["node_errors"]) == set(needed), (name, sorted(answer["node_errors"]))
             for files in needed.values():

@@ -54,6 +54,14 @@ def needed_files(prompt: dict) -> dict[str, list[tuple[str, str]]]:
     return needed
 
 
+def checked_at_validation(prompt: dict, needed: dict[str, list[tuple[str, str]]]) -> dict:
+    """``needed`` less the nodes whose files ComfyUI cannot name before running: it checks no V3
+    node's dropdown at validation (0.3.75), its own V3 loaders' neither; those files are named when
+    the node runs (the workflow's note lists them with their links)."""
+    return {node_id: files for node_id, files in needed.items()
+            if prompt[node_id]["class_type"] not in CORE_V3_LOADERS}
+
+
 def rejected(server, prompt: dict) -> dict:
     with pytest.raises(PromptRejected) as refusal:
         server.post("/prompt", {"prompt": prompt})
@@ -68,10 +76,7 @@ def test_one_post_names_every_missing_file_with_its_folder(bare_server, name):
     needed = needed_files(prompt)
     assert needed, name
     errors = body["node_errors"]
-    # ComfyUI 0.3.75 checks no V3 node's dropdown at validation, its own V3 loaders' neither: their
-    # missing file is reported when the node runs (the workflow's note names it with its link).
-    needed = {node_id: files for node_id, files in needed.items()
-              if prompt[node_id]["class_type"] not in CORE_V3_LOADERS}
+    needed = checked_at_validation(prompt, needed)
     # exactly the nodes that load a file report, and every file is named by its node
     assert set(errors) == set(needed), (name, sorted(errors), sorted(needed))
     links = {model["name"]: model["url"] for model in load_installer().MODEL_FILES}
