@@ -141,4 +141,6 @@ def test_two_people_with_masks_on_an_odd_latent_sample(comfy):
     one = face_fusion(comfy, model, faces(seed=1), 1.0, left)
     two = face_fusion(comfy, one, faces(seed=2), 2.0, right, seed=1)
     a, b = sample(comfy, one, cond), sample(comfy, two, cond)
-    assert torch.isfinite(b).all() and (a - b).abs().max() > 1e-4
+    assert torch.isfinite(b).all()
+    # 0.35% measured; fp32 rounding of a different batch is ~1e-6 relative
+    assert (a - b).abs().max() > 1e-3 * a.abs().max(), "the second person must change the result"

@@ -66,9 +66,9 @@ def test_input_model_is_unchanged_and_another_packs_override_still_runs(comfy, i
     options_before = repr(sorted(model.model_options.get("transformer_options", {})))
     seen = []
 
-    def foreign(func, *args, **kwargs):  # another pack's override: scales every attention output
+    def foreign(func, *args, **kwargs):  # another pack's override: silences every attention output
         seen.append(kwargs["transformer_options"].get("block_index"))
-        return func(*args, **kwargs) * 0.5
+        return func(*args, **kwargs) * 0.0
 
     other = model.clone()
     other.model_options.setdefault("transformer_options", {})["optimized_attention_override"] = foreign
@@ -76,7 +76,10 @@ def test_input_model_is_unchanged_and_another_packs_override_still_runs(comfy, i
     calls = len(seen)
     alone = forward(comfy, ffa(comfy, model, content, style, blocks="d0"), z_t[:1], cond)
     assert calls > 0 and len(seen) == calls, "the foreign override ran in the FFA run, and only there"
-    assert (with_foreign - alone).abs().max() > 1e-5, "the foreign override's change is in the result"
+    # Measured 1.4e-4 relative on the calm tiny SD3.5 (its scaled-down output layer damps every change),
+    # more on Flux; the same computation rounds differently by ~1e-7 in fp32.
+    change = (with_foreign - alone).abs().max() / alone.abs().max()
+    assert change > 2e-5, f"the foreign override's change is in the result ({change:.2e})"
     after = forward(comfy, model, z_t[:1], cond)
     assert torch.equal(before, after), f"{name}: the input MODEL samples differently after FFA runs"
     assert repr(sorted(model.model_options.get("transformer_options", {}))) == options_before
