@@ -163,23 +163,10 @@ def test_with_a_controlnet_the_face_rows_get_no_control_and_the_paths_agree(comf
                                                                             monkeypatch):
     """ControlNet residuals are the image rows'; the face rows get zeros, as a separate face call
     gets no control."""
-    from harness.sampling import encode
-    from tiny import tiny_controlnet
+    from harness.sampling import controlled_sampler
 
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
-    path = tiny_controlnet.write(base_directory / "models" / "controlnet")
-    (control,) = comfy.run_node("ControlNetLoader", control_net_name=path.name)
-    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
-    positive, negative = comfy.run_node("ControlNetApplyAdvanced", positive=encode(comfy, clip, "a portrait photo"),
-                                        negative=encode(comfy, clip, "blurry"), control_net=control, image=hint,
-                                        strength=1.0, start_percent=0.0, end_percent=1.0)
-    (latent,) = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)
-
-    def sample(patched):
-        (out,) = comfy.run_node("KSampler", model=patched, seed=7, steps=STEPS, cfg=5.0, sampler_name="euler",
-                                scheduler="normal", positive=positive, negative=negative, latent_image=latent,
-                                denoise=1.0)
-        return out["samples"]
+    sample = controlled_sampler(comfy, clip, base_directory / "models" / "controlnet", steps=STEPS)
 
     face_pass = face_pass_module(comfy)
     spy = UNetCalls(comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS).install(monkeypatch, model)

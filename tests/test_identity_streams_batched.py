@@ -10,7 +10,7 @@ import torch
 
 from harness import ipadapter_like
 from harness.face_spies import UNetCalls, face_latent, fuse, relative_difference
-from harness.sampling import encode, txt2img_latent
+from harness.sampling import txt2img_latent
 from tiny import tiny_faceid
 
 STEPS = 3
@@ -164,25 +164,13 @@ def test_beside_another_packs_attention_patch_the_paths_agree(comfy, family, mon
 
 def test_with_a_controlnet_every_stream_gets_the_control_and_the_paths_agree(comfy, tiny_checkpoints, base_directory,
                                                                             monkeypatch):
-    from tiny import tiny_controlnet
+    from harness.sampling import controlled_sampler
 
     model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
     path = tiny_faceid.write(base_directory / "models" / "ipadapter" / "batched_faceid_sd15.safetensors", "sd15")
     (adapter,) = comfy.run_node("LikenessIDAdapterLoader", adapter_name=path.name)
     settings = identity(comfy, model, adapter.to(dtype=torch.float32))
-    path = tiny_controlnet.write(base_directory / "models" / "controlnet")
-    (control,) = comfy.run_node("ControlNetLoader", control_net_name=path.name)
-    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
-    positive, negative = comfy.run_node("ControlNetApplyAdvanced", positive=encode(comfy, clip, "a portrait photo"),
-                                        negative=encode(comfy, clip, "blurry"), control_net=control, image=hint,
-                                        strength=1.0, start_percent=0.0, end_percent=1.0)
-    (latent,) = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)
-
-    def sample(patched):
-        (out,) = comfy.run_node("KSampler", model=patched, seed=7, steps=STEPS, cfg=5.0, sampler_name="euler",
-                                scheduler="normal", positive=positive, negative=negative, latent_image=latent,
-                                denoise=1.0)
-        return out["samples"]
+    sample = controlled_sampler(comfy, clip, base_directory / "models" / "controlnet", steps=STEPS)
 
     unet = model.model.diffusion_model
     forward, residuals = unet._forward, []

@@ -30,6 +30,27 @@ class GivenNoise:
         return self.noise.clone()
 
 
+def controlled_sampler(comfy, clip, controlnet_folder, *, steps: int):
+    """A KSampler run (64x64, seed 7, cfg 5) under prompts that carry the tiny ControlNet with a
+    fixed hint: ``sample(model)`` gives the sampled latent."""
+    from tiny import tiny_controlnet
+
+    path = tiny_controlnet.write(controlnet_folder)
+    (control,) = comfy.run_node("ControlNetLoader", control_net_name=path.name)
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(2))
+    positive, negative = comfy.run_node("ControlNetApplyAdvanced", positive=encode(comfy, clip, "a portrait photo"),
+                                        negative=encode(comfy, clip, "blurry"), control_net=control, image=hint,
+                                        strength=1.0, start_percent=0.0, end_percent=1.0)
+    (latent,) = comfy.run_node("EmptyLatentImage", width=64, height=64, batch_size=1)
+
+    def sample(model):
+        (out,) = comfy.run_node("KSampler", model=model, seed=7, steps=steps, cfg=5.0, sampler_name="euler",
+                                scheduler="normal", positive=positive, negative=negative, latent_image=latent,
+                                denoise=1.0)
+        return out["samples"]
+    return sample
+
+
 def first_model_call(comfy, model, positive, latent: dict, sigma: float, noise: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, x0) of the first model call a sampler makes at cfg 1 (CFGGuider, SamplerCustomAdvanced,
