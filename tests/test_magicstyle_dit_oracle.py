@@ -64,16 +64,34 @@ def softmax_attention(q, k, v, temperature=1.0):
     return (weights @ v).transpose(1, 2).flatten(2)
 
 
+def stored_fusion(comfy, model, key, sigma: float, latent_shape: list[int], content, style, *, alpha: float,
+                  beta: float, temperature: float):
+    """The FFA settings of one block with content Q/K/V and style K/V stored at ``sigma``, as an
+    inversion would have left them (no inversion run: the test chooses them)."""
+    bank_module = comfy.pack("attention.magicstyle.feature_bank")
+    joint_ffa = comfy.pack("attention.magicstyle.joint_ffa")
+    sigmas = comfy.pack("attention.shared.sigmas")
+    sampling = model.get_model_object("model_sampling")
+    timestep = bank_module.timestep_key(sampling.timestep(torch.tensor(sigma)))
+
+    def bank(q, k, v):
+        made = bank_module.FeatureBank([key], [timestep], [sigma, 0.0], latent_shape, "x", 1, "qkv", "fp16")
+        made.features = {(timestep, key): bank_module.StoredStates(joint_ffa.pack_qkv(q, k, v))}
+        return made
+
+    (q_c, k_c, v_c), (k_s, v_s) = content, style
+    return comfy.pack("attention.magicstyle.ffa").FeatureFusion(
+        bank(q_c, k_c, v_c), bank(q_c * 0, k_s, v_s), style_index=0, alpha=alpha, beta=beta, temperature=temperature,
+        layers=[key], sigma_range=sigmas.SigmaRange.always(), model_sampling=sampling)
+
+
 @pytest.mark.parametrize("keep_text_share", [True, False])
 def test_one_flux_double_block_with_ffa_is_the_hand_computation(comfy, keep_text_share):
     """Flux double block 0 run by ComfyUI with FFA in its joint attention (through the router) against
     the block written out here from its weights: modulation, QK-norm, RoPE, text tokens, AdaIN,
     α = 0.7, β = 0.45, temperature 1.2, style ≠ content."""
     joint = comfy.pack("attention.shared.joint_attention")
-    bank_module = comfy.pack("attention.magicstyle.feature_bank")
-    ffa_module = comfy.pack("attention.magicstyle.ffa")
     joint_ffa = comfy.pack("attention.magicstyle.joint_ffa")
-    sigmas = comfy.pack("attention.shared.sigmas")
     model = tiny_dit.tiny_flux()
     net, heads = model.get_model_object("diffusion_model"), tiny_dit.TINY_FLUX["num_heads"]
     block = net.double_blocks[0]
@@ -118,19 +136,9 @@ def test_one_flux_double_block_with_ffa_is_the_hand_computation(comfy, keep_text
 
     expected_img, expected_txt = finish(img, attn_img, img_mod, "img"), finish(txt, attn_txt, txt_mod, "txt")
 
-    sampling = model.get_model_object("model_sampling")
-    sigma = 0.6
-    timestep = bank_module.timestep_key(sampling.timestep(torch.tensor(sigma)))
-    key = ("double", 0, 0)
-
-    def bank(q, k, v):
-        made = bank_module.FeatureBank([key], [timestep], [sigma, 0.0], [1, 16, 6, 10], "x", 1, "qkv", "fp16")
-        made.features = {(timestep, key): bank_module.StoredStates(joint_ffa.pack_qkv(q, k, v))}
-        return made
-
-    fusion = ffa_module.FeatureFusion(bank(q_c, k_c, v_c), bank(q_c * 0, k_s, v_s), style_index=0, alpha=alpha,
-                                      beta=beta, temperature=temperature, layers=[key],
-                                      sigma_range=sigmas.SigmaRange.always(), model_sampling=sampling)
+    sigma, key = 0.6, ("double", 0, 0)
+    fusion = stored_fusion(comfy, model, key, sigma, [1, 16, 6, 10], (q_c, k_c, v_c), (k_s, v_s), alpha=alpha,
+                           beta=beta, temperature=temperature)
     router = joint.JointAttentionRouter()
     router.add(joint_ffa.JointFFAProcessor(fusion, keep_text_share))
     spy = AttentionSpy(router)
@@ -152,10 +160,7 @@ def test_one_flux_single_block_with_ffa_is_the_hand_computation(comfy):
     """Flux single block 1 (text and image in one stream, parallel MLP) with FFA through the router, against
     the block written out from its weights; α 0.6, β 0.3, style ≠ content."""
     joint = comfy.pack("attention.shared.joint_attention")
-    bank_module = comfy.pack("attention.magicstyle.feature_bank")
-    ffa_module = comfy.pack("attention.magicstyle.ffa")
     joint_ffa = comfy.pack("attention.magicstyle.joint_ffa")
-    sigmas = comfy.pack("attention.shared.sigmas")
     model = tiny_dit.tiny_flux()
     net, heads = model.get_model_object("diffusion_model"), tiny_dit.TINY_FLUX["num_heads"]
     block = net.single_blocks[1]
@@ -191,18 +196,9 @@ def test_one_flux_single_block_with_ffa_is_the_hand_computation(comfy):
     expected = x + gate * F.linear(torch.cat([attn, F.gelu(mlp, approximate="tanh")], -1), block.linear2.weight,
                                    block.linear2.bias)
 
-    sampling = model.get_model_object("model_sampling")
     sigma, key = 0.4, ("single", 1, 0)
-    timestep = bank_module.timestep_key(sampling.timestep(torch.tensor(sigma)))
-
-    def bank(q_, k_, v_):
-        made = bank_module.FeatureBank([key], [timestep], [sigma, 0.0], [1, 16, 6, 6], "x", 1, "qkv", "fp16")
-        made.features = {(timestep, key): bank_module.StoredStates(joint_ffa.pack_qkv(q_, k_, v_))}
-        return made
-
-    fusion = ffa_module.FeatureFusion(bank(q_c, k_c, v_c), bank(q_c * 0, k_s, v_s), style_index=0, alpha=alpha,
-                                      beta=beta, temperature=1.0, layers=[key], sigma_range=sigmas.SigmaRange.always(),
-                                      model_sampling=sampling)
+    fusion = stored_fusion(comfy, model, key, sigma, [1, 16, 6, 6], (q_c, k_c, v_c), (k_s, v_s), alpha=alpha,
+                           beta=beta, temperature=1.0)
     router = joint.JointAttentionRouter()
     router.add(joint_ffa.JointFFAProcessor(fusion))
     spy = AttentionSpy(router)
@@ -218,10 +214,7 @@ def test_one_sd35_joint_block_with_ffa_is_the_hand_computation(comfy):
     """SD3.5 joint block 0 (MMDiT: adaLN modulation, QK RMS-norm, no RoPE) with FFA through the router and the
     block marker's key, against the block written out from its weights; α 0.7, β 0.45, temperature 0.8."""
     joint = comfy.pack("attention.shared.joint_attention")
-    bank_module = comfy.pack("attention.magicstyle.feature_bank")
-    ffa_module = comfy.pack("attention.magicstyle.ffa")
     joint_ffa = comfy.pack("attention.magicstyle.joint_ffa")
-    sigmas = comfy.pack("attention.shared.sigmas")
     model = tiny_dit.tiny_sd3()
     block = model.get_model_object("diffusion_model").joint_blocks[0]
     heads, width = block.x_block.attn.num_heads, 128
@@ -258,18 +251,9 @@ def test_one_sd35_joint_block_with_ffa_is_the_hand_computation(comfy):
     attn_t = softmax_attention(q_t, torch.cat([k_t, k_i], 2), torch.cat([v_t, v_i], 2))
     expected_x, expected_t = finish(block.x_block, x, attn_x, mods_i), finish(block.context_block, context, attn_t, mods_t)
 
-    sampling = model.get_model_object("model_sampling")
     sigma, key = 0.7, ("double", 0, 0)
-    timestep = bank_module.timestep_key(sampling.timestep(torch.tensor(sigma)))
-
-    def bank(q_, k_, v_):
-        made = bank_module.FeatureBank([key], [timestep], [sigma, 0.0], [1, 16, 4, 6], "x", 1, "qkv", "fp16")
-        made.features = {(timestep, key): bank_module.StoredStates(joint_ffa.pack_qkv(q_, k_, v_))}
-        return made
-
-    fusion = ffa_module.FeatureFusion(bank(q_c, k_c, v_c), bank(q_c * 0, k_s, v_s), style_index=0, alpha=alpha,
-                                      beta=beta, temperature=temperature, layers=[key],
-                                      sigma_range=sigmas.SigmaRange.always(), model_sampling=sampling)
+    fusion = stored_fusion(comfy, model, key, sigma, [1, 16, 4, 6], (q_c, k_c, v_c), (k_s, v_s), alpha=alpha,
+                           beta=beta, temperature=temperature)
     router = joint.JointAttentionRouter()
     router.add(joint_ffa.JointFFAProcessor(fusion))
     spy = AttentionSpy(router)
