@@ -9,7 +9,8 @@ from .paths import PACK_NAME, REPO, TESTS
 
 MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "loras", "likeness", "insightface", "controlnet")
 
-# Loads the tiny model configs into the server process; never shipped.
+# Loads the tiny model configs into the server process, and the soak test's count of live
+# tensors (harness/live_tensors.py); never shipped.
 TINY_MODELS_NODE = f'''\
 import importlib.util, sys
 spec = importlib.util.spec_from_file_location("likeness_tiny_models", {str(TESTS / "tiny" / "tiny_models.py")!r})
@@ -17,6 +18,10 @@ module = importlib.util.module_from_spec(spec)
 sys.modules["likeness_tiny_models"] = module
 spec.loader.exec_module(module)
 module.register()
+spec = importlib.util.spec_from_file_location("likeness_live_tensors", {str(TESTS / "harness" / "live_tensors.py")!r})
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+probe.register_route()
 NODE_CLASS_MAPPINGS = {{}}
 '''
 

@@ -58,26 +58,41 @@ BAD_PROMPTS = [
 
 
 @dataclass
+class Reading:
+    """The server after a pass over every workflow: resident bytes, and the tensors Python holds."""
+    rss: int
+    tensors: int
+    tensor_bytes: int
+
+    @classmethod
+    def of(cls, server) -> "Reading":
+        live = server.get("/likeness_test/live_tensors")
+        return cls(resident_bytes(server.process.pid), live["tensors"], live["bytes"])
+
+
+@dataclass
 class SoakFigures:
     prompts: int = 0
     succeeded: int = 0
     failed_as_expected: int = 0
     interrupted: int = 0
     unexpected: list = field(default_factory=list)
-    rss_after_warm_up: int = 0
-    rss_at_middle: int = 0
-    rss_at_end: int = 0
+    readings: list[Reading] = field(default_factory=list)  # after warm-up, after each half
 
-    @property
-    def growth(self) -> float:
-        return self.rss_at_end / self.rss_after_warm_up - 1.0
+    def rss_growth(self, half: int) -> float:
+        """Resident growth over one half of the mixed run (0 or 1), relative to the warm server."""
+        return (self.readings[half + 1].rss - self.readings[half].rss) / self.readings[0].rss
 
+    def tensor_growth(self, half: int) -> tuple[int, int]:
+        before, after = self.readings[half], self.readings[half + 1]
+        return after.tensors - before.tensors, after.tensor_bytes - before.tensor_bytes
 
     def as_dict(self) -> dict:
         return {"prompts": self.prompts, "succeeded": self.succeeded, "failed_as_expected": self.failed_as_expected,
                 "interrupted": self.interrupted, "unexpected": self.unexpected,
-                "rss_after_warm_up_bytes": self.rss_after_warm_up, "rss_at_middle_bytes": self.rss_at_middle,
-                "rss_at_end_bytes": self.rss_at_end, "rss_growth": round(self.growth, 4)}
+                "readings": [vars(reading) for reading in self.readings],
+                "rss_growth_per_half": [round(self.rss_growth(half), 4) for half in (0, 1)],
+                "tensor_growth_per_half": [self.tensor_growth(half) for half in (0, 1)]}
 
 
 def interrupt_soon(server, delay: float) -> threading.Thread:
@@ -91,8 +106,9 @@ def interrupt_soon(server, delay: float) -> threading.Thread:
 
 
 def soak(server, prompts: int = 300, seed: int = 0, first: dict | None = None) -> SoakFigures:
-    """Warm up with every workflow once, then ``prompts`` prompts: mostly workflows (with ``first``
-    parts queued before their workflow), one in twelve a bad prompt, one in fifteen interrupted."""
+    """Warm up with every workflow once, then ``prompts`` prompts in two halves, each followed by
+    the same pass over every workflow and a reading: mostly workflows (with ``first`` parts queued
+    before their workflow), one in twelve a bad prompt, one in fifteen interrupted."""
     rng = random.Random(seed)
     names = shipped_workflows()
     figures = SoakFigures()
@@ -115,29 +131,29 @@ def soak(server, prompts: int = 300, seed: int = 0, first: dict | None = None) -
         else:
             figures.unexpected.append(f"{name}: {result.error}")
 
-    # RSS is read after a pass over every workflow in one order, before and after the mixed run, so
-    # that ComfyUI's cache holds the same models at both readings (which models it holds swings RSS
-    # by hundreds of MB); two passes first, so that what fills once (allocator, caches) has filled.
-    for name in names + names:
-        run_workflow(name)
-    figures.rss_after_warm_up = resident_bytes(server.process.pid)
-    for index in range(prompts):
-        if index == prompts // 2:
-            figures.rss_at_middle = resident_bytes(server.process.pid)
-        if index % 12 == 5:
-            bad = BAD_PROMPTS[index % len(BAD_PROMPTS)]
-            figures.prompts += 1
-            try:
-                result = server.run_prompt(bad)
-                failed = not result.ok
-            except PromptRejected:
-                failed = True
-            figures.failed_as_expected += failed
-            if not failed:
-                figures.unexpected.append("a bad prompt ran")
-            continue
-        run_workflow(rng.choice(names), interrupt=index % 15 == 7)
+    # Each reading follows the same pass over every workflow, so that ComfyUI's cache holds the same
+    # models at each (which models it holds swings RSS by hundreds of MB). A leak grows both halves
+    # alike; what settles (the allocator meeting interrupts and failures for the first time) grows
+    # the first.
     for name in names:
         run_workflow(name)
-    figures.rss_at_end = resident_bytes(server.process.pid)
+    figures.readings.append(Reading.of(server))
+    for half in range(2):
+        for index in range(half * prompts // 2, (half + 1) * prompts // 2):
+            if index % 12 == 5:
+                bad = BAD_PROMPTS[index % len(BAD_PROMPTS)]
+                figures.prompts += 1
+                try:
+                    result = server.run_prompt(bad)
+                    failed = not result.ok
+                except PromptRejected:
+                    failed = True
+                figures.failed_as_expected += failed
+                if not failed:
+                    figures.unexpected.append("a bad prompt ran")
+                continue
+            run_workflow(rng.choice(names), interrupt=index % 15 == 7)
+        for name in names:
+            run_workflow(name)
+        figures.readings.append(Reading.of(server))
     return figures
