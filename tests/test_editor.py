@@ -91,27 +91,6 @@ def model_files_hidden(shipped_model_files):
             away.rename(path)
 
 
-def test_missing_models_dialog_lists_exactly_each_workflows_files(editor, base_directory, shipped_model_files):
-    """Without the model files the editor names every file a shipped workflow needs that it can
-    download, with its folder, and shows no red error row; with the tests' tiny files under those
-    names it names none."""
-    from harness.workflows import WORKFLOWS, shipped_workflows
-
-    with model_files_hidden(shipped_model_files):
-        editor.reload()
-        for name in shipped_workflows():
-            workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
-            expected = shipped_model_links(workflow)
-            assert expected, f"{name} loads models but carries no links"
-            report = editor.load(workflow, f"missing_models_{name}")
-            assert report.missing_models == expected, name
-            assert report.missing_model_errors == [], (name, report.missing_model_errors)
-    editor.reload()
-    for name in shipped_workflows():
-        report = editor.load(WORKFLOWS / f"{name}.json", f"models_present_{name}")
-        assert report.missing_models == [], name
-
-
 def thumbnail_cells(path) -> np.ndarray:
     """The mean colour of each cell of an 8x8 grid over the picture, as the editor test's page computes it."""
     from PIL import Image
@@ -147,16 +126,25 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, se
         assert card["loaded_width"] > 100, f"{name}: its thumbnail did not load"
 
 
-def test_one_run_without_model_files_lists_every_missing_file(editor, shipped_model_files):
-    """Run on a host without the files: the editor's error dialog names every model file of the
-    workflow at once (ComfyUI's loaders and Likeness' own pickers, the insightface pack included),
-    and the nodes that need them are the ones marked."""
-    from harness.workflows import WORKFLOWS, load_api, shipped_workflows
+def test_without_model_files_the_dialog_and_one_run_name_every_file(editor, base_directory, shipped_model_files):
+    """Without the model files the editor names every file a shipped workflow needs that it can
+    download, with its folder, and shows no red error row; one Run then names every model file of
+    the workflow at once in the error dialog (ComfyUI's loaders and Likeness' own pickers, the
+    insightface pack included), and the nodes that need them are the ones marked. With the tests'
+    tiny files under those names the editor names none, and each workflow opens with its note and
+    the titled groups of its stages. (One loop over the workflows: each load costs seconds.)"""
+    from harness.workflows import WORKFLOWS, load_api, load_ui, shipped_workflows
     from test_missing_files import checked_at_validation, needed_files
 
     with model_files_hidden(shipped_model_files):
+        editor.reload()
         for name in shipped_workflows():
-            editor.load(WORKFLOWS / f"{name}.json", f"run_without_models_{name}")
+            workflow = json.loads((WORKFLOWS / f"{name}.json").read_text())
+            expected = shipped_model_links(workflow)
+            assert expected, f"{name} loads models but carries no links"
+            report = editor.load(workflow, f"missing_models_{name}")
+            assert report.missing_models == expected, name
+            assert report.missing_model_errors == [], (name, report.missing_model_errors)
             answer = editor.run(f"run_without_models_{name}_errors")
             needed = checked_at_validation(load_api(name), needed_files(load_api(name)))
             assert answer["refusal_logged"], name
@@ -164,14 +152,10 @@ def test_one_run_without_model_files_lists_every_missing_file(editor, shipped_mo
             for files in needed.values():
                 for _, file in files:
                     assert file in answer["dialog"], (name, file, answer["dialog"][:2000])
-
-
-def test_every_workflow_opens_with_its_note_and_groups(editor):
-    """In the editor: the note left of the graph, and the titled groups of the workflow's stages."""
-    from harness.workflows import WORKFLOWS, load_ui, shipped_workflows
-
+    editor.reload()
     for name in shipped_workflows():
-        editor.load(WORKFLOWS / f"{name}.json", f"explained_{name}")
+        report = editor.load(WORKFLOWS / f"{name}.json", f"models_present_{name}")
+        assert report.missing_models == [], name
         shown = editor.page.evaluate("""() => ({
           groups: app.graph.groups.map(g => g.title),
           notes: app.graph._nodes.filter(n => n.type === "MarkdownNote").map(n => n.widgets[0].value),
