@@ -108,7 +108,7 @@ def test_a_four_value_sweep_runs_once_per_value_and_the_grid_shows_and_plots_the
     points = [(value, score, xy, name) for name, numbers in report["metrics"].items()
               for value, score, xy in zip(report["values"], numbers, report["plot_points"][name])]
     assert len(points) == 12
-    (v0, s0, (x0, y0), _), (v1, s1, (x1, y1), _) = min(points, key=lambda p: p[1]), max(points, key=lambda p: p[1])
+    (v0, s0, (x0, y0), _), (_, s1, (x1, y1), _) = min(points, key=lambda p: p[1]), max(points, key=lambda p: p[1])
     x_scale = (report["plot_points"]["FaceSim"][-1][0] - report["plot_points"]["FaceSim"][0][0]) / (CFGS[-1] - CFGS[0])
     y_scale = (y1 - y0) / (s1 - s0)
     assert x_scale > 0 and y_scale < 0  # values grow rightwards, scores upwards
