@@ -26,5 +26,7 @@ def test_a_long_mixed_run_keeps_serving_and_does_not_grow(server, base_directory
         tensors, tensor_bytes = figures.tensor_growth(half)
         assert tensors <= 0 and tensor_bytes <= 0, figures.as_dict()
     # Resident memory over the second half, after the allocator has met interrupts and failures
-    # in the first: a leak of 0.3 MB a prompt grows a ~1.4 GB server by 2% over a half.
-    assert figures.rss_growth(1) < 0.02, figures.as_dict()
+    # in the first; it swings by tens of MB with no tensor kept (measured +0.4% and -1.5% over the
+    # second half, +1.6% and +2.3% over the first): a leak of 0.4 MB a prompt grows a ~1.4 GB
+    # server by 3% over a half.
+    assert figures.rss_growth(1) < 0.03, figures.as_dict()
