@@ -10,6 +10,7 @@ import torch
 
 from harness import ipadapter_like
 from harness.face_spies import UNetCalls, face_latent, fuse
+from harness.other_wrappers import with_a_per_row_input
 from harness.sampling import txt2img_latent
 
 STEPS = 3
@@ -178,3 +179,19 @@ def test_with_a_controlnet_the_face_rows_get_no_control_and_the_paths_agree(comf
     assert relative(batched, sample(model)) > 1e-2
     unpatched_uncontrolled = txt2img_latent(comfy, model, clip, steps=STEPS)
     assert relative(sample(model), unpatched_uncontrolled) > 1e-2, "the ControlNet must act"
+
+
+def test_a_call_with_per_row_inputs_takes_a_separate_face_call_and_the_picture_is_the_same(
+        comfy, tiny_checkpoints, monkeypatch, caplog):
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints["sd15"])
+    spy = UNetCalls(comfy.pack("attention.face_fusion.face_kv_attention").FACE_PASS).install(monkeypatch, model)
+    batched = txt2img_latent(comfy, fuse(comfy, model, face_latent(), weight=0.5), clip, steps=STEPS)
+    assert spy.unet_calls == STEPS
+    spy.unet_calls = 0
+    with caplog.at_level(logging.INFO, logger="likeness"):
+        separate = txt2img_latent(comfy, fuse(comfy, with_a_per_row_input(model), face_latent(), weight=0.5), clip,
+                                  steps=STEPS)
+    assert spy.unet_calls == 2 * STEPS
+    assert any("a separate face call each step (the model call has per-row inputs of its own)" in r.getMessage()
+               for r in caplog.records)
+    assert relative(batched, separate) < 1e-5

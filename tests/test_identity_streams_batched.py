@@ -10,6 +10,7 @@ import torch
 
 from harness import ipadapter_like
 from harness.face_spies import UNetCalls, face_latent, fuse, relative_difference
+from harness.other_wrappers import with_a_per_row_input
 from harness.sampling import txt2img_latent
 from tiny import tiny_faceid
 
@@ -246,3 +247,20 @@ def test_where_even_one_chunk_with_its_identity_rows_would_not_fit_each_stream_k
     assert spy.unet_calls == 4 * STEPS and all(c["x"].shape[0] == 1 for c in spy.calls)
     said = [r.getMessage() for r in caplog.records if "Infinite-ID" in r.getMessage()]
     assert said == ["Likeness Infinite-ID: a model call per stream (the larger batch would not fit in free memory)"]
+
+
+def test_a_call_with_per_row_inputs_keeps_a_call_per_stream_and_the_picture_is_the_same(comfy, family, monkeypatch,
+                                                                                        caplog):
+    _, model, clip, adapter = family
+    settings = identity(comfy, model, adapter, weight=0.5)
+    spy = UNetCalls("likeness_face_pass").install(monkeypatch, model)
+    batched = txt2img_latent(comfy, with_identities(comfy, model, settings), clip, steps=STEPS)
+    assert spy.unet_calls == STEPS
+    spy.unet_calls = 0
+    with caplog.at_level(logging.INFO, logger="likeness"):
+        separate = txt2img_latent(comfy, with_identities(comfy, with_a_per_row_input(model), settings), clip,
+                                  steps=STEPS)
+    assert spy.unet_calls == 2 * STEPS  # the text stream's call and the identity stream's, each step
+    assert any("a model call per stream (the model call has per-row inputs of its own)" in r.getMessage()
+               for r in caplog.records)
+    assert relative_difference(separate, batched) < 1e-5
