@@ -64,7 +64,7 @@ def test_a_masked_face_keeps_the_image_prompt_exactly_as_unmasked_weight_one_wou
     q, k, v = (torch.randn(2, 16, 32, generator=generator) for _ in range(3))
     mask = torch.zeros(2, 16, 16)
     mask[:, :8, 12:] = float("-inf")
-    options = {"n_heads": 4, "sigmas": torch.tensor([1.0])}
+    options = {"n_heads": 4, "sigmas": torch.tensor([1.0]), "cond_or_uncond": [0, 1]}
     container = ipadapter_like.CallbackContainer(ipadapter_like.image_prompt, seed=1, weight=0.7,
                                                  sigma_start=10.0, sigma_end=0.0)
     dispatcher = dispatch.AttentionDispatcher("attn2", ("input", 1, 0), previous=container)

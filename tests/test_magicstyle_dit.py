@@ -137,6 +137,38 @@ def test_recompute_equals_cache_on_the_unet(comfy, tiny_checkpoints, kind, cfg):
     assert effect > 1e-3 and gap < effect / 100, (gap, effect)
 
 
+@pytest.mark.parametrize("kind, images", [("sd15", 1), ("sdxl", 1), ("sd15", 2)])
+def test_recompute_beside_another_packs_image_prompt_equals_the_cache(comfy, tiny_checkpoints, kind, images):
+    """An IPAdapter-style patch that gives cond and uncond chunks their own image embeds, on the
+    model that inverts and samples (cfg 5): the extra rows are whole positive chunks, so the patch
+    still finds the image's cond and uncond rows, and the content and style rows get what the
+    inversion's forward got. Two images: two content rows and the style row, padded to two chunks
+    of two."""
+    from harness import ipadapter_like
+    from harness.calm import calm
+    from harness.sampling import encode
+    from test_magicstyle import CALM, ksampler_advanced
+
+    model, clip, _ = comfy.load_checkpoint(tiny_checkpoints[kind])
+    layers = comfy.pack("attention.shared.layer_table")
+    keys = layers.attention_keys(layers.diffusion_model_of(model))
+    model = ipadapter_like.apply(calm(model, CALM), keys, two_part=kind == "sd15", weight=0.7)
+    empty, negative = encode(comfy, clip, ""), encode(comfy, clip, "blurry")
+    start = torch.randn(images + 1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    run = lambda **kw: comfy.run_node("LikenessInvert", model=model, conditioning=empty,  # noqa: E731
+                                      latent={"samples": start}, steps=10, capture="qkv", layers="all",
+                                      cache_on="auto", precision="fp16", **kw)
+    (_, cached), (z_kept, kept) = run(), run(mode="recompute")
+    z_t = {"samples": z_kept["samples"][:images]}
+    plain = ksampler_advanced(comfy, model, z_t, empty, cfg=5.0, negative=negative)
+    results = [ksampler_advanced(comfy, ffa(comfy, model, bank.select(0, images), bank.select(images, 1), alpha=0.7,
+                                            beta=0.45, temperature=1.2), z_t, empty, cfg=5.0, negative=negative)
+               for bank in (cached, kept)]
+    gap, effect = (results[0] - results[1]).abs().max().item(), (results[0] - plain).abs().max().item()
+    print(f"{kind}, {images} image(s) beside an image prompt: recompute vs cache {gap:.2e}, FFA effect {effect:.2e}")
+    assert effect > 1e-3 and gap < effect / 100, (gap, effect)
+
+
 @pytest.mark.parametrize("precision", ["fp16", "fp8"])
 def test_dit_cache_formula_is_what_an_inversion_keeps(comfy, precision):
     """joint_cache_bytes (the README's Memory rows for Flux) against the bytes a real inversion of the tiny

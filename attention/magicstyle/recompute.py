@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..shared.rows import COND
 from .feature_bank import TimestepOf, timestep_key
 from .ffa import ORDER, PASSES
 
-RECOMPUTE_ROWS = "likeness_ffa_recompute_rows"  # transformer_options key: ExtraRows of this call
+RECOMPUTE_ROWS = "likeness_ffa_recompute_rows"  # transformer_options key: RecomputeRows of this call
 
 
 @dataclass
@@ -70,11 +71,19 @@ class TrajectoryRecorder:
 
 
 @dataclass(frozen=True)
-class ExtraRows:
-    """Rows appended to a call: ``image`` rows first (the sampler's), then ``content``, then one style."""
+class RecomputeRows:
+    """The rows of a recompute call: the sampler's ``image`` rows first, then ``content`` rows, then
+    the style row (repeated where whole cond/uncond chunks need more rows). ``chunks`` is the image
+    rows' own cond_or_uncond (the call's lists the extra rows too)."""
 
     image: int
     content: int
+    chunks: tuple[int, ...]
+
+    @property
+    def style(self) -> int:
+        """The style row's index."""
+        return self.image + self.content
 
 
 def rows_wrapper(content: Trajectory, style: Trajectory, style_index: int, sigma_range, model_sampling):
@@ -91,7 +100,18 @@ def rows_wrapper(content: Trajectory, style: Trajectory, style_index: int, sigma
                              "residuals (made for the image rows) do not fit: use the cache mode with a ControlNet")
         if timestep not in style.latents:
             raise KeyError(f"the style was inverted without the timestep {timestep}: invert both with the same steps")
-        rows = torch.cat([content.latents[timestep], style.latents[timestep][style_index:style_index + 1]])
+        style_row = style.latents[timestep][style_index:style_index + 1]
+        rows = torch.cat([content.latents[timestep], style_row])
+        content_rows = rows.shape[0] - 1
+        chunks = list(transformer_options.get("cond_or_uncond") or [COND])
+        options = dict(transformer_options)
+        if x.shape[0] % len(chunks) == 0:
+            # The extra rows as whole chunks of positive rows (the inversion ran them as prompts), so
+            # that other packs that split the batch by chunk (IPAdapter's cond and uncond image
+            # embeds) still find the image's rows where they are.
+            per_chunk = x.shape[0] // len(chunks)
+            rows = torch.cat([rows, style_row.expand((-rows.shape[0]) % per_chunk, *style_row.shape[1:])])
+            options["cond_or_uncond"] = chunks + [COND] * (rows.shape[0] // per_chunk)
         extra = rows.shape[0]
         if content.context.shape[1:] != c_crossattn.shape[1:]:
             raise ValueError(f"recompute runs the content and style with their inversion's prompt beside the image: "
@@ -105,7 +125,7 @@ def rows_wrapper(content: Trajectory, style: Trajectory, style_index: int, sigma
                     return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
                 value = torch.cat([value, grow(content.extras[name], value)])
             batched[name] = value
-        options = {**transformer_options, RECOMPUTE_ROWS: ExtraRows(x.shape[0], extra - 1)}
+        options[RECOMPUTE_ROWS] = RecomputeRows(x.shape[0], content_rows, tuple(chunks))
         out = executor(torch.cat([x, rows.to(x.device, x.dtype)]), torch.cat([t, t[:1].expand(extra)]),
                        None if c_concat is None else torch.cat([c_concat, c_concat[:1].expand(extra, -1, -1, -1)]),
                        torch.cat([c_crossattn, grow(content.context, c_crossattn)]), control, options, **batched)
@@ -136,9 +156,9 @@ class JointRecomputeFFA:
 
         image, n = call.tokens.image_slice(), rows.image
         content = [t[n:n + rows.content, :, image] for t in (q, k, v)]
-        style = [t[n + rows.content:, :, image] for t in (k, v)]
+        style = [t[rows.style:rows.style + 1, :, image] for t in (k, v)]
         if rows.content > 1:
-            index = sample_index(call.options["cond_or_uncond"], n)
+            index = sample_index(list(rows.chunks), n)
             content = [t[index] for t in content]
         fused = joint_ffa(q[:n], k[:n], v[:n], call.tokens.text, tuple(content), tuple(style), alpha=self.alpha,
                           beta=self.beta, temperature=self.temperature, attend=attend,

@@ -40,9 +40,9 @@ class RecomputeInputs:
         if rows is None or layer_key(extra_options) not in self.layers or not acts_in(self, extra_options):
             return n, context, value
         image = rows.image
-        h_c, h_s, extra = n[image:image + rows.content], n[image + rows.content:], n[image:]
+        h_c, h_s, extra = n[image:rows.style], n[rows.style:rows.style + 1], n[image:]
         if rows.content > 1:
-            h_c = h_c[sample_index(extra_options["cond_or_uncond"], image)]
+            h_c = h_c[sample_index(list(rows.chunks), image)]
         h_c, h_s = h_c.expand(image, -1, -1), h_s.expand(image, -1, -1)
         mixed = torch.cat([self.alpha * h_c + self.beta * n[:image], extra])
         kv = torch.cat([torch.cat([h_c, h_s], dim=1), torch.cat([extra, extra], dim=1)])

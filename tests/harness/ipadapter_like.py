@@ -1,7 +1,8 @@
 """Patches of ComfyUI_IPAdapter_plus' shapes, written here for the tests (the real pack is not a
 registry package): its callback container on the attention replace keys, its way of placing it
 (2-part keys on SD1.5, 3-part on SDXL; ``.add(callback, **kwargs)`` on an object it finds on a key,
-without copying it), and an image-prompt callback that adds weight·Attn(q, K_ip, V_ip)."""
+without copying it), and an image-prompt callback that adds weight·Attn(q, K_ip, V_ip), with the
+uncond chunks' own K/V."""
 
 from __future__ import annotations
 
@@ -34,11 +35,17 @@ class CallbackContainer:
 
 
 def image_prompt(out, q, k, v, extra_options, seed=0, weight=1.0, tokens=4, **_):
-    """What an image prompt adds: weight·Attn(q, K_ip, V_ip), K/V of fixed random image tokens."""
+    """What an image prompt adds: weight·Attn(q, K_ip, V_ip), K/V of fixed random image tokens, and
+    other ones (the "no image" embeds) on the uncond rows, found as IPAdapter_plus finds them: the
+    batch split into equal chunks by ``cond_or_uncond``."""
     generator = torch.Generator().manual_seed(seed)
-    ip_k, ip_v = (torch.randn(1, tokens, q.shape[-1], generator=generator).to(q) * 2 for _ in range(2))
-    rows = q.shape[0]
-    return weight * _attention(q, ip_k.expand(rows, -1, -1), ip_v.expand(rows, -1, -1), extra_options["n_heads"])
+    cond_k, cond_v, uncond_k, uncond_v = (torch.randn(1, tokens, q.shape[-1], generator=generator).to(q) * 2
+                                          for _ in range(4))
+    chunks = extra_options["cond_or_uncond"]
+    per_chunk = q.shape[0] // len(chunks)
+    ip_k = torch.cat([(uncond_k if chunk == 1 else cond_k).expand(per_chunk, -1, -1) for chunk in chunks])
+    ip_v = torch.cat([(uncond_v if chunk == 1 else cond_v).expand(per_chunk, -1, -1) for chunk in chunks])
+    return weight * _attention(q, ip_k, ip_v, extra_options["n_heads"])
 
 
 def apply(model, keys, *, two_part: bool, weight: float = 1.0):
