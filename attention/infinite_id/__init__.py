@@ -9,7 +9,8 @@ the text stream.
     identity_tokens.py      what the identity stream reads: c_id of one or several references (stacked
                             or averaged), the "no face" tokens of the uncond rows
     id_adapter.py           the identity stream's weights in the IP-Adapter FaceID-PlusV2 file layout:
-                            face mapper, Perceiver resampler, image K/V per layer; read and written
+                            image projection, image K/V per layer, LoRA; read and written
+    faceid_projection.py    the image projection: face mapper, Perceiver resampler, V2's shortcut
     faceid_lora.py          FaceID's LoRA on the identity stream's rows, from the adapter file or a
                             separate LoRA file
     id_adapter_training.py  identity-enhanced training (Sec. 3.2, Eq. 3), text cross-attention off
