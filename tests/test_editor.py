@@ -109,7 +109,9 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, se
 
     templates = server.get("/workflow_templates")
     assert sorted(templates.get("likeness", [])) == shipped_workflows()
-    shown = editor.template_cards("likeness", shipped_workflows())
+    pictures = {name: thumbnail_cells(WORKFLOWS / f"{name}.jpg") for name in shipped_workflows()}
+    shown = editor.template_cards("likeness", shipped_workflows(),
+                                  {name: cells.tolist() for name, cells in pictures.items()})
     assert sorted(shown) == shipped_workflows()
     for name, card in shown.items():
         # the card's title and description as this editor makes them for a custom node's template:
@@ -117,7 +119,6 @@ def test_the_template_browser_lists_every_workflow_with_its_thumbnail(editor, se
         # docs/workflows.md). A newer editor that reads metadata fails this: then ship it.
         lines = [line.strip() for line in card["text"].splitlines() if line.strip()]
         assert name in lines and name.replace("_", " ") in lines, (name, lines)
-    pictures = {name: thumbnail_cells(WORKFLOWS / f"{name}.jpg") for name in shipped_workflows()}
     for name, card in shown.items():
         # the card shows the pack's picture: workflows/<name>.jpg, and no other thumbnail is as near
         drawn = np.asarray(card["cells"])

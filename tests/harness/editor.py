@@ -110,26 +110,9 @@ def console_error(message) -> ConsoleError:
 
 # The template browser's cards, found by their titles: each card's thumbnail and its loaded width.
 TEMPLATE_CARDS = """
-async (names) => {
-  const cards = {};
-  for (const name of names) {
-    const find = () => {
-      const title = [...document.querySelectorAll('.p-dialog *')]
-        .find(e => e.children.length === 0 && e.innerText && e.innerText.trim() === name);
-      let card = title;
-      while (card && !card.querySelector('img')) card = card.parentElement;
-      return card;
-    };
-    let card = find();
-    if (!card) continue;
-    // the grid is virtual: a card scrolled into view may first show a recycled picture
-    card.scrollIntoView();
-    await new Promise(r => setTimeout(r, 300));
-    card = find();
-    if (!card) continue;
-    const img = card.querySelector('img');
-    for (let i = 0; i < 50 && !(img.complete && img.naturalWidth); i++) await new Promise(r => setTimeout(r, 100));
-    // what the card drew, as the mean colour of each cell of an 8x8 grid (robust to JPEG decoders)
+async ([names, expected]) => {
+  // what a card drew, as the mean colour of each cell of an 8x8 grid (robust to JPEG decoders)
+  const cellsOf = img => {
     const canvas = document.createElement('canvas');
     canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;
     const context = canvas.getContext('2d');
@@ -144,6 +127,33 @@ async (names) => {
         for (let c = 0; c < 3; c++) sum[c] += data[4 * (y * canvas.width + x) + c];
       cells.push(...sum.map(v => v / ((x1 - x0) * (y1 - y0))));
     }
+    return cells;
+  };
+  const cards = {};
+  for (const name of names) {
+    const find = () => {
+      const title = [...document.querySelectorAll('.p-dialog *')]
+        .find(e => e.children.length === 0 && e.innerText && e.innerText.trim() === name);
+      let card = title;
+      while (card && !card.querySelector('img')) card = card.parentElement;
+      return card;
+    };
+    let card = find();
+    if (!card) continue;
+    card.scrollIntoView();
+    // The grid is virtual: a card scrolled into view first shows a recycled picture (its src is a
+    // blob URL, which names nothing), so read it until it draws the expected picture or 10 s pass.
+    let img = null, cells = null;
+    for (let i = 0; i < 50; i++) {
+      await new Promise(r => setTimeout(r, 200));
+      card = find();
+      img = card && card.querySelector('img');
+      if (!img || !(img.complete && img.naturalWidth)) continue;
+      cells = cellsOf(img);
+      const want = expected[name];
+      if (!want || Math.max(...cells.map((v, k) => Math.abs(v - want[k]))) < 3) break;
+    }
+    if (!card || !img || !cells) continue;
     cards[name] = {thumbnail: img.src, loaded_width: img.naturalWidth, loaded_height: img.naturalHeight, cells,
                    text: card.innerText};
   }
@@ -220,9 +230,12 @@ class GraphEditor:
             timeout=120_000)
         self.page.evaluate(RECORDER)
 
-    def template_cards(self, module: str, names: list[str]) -> dict[str, dict]:
+    def template_cards(self, module: str, names: list[str], expected: dict | None = None) -> dict[str, dict]:
         """The template browser's cards of one extension, by title: {title: {thumbnail, loaded
-        width and height, the mean colour of each cell of an 8x8 grid over the drawn picture}}."""
+        width and height, the mean colour of each cell of an 8x8 grid over the drawn picture}}.
+        ``expected``: {title: cells} a card is waited for (up to 10 s) to draw."""
+        # An earlier test's alert (a rejected workflow's stays until closed) would cover cards.
+        self.page.evaluate("() => document.querySelectorAll('.p-toast-message').forEach(t => t.remove())")
         try:
             self.page.evaluate("async () => { await app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
             self.page.get_by_text(module, exact=True).first.click(timeout=30_000)
@@ -233,7 +246,7 @@ class GraphEditor:
                 title = self.page.locator(".p-dialog").get_by_text(name, exact=True).first
                 title.scroll_into_view_if_needed(timeout=10_000)
                 self.page.wait_for_timeout(800)
-                cards.update(self.page.evaluate(TEMPLATE_CARDS, [name]))
+                cards.update(self.page.evaluate(TEMPLATE_CARDS, [[name], expected or {}]))
         finally:
             self.page.keyboard.press("Escape")
         return cards
