@@ -25,8 +25,9 @@ def test_a_long_mixed_run_keeps_serving_and_does_not_grow(server, base_directory
     for half in (0, 1):
         tensors, tensor_bytes = figures.tensor_growth(half)
         assert tensors <= 0 and tensor_bytes <= 0, figures.as_dict()
-    # Resident memory over the second half, after the allocator has met interrupts and failures
-    # in the first; it swings by tens of MB with no tensor kept (measured +0.4% and -1.5% over the
-    # second half, +1.6% and +2.3% over the first): a leak of 0.4 MB a prompt grows a ~1.4 GB
-    # server by 3% over a half.
+    # Resident memory swings by tens of MB with no tensor kept (measured over the first half +1.6%
+    # to +5.1%, over the second +0.4% to -5.9%, in all -0.8% to +2.1%). Issue 12's bound: under 5%
+    # from the warm server to the end. Over the second half, after the allocator has met interrupts
+    # and failures in the first, a leak of 0.4 MB a prompt grows a ~1.4 GB server by 3%.
+    assert figures.rss_growth_total < 0.05, figures.as_dict()
     assert figures.rss_growth(1) < 0.03, figures.as_dict()

@@ -83,6 +83,11 @@ class SoakFigures:
         """Resident growth over one half of the mixed run (0 or 1), relative to the warm server."""
         return (self.readings[half + 1].rss - self.readings[half].rss) / self.readings[0].rss
 
+    @property
+    def rss_growth_total(self) -> float:
+        """Resident growth from the warm server to the end (issue 12's figure)."""
+        return self.readings[-1].rss / self.readings[0].rss - 1.0
+
     def tensor_growth(self, half: int) -> tuple[int, int]:
         before, after = self.readings[half], self.readings[half + 1]
         return after.tensors - before.tensors, after.tensor_bytes - before.tensor_bytes
@@ -92,6 +97,7 @@ class SoakFigures:
                 "interrupted": self.interrupted, "unexpected": self.unexpected,
                 "readings": [vars(reading) for reading in self.readings],
                 "rss_growth_per_half": [round(self.rss_growth(half), 4) for half in (0, 1)],
+                "rss_growth_total": round(self.rss_growth_total, 4),
                 "tensor_growth_per_half": [self.tensor_growth(half) for half in (0, 1)]}
 
 
